@@ -1,0 +1,222 @@
+"""Loading checkpoints safely: the official DefMamba releases, our own training checkpoints and
+plain state dicts.
+
+A checkpoint is untrusted input. Files are read with ``torch.load(weights_only=True)``; the
+only extra classes allowed are the plain containers that real checkpoints carry (the official
+files hold a yacs ``CfgNode``; mmengine's hold its config and message-hub objects). Anything
+else is refused with the class named, unless the caller opts in with ``allow_pickle=True``
+for a file they trust.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["CheckpointError", "LoadReport", "safe_load", "extract_state_dict", "load_checkpoint", "load_state_dict_checked"]
+
+StateDict = dict[str, torch.Tensor]
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read or does not fit the model."""
+
+
+@dataclass
+class LoadReport:
+    """What a load did: keys the model lacked in the file, keys the file had in excess, and where
+    the weights came from inside the file (e.g. 'model', 'model_ema', 'state_dict', or '')."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    source_key: str = ""
+
+
+def _trusted_globals() -> list:
+    """Classes allowed in addition to tensors and builtins, where their packages are installed."""
+    allowed: list = []
+    try:
+        from yacs.config import CfgNode
+
+        allowed.append(CfgNode)
+    except ImportError:
+        pass
+    try:
+        from mmengine.config import ConfigDict
+        from mmengine.logging import HistoryBuffer, MessageHub
+
+        allowed += [ConfigDict, HistoryBuffer, MessageHub]
+    except ImportError:
+        pass
+    allowed += _numpy_array_globals()
+    return allowed
+
+
+def _numpy_array_globals() -> list:
+    """What pickled numpy arrays and scalars need (mmengine's logs hold some)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtype_classes = [type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")]
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtype_classes]
+
+
+def safe_load(path: PathLike, allow_pickle: bool = False, map_location: Any = "cpu") -> Any:
+    """Read a checkpoint file with ``weights_only=True`` and a small allowlist of plain classes.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, or holds a class outside the
+            allowlist (the message names it and the opt-in ``allow_pickle=True``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if allow_pickle:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    try:
+        with torch.serialization.safe_globals(_trusted_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        message = str(err)
+        if "Unsupported global" in message or "not an allowed global" in message or "GLOBAL" in message:
+            unsupported = message.split("GLOBAL", 1)[-1].split(" was not", 1)[0].strip() if "GLOBAL" in message else message
+            raise CheckpointError(
+                f"checkpoint {path} contains the Python class {unsupported}, which is not on the list of plain "
+                "types allowed in checkpoints. If you trust this file, load it with allow_pickle=True "
+                "(command line: --unsafe-load); this runs arbitrary code from the file.") from err
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt ({err})") from err
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt ({err})") from err
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def extract_state_dict(obj: Any, key: str = "auto") -> tuple[StateDict, str]:
+    """Find the weights inside a loaded checkpoint.
+
+    ``key="auto"`` takes, in order, 'model' (official and our checkpoints), 'state_dict'
+    (mmengine, Lightning), 'module', or the object itself if it is a state dict. Any other
+    ``key`` (e.g. 'model_ema') is looked up directly. A leading 'module.' (DDP) is removed.
+
+    Returns:
+        (state_dict, source_key)
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a dict of weights")
+    if key == "auto":
+        candidates = [k for k in ("model", "state_dict", "module") if k in obj and _is_state_dict(obj[k])]
+        if candidates:
+            key = candidates[0]
+        elif _is_state_dict(obj):
+            key = ""
+        else:
+            raise CheckpointError(
+                f"no weights found in checkpoint: top-level keys are {sorted(map(str, obj))[:12]}; "
+                "expected 'model', 'state_dict' or a plain state dict (pass key=... to choose one)")
+    if key:
+        if key not in obj:
+            raise CheckpointError(f"checkpoint has no '{key}' entry; it has {sorted(map(str, obj))[:12]}")
+        state = obj[key]
+        if not _is_state_dict(state):
+            raise CheckpointError(f"checkpoint entry '{key}' is not a state dict of tensors")
+    else:
+        state = obj
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state), key
+
+
+def _shape_mismatches(model_state: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+    return [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in model_state.items() if k in state and state[k].shape != v.shape]
+
+
+def _likely_cause(model: nn.Module, state: Mapping[str, torch.Tensor], mismatched: list[str], missing: list[str],
+                  unexpected: list[str]) -> str:
+    """A one-line guess at why a checkpoint does not fit, for the error message."""
+    from .models.defmamba import VARIANTS
+
+    def signature(keys) -> tuple[Optional[int], tuple[int, ...]]:
+        width = state["patch_embed.5.weight"].shape[0] if "patch_embed.5.weight" in state else None
+        depths = []
+        for i in range(8):
+            blocks = {k.split(".")[3] for k in keys if k.startswith(f"layers.{i}.blocks.")}
+            if not blocks:
+                break
+            depths.append(len(blocks))
+        return width, tuple(depths)
+
+    width, depths = signature(state)
+    variant = next((name for name, spec in VARIANTS.items() if spec.dims == width and spec.depths == depths), None)
+    found = f"DefMamba-{variant.capitalize()}" if variant else f"a model with width {width} and depths {depths}"
+    model_dims = getattr(model, "dims", [None])[0]
+    model_depths = getattr(model, "depths", None)
+    if width is not None and (width != model_dims or depths != tuple(model_depths or ())):
+        return f"the checkpoint looks like {found}, but the model has width {model_dims} and depths {model_depths}: build the matching variant"
+    if any(k.startswith("classifier.head") for k in mismatched):
+        return "the classifier head has a different number of classes: drop 'classifier.head.*' or build the model with the checkpoint's num_classes"
+    if missing and all(k.startswith("outnorm") for k in missing):
+        return "a classification checkpoint loaded into a backbone: the outnorm layers are new (load with strict=False)"
+    if unexpected and all(k.startswith("classifier.") for k in unexpected):
+        return "a classification checkpoint loaded into a backbone: its classifier is not used (load with strict=False)"
+    return "the checkpoint was saved from a different architecture"
+
+
+def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True,
+                            source: str = "state dict") -> LoadReport:
+    """``model.load_state_dict`` with shape checking and an explanatory error on mismatch.
+
+    Shape-mismatched keys are always an error; missing/unexpected keys only when ``strict``.
+    """
+    model_state = model.state_dict()
+    mismatched = _shape_mismatches(model_state, state)
+    missing = [k for k in model_state if k not in state]
+    unexpected = [k for k in state if k not in model_state]
+    if mismatched or (strict and (missing or unexpected)):
+        def listing(title: str, items: list[str]) -> str:
+            shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+            return f"\n  {title} ({len(items)}):\n    {shown}" if items else ""
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__}: "
+            f"{_likely_cause(model, state, mismatched, missing, unexpected)}."
+            + listing("missing in checkpoint", missing) + listing("unexpected in checkpoint", unexpected)
+            + listing("shape mismatch", mismatched))
+    model.load_state_dict(state, strict=False)
+    return LoadReport(missing=missing, unexpected=unexpected)
+
+
+def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, Any]], key: str = "auto",
+                    strict: bool = True, allow_pickle: bool = False) -> LoadReport:
+    """Load weights from a file or an already loaded checkpoint object into ``model``.
+
+    Accepts the official format (``{'model': ..., 'model_ema': ...}``; ``key='model_ema'`` picks
+    the EMA weights), our training checkpoints, mmengine's ``state_dict`` and plain state dicts,
+    with or without a DDP ``module.`` prefix. Loads strictly by default.
+
+    Raises:
+        CheckpointError: unreadable file, no weights in it, or weights that do not fit the model
+            (the message lists missing, unexpected and shape-mismatched keys and the likely cause).
+    """
+    source = "checkpoint"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = f"checkpoint {checkpoint}"
+        checkpoint = safe_load(checkpoint, allow_pickle=allow_pickle)
+    state, source_key = extract_state_dict(checkpoint, key)
+    if source_key:
+        source += f" ['{source_key}']"
+    report = load_state_dict_checked(model, state, strict=strict, source=source)
+    report.source_key = source_key
+    return report

@@ -1,0 +1,79 @@
+"""Building blocks of DefMamba: patch embedding, downsampling, MLP and the DM block.
+
+Everything after the patch embedding works channels-last, on (B, h, w, C) tensors. Module
+indices inside the ``nn.Sequential`` stems match the official checkpoints' keys.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+
+from .dssm import DSSM
+
+__all__ = ["Permute", "PatchEmbed", "Downsample", "Mlp", "DMBlock"]
+
+
+class Permute(nn.Module):
+    """Permute the dimensions of a tensor (a parameter-free step inside the stems)."""
+
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+def PatchEmbed(in_chans: int, embed_dim: int) -> nn.Sequential:
+    """Stem (stride 4): conv3×3 s2 → LN → GELU → conv3×3 s2 → LN; (B, 3, H, W) → (B, H/4, W/4, C)."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1),
+        Permute(0, 2, 3, 1),
+        nn.LayerNorm(embed_dim // 2),
+        Permute(0, 3, 1, 2),
+        nn.GELU(),
+        nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1),
+        Permute(0, 2, 3, 1),
+        nn.LayerNorm(embed_dim),
+    )
+
+
+def Downsample(dim: int, out_dim: int) -> nn.Sequential:
+    """Stage transition: conv3×3 s2 → LN, channels-last in and out."""
+    return nn.Sequential(
+        Permute(0, 3, 1, 2),
+        nn.Conv2d(dim, out_dim, 3, stride=2, padding=1),
+        Permute(0, 2, 3, 1),
+        nn.LayerNorm(out_dim),
+    )
+
+
+class Mlp(nn.Module):
+    """fc1 → GELU → fc2 (the official block's channel MLP; its dropouts are 0 and omitted)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DMBlock(nn.Module):
+    """Deformable Mamba block: x + DropPath(DSSM(LN(x))), then x + DropPath(MLP(LN(x)))."""
+
+    def __init__(self, dim: int, deform_kernel_size: int, drop_path: float = 0.0, d_state: int = 16,
+                 ssm_ratio: float = 1.0, mlp_ratio: float = 4.0, scan_backend: str = "auto") -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.op = DSSM(dim, deform_kernel_size, d_state=d_state, ssm_ratio=ssm_ratio, scan_backend=scan_backend)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.op(self.norm(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

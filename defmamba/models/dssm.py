@@ -1,0 +1,86 @@
+"""The deformable state-space token mixer (DSSM) of a DefMamba block.
+
+Three token orders of the same (B, D, h, w) map are scanned by one selective scan call:
+raster, reversed raster and the content-dependent deformable order; the three outputs are
+brought back to raster order, averaged, gated by SiLU(z) and projected out.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.selective_scan import selective_scan
+from .deformable import DeformableLayer, invert_order
+
+__all__ = ["DSSM", "NUM_SCANS"]
+
+NUM_SCANS = 3  # raster, reversed raster, deformable
+
+
+def _dt_bias_init(size: tuple[int, ...], dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:
+    """Inverse softplus of time steps drawn log-uniformly in [dt_min, dt_max]."""
+    dt = torch.exp(torch.rand(size) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class DSSM(nn.Module):
+    """Deformable SSM mixer on a channels-last (B, h, w, C) map.
+
+    Parameter names follow the official checkpoints (``x_proj_weight``, ``dt_projs_*``,
+    ``A_logs``, ``Ds``, ``DS``), so their weights load unchanged.
+    """
+
+    def __init__(self, d_model: int, deform_kernel_size: int, d_state: int = 16, ssm_ratio: float = 1.0,
+                 conv_kernel_size: int = 3, scan_backend: str = "auto") -> None:
+        super().__init__()
+        d_inner = int(ssm_ratio * d_model)
+        dt_rank = math.ceil(d_model / 16)
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+        self.scan_backend = scan_backend
+
+        # Directly registered parameters come first in the state dict, as in the official model.
+        bound = d_inner ** -0.5  # default nn.Linear(d_inner, ...) init of the per-scan projections
+        self.x_proj_weight = nn.Parameter(torch.empty(NUM_SCANS, dt_rank + 2 * d_state, d_inner).uniform_(-bound, bound))
+        self.dt_projs_weight = nn.Parameter(torch.empty(NUM_SCANS, d_inner, dt_rank).uniform_(-dt_rank ** -0.5, dt_rank ** -0.5))
+        self.dt_projs_bias = nn.Parameter(_dt_bias_init((NUM_SCANS, d_inner)))
+        a_init = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(NUM_SCANS * d_inner, 1)
+        self.A_logs = nn.Parameter(a_init)
+        self.Ds = nn.Parameter(torch.ones(NUM_SCANS * d_inner))
+
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, conv_kernel_size, padding=conv_kernel_size // 2, groups=d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.DS = DeformableLayer(d_inner, deform_kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, h, w, _ = x.shape
+        length = h * w
+        x_in, z = self.in_proj(x).chunk(2, dim=-1)
+        z = F.silu(z)
+        x_in = F.silu(self.conv2d(x_in.permute(0, 3, 1, 2)))  # (B, D, h, w)
+
+        raster = x_in.flatten(2)
+        deformable = self.DS(x_in)
+        xs = torch.stack((raster, raster.flip(-1), deformable.sequence.transpose(1, 2)), dim=1)  # (B, K, D, L)
+        ys = self._scan(xs).view(batch, NUM_SCANS, self.d_inner, length)
+
+        inverse = invert_order(deformable.order)
+        unpermuted = torch.gather(ys[:, 2], 2, inverse[:, None, :].expand(-1, self.d_inner, -1))
+        y = (ys[:, 0] + ys[:, 1].flip(-1) + unpermuted) / NUM_SCANS
+        y = y.transpose(1, 2).reshape(batch, h, w, self.d_inner).to(z.dtype)
+        return self.out_proj(y * z)
+
+    def _scan(self, xs: torch.Tensor) -> torch.Tensor:
+        """Per-scan projections to (Δ, B, C), then one grouped selective scan over all K·D channels."""
+        batch, _, _, length = xs.shape
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_projs_weight)
+        return selective_scan(
+            xs.reshape(batch, -1, length), delta.reshape(batch, -1, length),
+            -torch.exp(self.A_logs.float()), B, C, self.Ds.float(), self.dt_projs_bias.float().flatten(),
+            delta_softplus=True, out_dtype=torch.promote_types(xs.dtype, torch.float32), backend=self.scan_backend,
+        )
