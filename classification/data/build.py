@@ -1,0 +1,129 @@
+"""Transforms, samplers and data loaders for training and evaluation."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import transforms as T
+
+from .digits import DigitsDataset
+from .errors import DataError
+from .folder import ImageFolderDataset, find_classes
+
+__all__ = ["DataBundle", "build_loaders", "build_transform", "ShardSampler"]
+
+_INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+           "nearest": T.InterpolationMode.NEAREST}
+
+
+def build_transform(is_train: bool, config) -> T.Compose:
+    """timm training augmentation, or resize to IMG_SIZE / CROP_PCT + centre crop for evaluation."""
+    size = config.DATA.IMG_SIZE
+    if is_train:
+        aug = config.AUG
+        return create_transform(
+            input_size=size, is_training=True, scale=tuple(aug.SCALE), hflip=aug.HFLIP,
+            color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
+            auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT not in ("", "none") else None,
+            re_prob=aug.REPROB, re_mode=aug.REMODE, re_count=aug.RECOUNT,
+            interpolation=config.DATA.INTERPOLATION, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    interp = _INTERP[config.DATA.INTERPOLATION]
+    crop_pct = config.TEST.CROP_PCT
+    steps = [T.Resize(int(math.floor(size / crop_pct)), interpolation=interp), T.CenterCrop(size)] \
+        if crop_pct < 1.0 else [T.Resize((size, size), interpolation=interp)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...`` in order: every sample evaluated exactly once over all ranks."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class DataBundle:
+    """Everything the training/evaluation loops need from the data side."""
+    dataset_train: Optional[Dataset]
+    dataset_val: Dataset
+    loader_train: Optional[DataLoader]
+    loader_val: DataLoader
+    sampler_train: Optional[DistributedSampler]
+    mixup_fn: Optional[Mixup]
+    num_classes: int
+    classes: list
+
+
+def _datasets(config, need_train: bool):
+    if config.DATA.DATASET == "digits":
+        train = DigitsDataset("train", config.DATA.IMG_SIZE, build_transform(True, config)) if need_train else None
+        val = DigitsDataset("val", config.DATA.IMG_SIZE, build_transform(False, config))
+        return train, val, DigitsDataset.classes
+    root = config.DATA.DATA_PATH
+    if not root:
+        raise DataError("no data path: pass --data-path /path/to/imagenet (a folder with train/ and val/), "
+                        "or use the embedded dataset with --opts DATA.DATASET digits")
+    if not os.path.isdir(root):
+        raise DataError(f"data path not found: {root} (pass the folder that holds train/ and val/ with --data-path)")
+    classes = find_classes(os.path.join(root, "train")) if need_train else find_classes(os.path.join(root, "val"))
+    if need_train and os.path.isdir(os.path.join(root, "val")):
+        val_classes = find_classes(os.path.join(root, "val"))
+        if val_classes != classes:
+            only_train = sorted(set(classes) - set(val_classes))[:5]
+            only_val = sorted(set(val_classes) - set(classes))[:5]
+            raise DataError(f"train/ and val/ in {root} have different class folders "
+                            f"(only in train: {only_train}, only in val: {only_val}); labels would not match")
+    train = ImageFolderDataset(os.path.join(root, "train"), classes, build_transform(True, config)) if need_train else None
+    val = ImageFolderDataset(os.path.join(root, "val"), classes, build_transform(False, config))
+    return train, val, classes
+
+
+def build_mixup(config, num_classes: int) -> Optional[Mixup]:
+    aug = config.AUG
+    if aug.MIXUP <= 0 and aug.CUTMIX <= 0 and not aug.CUTMIX_MINMAX:
+        return None
+    if config.DATA.BATCH_SIZE % 2:
+        raise DataError(f"mixup/cutmix needs an even batch size, got DATA.BATCH_SIZE={config.DATA.BATCH_SIZE}; "
+                        "change --batch-size or set AUG.MIXUP 0 AUG.CUTMIX 0")
+    return Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX,
+                 cutmix_minmax=list(aug.CUTMIX_MINMAX) if aug.CUTMIX_MINMAX else None,
+                 prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
+                 label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=num_classes)
+
+
+def build_loaders(config, rank: int, world_size: int, need_train: bool = True, pin_memory: bool = False) -> DataBundle:
+    """Datasets, samplers and loaders for this rank. Raises DataError with the fix for unusable data."""
+    train, val, classes = _datasets(config, need_train)
+    num_classes = len(classes)
+    if num_classes > config.MODEL.NUM_CLASSES:
+        raise DataError(f"the data has {num_classes} classes but MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}; "
+                        f"set --opts MODEL.NUM_CLASSES {num_classes}")
+    workers = config.DATA.NUM_WORKERS
+    pin = pin_memory and config.DATA.PIN_MEMORY
+    batch = config.DATA.BATCH_SIZE
+    loader_train = sampler_train = mixup_fn = None
+    if need_train:
+        per_rank = math.ceil(len(train) / world_size)
+        if batch > per_rank:
+            raise DataError(f"batch size {batch} per process is larger than the {per_rank} training images each of the "
+                            f"{world_size} process(es) gets from {train.root} ({len(train)} images); "
+                            "lower --batch-size")
+        sampler_train = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True,
+                                           seed=config.SEED, drop_last=False)
+        loader_train = DataLoader(train, batch_size=batch, sampler=sampler_train, num_workers=workers,
+                                  pin_memory=pin, drop_last=True, generator=torch.Generator())
+        mixup_fn = build_mixup(config, config.MODEL.NUM_CLASSES)
+    loader_val = DataLoader(val, batch_size=batch, sampler=ShardSampler(len(val), rank, world_size),
+                            num_workers=workers, pin_memory=pin, drop_last=False)
+    return DataBundle(train, val, loader_train, loader_val, sampler_train, mixup_fn, num_classes, list(classes))

@@ -1,0 +1,155 @@
+"""One training epoch and one evaluation pass."""
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from utils.distributed import all_reduce_sum
+
+__all__ = ["AmpSettings", "AverageMeter", "train_one_epoch", "validate", "memory_mb"]
+
+
+@dataclass(frozen=True)
+class AmpSettings:
+    """Autocast on/off and its dtype; fp16 trains with a GradScaler, bf16 without."""
+    enabled: bool
+    dtype: torch.dtype
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device_type=device.type, dtype=self.dtype) if self.enabled else nullcontext()
+
+    @property
+    def uses_scaler(self) -> bool:
+        return self.enabled and self.dtype == torch.float16
+
+
+class AverageMeter:
+    """Latest value and running average."""
+
+    def __init__(self) -> None:
+        self.val = self.sum = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.val = value
+        self.sum += value * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.sum / max(1, self.count)
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device``, or the process's peak resident memory on CPU (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, optimizer: torch.optim.Optimizer,
+                    epoch: int, mixup_fn, lr_scheduler, scaler: torch.amp.GradScaler, model_ema, amp: AmpSettings,
+                    device: torch.device, logger: logging.Logger, tb_writer=None,
+                    ema_source: Optional[nn.Module] = None) -> dict:
+    """Train ``epoch``; the optimizer steps every ACCUMULATION_STEPS batches and the learning rate is
+    set per optimizer step. Returns the epoch's mean loss, mean gradient norm and last learning rate."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    steps_per_epoch = len(loader) // accum
+    used_batches = steps_per_epoch * accum
+    first_step = epoch * steps_per_epoch
+    lr_scheduler.step_update(first_step)
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else math.inf
+    loss_meter, norm_meter, time_meter = AverageMeter(), AverageMeter(), AverageMeter()
+    start = end = time.time()
+    for idx, (samples, targets) in enumerate(loader):
+        if idx >= used_batches:
+            break
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        last_micro = (idx + 1) % accum == 0
+        sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with amp.autocast(device):
+                outputs = model(samples)
+            loss = criterion(outputs.float(), targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"training loss is {loss_value} at epoch {epoch} iteration {idx}; lower TRAIN.BASE_LR, keep "
+                    "TRAIN.CLIP_GRAD > 0, or train in float32 with --disable_amp")
+            scaler.scale(loss / accum).backward()
+        if last_micro:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if model_ema is not None:
+                model_ema.update(ema_source if ema_source is not None else model)
+            step = first_step + (idx + 1) // accum
+            lr_scheduler.step_update(step)
+            if math.isfinite(grad_norm):
+                norm_meter.update(grad_norm)
+        loss_meter.update(loss_value, targets.size(0))
+        time_meter.update(time.time() - end)
+        end = time.time()
+        if idx % config.PRINT_FREQ == 0 or idx == used_batches - 1:
+            lr = optimizer.param_groups[0]["lr"]
+            eta = datetime.timedelta(seconds=int(time_meter.avg * (used_batches - idx - 1)))
+            scale = f"loss_scale {scaler.get_scale():.0f}\t" if amp.uses_scaler else ""
+            logger.info(
+                f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{used_batches}]\t"
+                f"eta {eta} lr {lr:.6f}\ttime {time_meter.val:.4f} ({time_meter.avg:.4f})\t"
+                f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
+                f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t{scale}mem {memory_mb(device):.0f}MB")
+            if tb_writer is not None:
+                global_iter = epoch * used_batches + idx
+                tb_writer.add_scalar("train/loss", loss_meter.val, global_iter)
+                tb_writer.add_scalar("train/lr", lr, global_iter)
+                tb_writer.add_scalar("train/grad_norm", norm_meter.val, global_iter)
+    logger.info(f"EPOCH {epoch} training took {datetime.timedelta(seconds=int(time.time() - start))}")
+    return {"loss": loss_meter.avg, "grad_norm": norm_meter.avg, "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def validate(loader, model: nn.Module, amp: AmpSettings, device: torch.device, logger: logging.Logger,
+             label: str = "model", print_freq: int = 10) -> dict:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole validation set, summed over ranks."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    totals = torch.zeros(4, dtype=torch.float64, device=device)   # loss sum, top-1, top-5, count
+    for idx, (images, targets) in enumerate(loader):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with amp.autocast(device):
+            output = model(images)
+        output = output.float()
+        k = min(5, output.shape[1])
+        top = output.topk(k, dim=1).indices
+        hits = top.eq(targets[:, None])
+        totals += torch.stack([criterion(output, targets).double(), hits[:, :1].sum().double(),
+                               hits.sum().double(), torch.tensor(float(len(targets)), dtype=torch.float64, device=device)])
+        if idx % print_freq == 0:
+            logger.info(f"Test ({label}): [{idx}/{len(loader)}]\tmem {memory_mb(device):.0f}MB")
+    all_reduce_sum(totals)
+    loss_sum, top1, top5, count = totals.tolist()
+    if count == 0:
+        raise RuntimeError("the validation set is empty")
+    result = {"acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "loss": loss_sum / count, "count": int(count)}
+    logger.info(f" * {label}: Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.4f} "
+                f"on {result['count']} images")
+    return result

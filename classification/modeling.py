@@ -1,0 +1,40 @@
+"""Building the classifier from the config and loading starting weights."""
+from __future__ import annotations
+
+import logging
+
+import defmamba
+from defmamba.checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, safe_load
+from torch import nn
+
+__all__ = ["build_model", "load_pretrained"]
+
+
+def build_model(config) -> nn.Module:
+    """The DefMamba classifier described by ``config.MODEL``."""
+    spec = config.MODEL.DEFMAMBA
+    return defmamba.DefMamba(
+        dims=spec.DIMS, depths=tuple(spec.DEPTHS), num_classes=config.MODEL.NUM_CLASSES,
+        drop_path_rate=config.MODEL.DROP_PATH_RATE, d_state=spec.D_STATE, mlp_ratio=spec.MLP_RATIO,
+        use_checkpoint=config.TRAIN.USE_CHECKPOINT)
+
+
+def load_pretrained(model: nn.Module, path: str, logger: logging.Logger, allow_pickle: bool = False) -> None:
+    """Start from the weights in ``path`` (its 'model' entry in the official format).
+
+    A classifier head of another number of classes is left freshly initialised (fine-tuning);
+    every other key must match.
+    """
+    obj = safe_load(path, allow_pickle=allow_pickle)
+    state, source_key = extract_state_dict(obj, "auto")
+    own = model.state_dict()
+    head = [k for k in state if k.startswith("classifier.head.") and k in own and state[k].shape != own[k].shape]
+    if head:
+        logger.info("pretrained head has %s outputs, the model %s: keeping a new head (%s)",
+                    state[head[0]].shape[0], own[head[0]].shape[0], ", ".join(head))
+        state = {k: v for k, v in state.items() if k not in head}
+    report = load_state_dict_checked(model, state, strict=not head, source=f"pretrained weights {path}")
+    if head and sorted(report.missing) != sorted(head) or report.unexpected:
+        raise CheckpointError(f"pretrained weights {path} do not fit the model: missing {report.missing}, "
+                              f"unexpected {report.unexpected}")
+    logger.info("loaded pretrained weights from %s%s", path, f" ['{source_key}']" if source_key else "")

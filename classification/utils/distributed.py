@@ -1,0 +1,65 @@
+"""Process-group setup for plain runs, ``torch.distributed.launch`` and ``torchrun``."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "barrier", "cleanup", "is_distributed"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
+    """Join the process group the launcher describes (RANK/WORLD_SIZE/LOCAL_RANK in the environment).
+
+    Without a launcher the run is a single plain process and no process group is created.
+    NCCL is used when CUDA is available, gloo otherwise.
+    """
+    use_cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank = int(os.environ["RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        if not is_distributed():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
+                                    world_size=world_size, rank=rank)
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks (identity without a process group)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

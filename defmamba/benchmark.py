@@ -1,0 +1,118 @@
+"""Throughput measurement shared by ``classification/main.py --throughput`` and ``tools/benchmark.py``.
+
+Images per second are the median over repeated timed windows after a warm-up; GPU windows are
+timed with CUDA events, CPU windows with ``time.perf_counter``. On GPU the peak memory of the
+timed part is reported.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = ["measure_throughput"]
+
+
+def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int, tuple[int, int]] = 224,
+                       mode: str = "infer", amp_dtype: Optional[torch.dtype] = None, warmup: int = 10,
+                       repeats: int = 5, iters_per_window: int = 10, device: Union[str, torch.device, None] = None,
+                       in_chans: int = 3, num_classes: Optional[int] = None) -> dict:
+    """Images/s of ``model`` on random inputs.
+
+    Args:
+        model: the network; in "train" mode its weights are updated by AdamW (pass a copy to keep them).
+        batch_size, image_size: input shape (B, in_chans, H, W); an int means a square image.
+        mode: "infer" (forward under ``torch.inference_mode``) or "train" (forward, cross-entropy,
+            backward, AdamW step; fp16 uses a GradScaler).
+        amp_dtype: None (float32), torch.float16 or torch.bfloat16 autocast.
+        warmup: untimed iterations first (also absorbs compilation and autotuning).
+        repeats: timed windows; the result is their median. iters_per_window: iterations per window.
+        device: where to run (default: the model's device).
+        num_classes: logits of the model, for the training targets (default: inferred from one forward).
+
+    Returns:
+        dict with images_per_s (median), window_images_per_s, ms_per_iter, batch_size, image_size,
+        mode, amp_dtype, device, and peak_memory_gib (GPU; None on CPU).
+    """
+    if mode not in ("infer", "train"):
+        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
+    if amp_dtype not in (None, torch.float16, torch.bfloat16):
+        raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype}")
+    if batch_size < 1 or warmup < 0 or repeats < 1 or iters_per_window < 1:
+        raise ValueError("batch_size, repeats and iters_per_window must be ≥ 1 and warmup ≥ 0")
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    model = model.to(device)
+    images = torch.randn(batch_size, in_chans, height, width, device=device)
+    on_gpu = device.type == "cuda"
+
+    if mode == "infer":
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode(), _autocast(device, amp_dtype):
+                model(images)
+    else:
+        model.train()
+        if num_classes is None:
+            with torch.no_grad(), _autocast(device, amp_dtype):
+                num_classes = model(images[:1]).shape[-1]
+        targets = torch.randint(0, num_classes, (batch_size,), device=device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        criterion = nn.CrossEntropyLoss()
+
+        def step() -> None:
+            with _autocast(device, amp_dtype):
+                loss = criterion(model(images), targets)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if on_gpu:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    rates = []
+    for _ in range(repeats):
+        if on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters_per_window):
+                step()
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000.0
+        else:
+            t0 = time.perf_counter()
+            for _ in range(iters_per_window):
+                step()
+            seconds = time.perf_counter() - t0
+        rates.append(batch_size * iters_per_window / seconds)
+    median = statistics.median(rates)
+    return {
+        "mode": mode,
+        "amp_dtype": None if amp_dtype is None else str(amp_dtype).replace("torch.", ""),
+        "batch_size": batch_size,
+        "image_size": [height, width],
+        "device": str(device),
+        "images_per_s": median,
+        "window_images_per_s": rates,
+        "ms_per_iter": 1000.0 * batch_size / median,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if on_gpu else None,
+    }
