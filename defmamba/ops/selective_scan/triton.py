@@ -1,0 +1,504 @@
+"""Triton backend of the selective scan: forward and backward kernels, no build step.
+
+Layout of the work: one program per (batch element, group k, block of BLOCK_C channels of that
+group). The program keeps the N states of each of its channels in registers as a [BLOCK_C, N]
+float32 tile and walks the sequence in order. Inputs are read in [BLOCK_C, 4] tiles (four
+consecutive positions of each channel, contiguous in memory), split into four columns in
+registers and applied one step at a time, so each step costs one exponential and a few fused
+multiply-adds per state and no re-reads; B and C, shared by all channels of a group, are read
+once per program. Short sequences get their parallelism from batch and channels, not from L.
+
+Backward: the forward stores the state at the end of every SEG positions (only when a
+gradient is needed). The backward walks the segments in reverse; inside a segment it first
+recomputes the forward and parks the state at the start of every 4-step sub-chunk in a small
+per-program scratch buffer, then walks the sub-chunks in reverse: recompute the 4 states from
+the parked one, run the reverse recurrence for dh (g_l = dy_l·C_l + exp(Δ_{l+1}A)·g_{l+1}) and
+emit du, ddelta, dB, dC for those positions. dA, dD and ddelta_bias are summed per program and
+reduced over the batch afterwards; dB and dC (sums over the channels of a group) are added
+with atomics across the channel blocks of a group.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Iterator, Optional
+
+import torch
+
+__all__ = ["is_available", "selective_scan_triton"]
+
+try:  # Triton is optional: the module must import on machines without it.
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR = ""
+except Exception as err:  # noqa: BLE001  (ImportError, or a broken install raising anything)
+    triton = None
+    tl = None
+    _IMPORT_ERROR = f"triton could not be imported ({type(err).__name__}: {err})"
+
+_LOG2E = 1.4426950408889634
+_CL = 4  # positions per register tile (the kernels are written for exactly 4)
+_SEG = 64  # positions between stored forward states (multiple of _CL)
+_poison = False
+
+
+def is_available() -> tuple[bool, str]:
+    """(True, "") when the Triton kernels can run here, else (False, why not)."""
+    if triton is None:
+        return False, _IMPORT_ERROR
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False, "TRITON_INTERPRET=1 is set (the interpreter is for debugging on CPU tensors only)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False)"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 7:
+        return False, f"the GPU has compute capability {major}.{minor}; Triton needs 7.0 or newer"
+    return True, ""
+
+
+@contextlib.contextmanager
+def poison_outputs() -> Iterator[None]:
+    """Fill every output buffer with NaN before the kernels run (for tests: catches unwritten elements)."""
+    global _poison
+    old, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = old
+
+
+def _new(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if _poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rows4(t):
+        """[4, R] tile -> its four rows ([R] each), without leaving registers."""
+        x = tl.trans(t)  # [R, 4]
+        R: tl.constexpr = x.shape[0]
+        even, odd = tl.split(tl.reshape(x, [R, 2, 2]))  # even[:, i] = row 2i of t, odd[:, i] = row 2i+1
+        r0, r2 = tl.split(even)
+        r1, r3 = tl.split(odd)
+        return r0, r1, r2, r3
+
+    @triton.jit
+    def _stack4(r0, r1, r2, r3):
+        """Inverse of _rows4: four [R] rows -> [4, R] tile."""
+        R: tl.constexpr = r0.shape[0]
+        return tl.trans(tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [R, 4]))
+
+    @triton.jit
+    def _time_step(raw, bias, SOFTPLUS: tl.constexpr):
+        """Δ = softplus(raw + bias) (torch's threshold 20) or raw + bias, and dΔ/d(raw). raw: [CL, BLOCK_C]."""
+        x = raw + bias[None, :]
+        if SOFTPLUS:
+            z = tl.exp(tl.minimum(x, 20.0))
+            w = 1.0 + z
+            # log1p(z) accurate for tiny z (w == 1 exactly means log1p(z) == z to float32 precision).
+            log1p = tl.where(w == 1.0, z, tl.log(w) * (z / (w - 1.0)))
+            dt = tl.where(x > 20.0, x, log1p)
+            grad = tl.where(x > 20.0, 1.0, z / w)
+        else:
+            dt = x
+            grad = tl.full(x.shape, 1.0, tl.float32)
+        return dt, grad
+
+    @triton.jit
+    def _advance(h, a2, dt, du, b_col):
+        """One step for all channels: h <- exp(Δ·A)·h + Δ·u·B; h, a2: [N, BLOCK_C]; dt, du: [BLOCK_C]; b_col: [N]."""
+        return tl.exp2(dt[None, :] * a2) * h + du[None, :] * b_col[:, None]
+
+    @triton.jit
+    def _scan_fwd_kernel(
+        u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, hs_ptr,
+        L, Dg, C_tot, n_cb, n_seg,
+        su_b, su_c, su_l, sd_b, sd_c, sd_l, sA_c, sA_n,
+        sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sy_b, sy_c, sy_l,
+        N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, SEG: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
+    ):
+        CL: tl.constexpr = 4
+        pid = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        k = pid // n_cb
+        cg = (pid % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mc = cg < Dg
+        c = k * Dg + cg
+        n = tl.arange(0, NP)
+        mn = n < N
+        lc = tl.arange(0, CL)
+
+        m_nc = mn[:, None] & mc[None, :]
+        a2 = tl.load(A_ptr + n[:, None] * sA_n + c[None, :] * sA_c, mask=m_nc, other=0.0).to(tl.float32) * 1.4426950408889634
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_C], tl.float32)
+        if HAS_D:
+            d_skip = tl.load(D_ptr + c, mask=mc, other=0.0).to(tl.float32)
+
+        u_rows = u_ptr + b * su_b + c * su_c
+        dl_rows = dl_ptr + b * sd_b + c * sd_c
+        y_rows = y_ptr + b * sy_b + c * sy_c
+        B_rows = B_ptr + b * sB_b + k * sB_k + n * sB_n
+        C_rows = C_ptr + b * sC_b + k * sC_k + n * sC_n
+
+        h = tl.zeros([NP, BLOCK_C], tl.float32)
+        for seg in range(0, n_seg):
+            l_end = tl.minimum(seg * SEG + SEG, L)
+            for l0 in range(seg * SEG, l_end, CL):
+                pos = tl.max_contiguous(tl.multiple_of(l0 + lc, CL), CL)
+                ml = pos < L
+                m_lc = ml[:, None] & mc[None, :]
+                m_nl = mn[:, None] & ml[None, :]
+                uu = tl.load(u_rows[None, :] + pos[:, None] * su_l, mask=m_lc, other=0.0).to(tl.float32)
+                raw = tl.load(dl_rows[None, :] + pos[:, None] * sd_l, mask=m_lc, other=0.0).to(tl.float32)
+                bb = tl.load(B_rows[:, None] + pos[None, :] * sB_l, mask=m_nl, other=0.0).to(tl.float32)
+                cc = tl.load(C_rows[:, None] + pos[None, :] * sC_l, mask=m_nl, other=0.0).to(tl.float32)
+                dt, _ = _time_step(raw, bias, SOFTPLUS)
+                dt = tl.where(m_lc, dt, 0.0)  # padded positions/channels: exp(0)=1, no input -> state unchanged
+                du = dt * uu
+                dt0, dt1, dt2, dt3 = _rows4(dt)
+                du0, du1, du2, du3 = _rows4(du)
+                b0, b1, b2, b3 = _rows4(tl.trans(bb))
+                c0, c1, c2, c3 = _rows4(tl.trans(cc))
+                h = _advance(h, a2, dt0, du0, b0)
+                y0 = tl.sum(h * c0[:, None], axis=0)
+                h = _advance(h, a2, dt1, du1, b1)
+                y1 = tl.sum(h * c1[:, None], axis=0)
+                h = _advance(h, a2, dt2, du2, b2)
+                y2 = tl.sum(h * c2[:, None], axis=0)
+                h = _advance(h, a2, dt3, du3, b3)
+                y3 = tl.sum(h * c3[:, None], axis=0)
+                y = _stack4(y0, y1, y2, y3)
+                if HAS_D:
+                    y += d_skip[None, :] * uu
+                tl.store(y_rows[None, :] + pos[:, None] * sy_l, y.to(y_ptr.dtype.element_ty), mask=m_lc)
+            if SAVE:
+                hs_off = ((b * C_tot + c[None, :]) * n_seg + seg) * NP + n[:, None]
+                tl.store(hs_ptr + hs_off, h, mask=mc[None, :])
+
+    @triton.jit
+    def _scan_bwd_kernel(
+        u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, hs_ptr, sc_ptr,
+        du_ptr, dd_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+        L, Dg, C_tot, n_cb, n_seg, K,
+        su_b, su_c, su_l, sd_b, sd_c, sd_l, sA_c, sA_n,
+        sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sy_b, sy_c, sy_l,
+        N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, SEG: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ):
+        CL: tl.constexpr = 4
+        pid = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        k = pid // n_cb
+        cl_local = tl.arange(0, BLOCK_C)
+        cg = (pid % n_cb) * BLOCK_C + cl_local
+        mc = cg < Dg
+        c = k * Dg + cg
+        n = tl.arange(0, NP)
+        mn = n < N
+        lc = tl.arange(0, CL)
+
+        m_nc = mn[:, None] & mc[None, :]
+        a_nat = tl.load(A_ptr + n[:, None] * sA_n + c[None, :] * sA_c, mask=m_nc, other=0.0).to(tl.float32)
+        a2 = a_nat * 1.4426950408889634
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_C], tl.float32)
+        if HAS_D:
+            d_skip = tl.load(D_ptr + c, mask=mc, other=0.0).to(tl.float32)
+
+        # du/ddelta (batch, C, L) and dB/dC (batch, K, N, L) are contiguous buffers of the wrapper.
+        u_rows = u_ptr + b * su_b + c * su_c
+        dl_rows = dl_ptr + b * sd_b + c * sd_c
+        dy_rows = dy_ptr + b * sy_b + c * sy_c
+        g_rows = (b * C_tot + c) * L
+        B_rows = B_ptr + b * sB_b + k * sB_k + n * sB_n
+        C_rows = C_ptr + b * sC_b + k * sC_k + n * sC_n
+        gBC_rows = ((b * K + k) * N + n) * L
+        prog = b * (K * n_cb) + pid
+        sc_tile = sc_ptr + prog * (SEG // CL * BLOCK_C * NP) + n[:, None] * BLOCK_C + cl_local[None, :]
+        hs_rows = hs_ptr + (b * C_tot + c[None, :]) * n_seg * NP + n[:, None]
+
+        carry = tl.zeros([NP, BLOCK_C], tl.float32)  # exp(Δ_{l+1}A)·g_{l+1}: what flows from l+1 into h_l
+        dA_acc = tl.zeros([NP, BLOCK_C], tl.float32)
+        dD_acc = tl.zeros([BLOCK_C], tl.float32)
+        db_acc = tl.zeros([BLOCK_C], tl.float32)
+        for s in range(0, n_seg):
+            seg = n_seg - 1 - s
+            l_start = seg * SEG
+            n_sub = tl.cdiv(tl.minimum(SEG, L - l_start), CL)
+            # State entering the segment (stored by the forward at the end of the previous one).
+            h = tl.load(hs_rows + (seg - 1) * NP, mask=m_nc & (seg > 0), other=0.0)
+            # Pass 1: recompute the segment forward, parking the state entering each sub-chunk.
+            for i in range(0, n_sub):
+                tl.store(sc_tile + i * (BLOCK_C * NP), h)
+                pos = tl.max_contiguous(tl.multiple_of(l_start + i * CL + lc, CL), CL)
+                ml = pos < L
+                m_lc = ml[:, None] & mc[None, :]
+                uu = tl.load(u_rows[None, :] + pos[:, None] * su_l, mask=m_lc, other=0.0).to(tl.float32)
+                raw = tl.load(dl_rows[None, :] + pos[:, None] * sd_l, mask=m_lc, other=0.0).to(tl.float32)
+                bb = tl.load(B_rows[:, None] + pos[None, :] * sB_l, mask=mn[:, None] & ml[None, :], other=0.0).to(tl.float32)
+                dt, _ = _time_step(raw, bias, SOFTPLUS)
+                dt = tl.where(m_lc, dt, 0.0)
+                du = dt * uu
+                dt0, dt1, dt2, dt3 = _rows4(dt)
+                du0, du1, du2, du3 = _rows4(du)
+                b0, b1, b2, b3 = _rows4(tl.trans(bb))
+                h = _advance(h, a2, dt0, du0, b0)
+                h = _advance(h, a2, dt1, du1, b1)
+                h = _advance(h, a2, dt2, du2, b2)
+                h = _advance(h, a2, dt3, du3, b3)
+            # Pass 2: sub-chunks in reverse.
+            for j in range(0, n_sub):
+                i = n_sub - 1 - j
+                pos = tl.max_contiguous(tl.multiple_of(l_start + i * CL + lc, CL), CL)
+                ml = pos < L
+                m_lc = ml[:, None] & mc[None, :]
+                m_nl = mn[:, None] & ml[None, :]
+                hp = tl.load(sc_tile + i * (BLOCK_C * NP))  # state before the sub-chunk (this thread wrote it)
+                uu = tl.load(u_rows[None, :] + pos[:, None] * su_l, mask=m_lc, other=0.0).to(tl.float32)
+                raw = tl.load(dl_rows[None, :] + pos[:, None] * sd_l, mask=m_lc, other=0.0).to(tl.float32)
+                dy = tl.load(dy_rows[None, :] + pos[:, None] * sy_l, mask=m_lc, other=0.0).to(tl.float32)
+                bb = tl.load(B_rows[:, None] + pos[None, :] * sB_l, mask=m_nl, other=0.0).to(tl.float32)
+                cc = tl.load(C_rows[:, None] + pos[None, :] * sC_l, mask=m_nl, other=0.0).to(tl.float32)
+                dt, sp_grad = _time_step(raw, bias, SOFTPLUS)
+                dt = tl.where(m_lc, dt, 0.0)
+                du = dt * uu
+                dt0, dt1, dt2, dt3 = _rows4(dt)
+                du0, du1, du2, du3 = _rows4(du)
+                u0, u1, u2, u3 = _rows4(uu)
+                dy0, dy1, dy2, dy3 = _rows4(dy)
+                b0, b1, b2, b3 = _rows4(tl.trans(bb))
+                c0, c1, c2, c3 = _rows4(tl.trans(cc))
+                h0 = _advance(hp, a2, dt0, du0, b0)
+                h1 = _advance(h0, a2, dt1, du1, b1)
+                h2 = _advance(h1, a2, dt2, du2, b2)
+                h3 = _advance(h2, a2, dt3, du3, b3)
+
+                # position 3: g = dL/dh_3 (total), t = dL/da_3 · a_3
+                g = carry + dy3[None, :] * c3[:, None]
+                gC3 = tl.sum(dy3[None, :] * h3, axis=1)
+                a = tl.exp2(dt3[None, :] * a2)
+                t = g * a * h2
+                dA_acc += t * dt3[None, :]
+                gb = tl.sum(g * b3[:, None], axis=0)
+                gd3 = tl.sum(t * a_nat, axis=0) + u3 * gb
+                gu3 = dt3 * gb
+                gB3 = tl.sum(g * du3[None, :], axis=1)
+                carry = a * g
+                # position 2
+                g = carry + dy2[None, :] * c2[:, None]
+                gC2 = tl.sum(dy2[None, :] * h2, axis=1)
+                a = tl.exp2(dt2[None, :] * a2)
+                t = g * a * h1
+                dA_acc += t * dt2[None, :]
+                gb = tl.sum(g * b2[:, None], axis=0)
+                gd2 = tl.sum(t * a_nat, axis=0) + u2 * gb
+                gu2 = dt2 * gb
+                gB2 = tl.sum(g * du2[None, :], axis=1)
+                carry = a * g
+                # position 1
+                g = carry + dy1[None, :] * c1[:, None]
+                gC1 = tl.sum(dy1[None, :] * h1, axis=1)
+                a = tl.exp2(dt1[None, :] * a2)
+                t = g * a * h0
+                dA_acc += t * dt1[None, :]
+                gb = tl.sum(g * b1[:, None], axis=0)
+                gd1 = tl.sum(t * a_nat, axis=0) + u1 * gb
+                gu1 = dt1 * gb
+                gB1 = tl.sum(g * du1[None, :], axis=1)
+                carry = a * g
+                # position 0
+                g = carry + dy0[None, :] * c0[:, None]
+                gC0 = tl.sum(dy0[None, :] * h0, axis=1)
+                a = tl.exp2(dt0[None, :] * a2)
+                t = g * a * hp
+                dA_acc += t * dt0[None, :]
+                gb = tl.sum(g * b0[:, None], axis=0)
+                gd0 = tl.sum(t * a_nat, axis=0) + u0 * gb
+                gu0 = dt0 * gb
+                gB0 = tl.sum(g * du0[None, :], axis=1)
+                carry = a * g
+
+                g_u = _stack4(gu0, gu1, gu2, gu3)
+                if HAS_D:
+                    g_u += d_skip[None, :] * dy
+                g_raw = tl.where(m_lc, _stack4(gd0, gd1, gd2, gd3) * sp_grad, 0.0)
+                dD_acc += tl.sum(dy * uu, axis=0)
+                db_acc += tl.sum(g_raw, axis=0)
+                out_off = g_rows[None, :] + pos[:, None]
+                tl.store(du_ptr + out_off, g_u.to(du_ptr.dtype.element_ty), mask=m_lc)
+                tl.store(dd_ptr + out_off, g_raw.to(dd_ptr.dtype.element_ty), mask=m_lc)
+                bc_off = gBC_rows[:, None] + pos[None, :]
+                tl.atomic_add(dB_ptr + bc_off, tl.trans(_stack4(gB0, gB1, gB2, gB3)), mask=m_nl)
+                tl.atomic_add(dC_ptr + bc_off, tl.trans(_stack4(gC0, gC1, gC2, gC3)), mask=m_nl)
+
+        part = b * C_tot + c
+        tl.store(dA_ptr + part[None, :] * NP + n[:, None], dA_acc, mask=mc[None, :])
+        tl.store(dD_ptr + part, dD_acc, mask=mc)
+        tl.store(dbias_ptr + part, db_acc, mask=mc)
+
+
+def _block_c(group_channels: int) -> int:
+    """Channels per program: a power of two, at most one warp's worth (32), inside one group."""
+    return max(8, min(32, triton.next_power_of_2(group_channels)))
+
+
+def _n_seg(length: int) -> int:
+    return -(-length // _SEG)
+
+
+def _check_dtypes(u, delta, A, B, C, D, delta_bias) -> None:
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.dtype == torch.float64:
+            raise TypeError(f"the triton selective-scan backend takes float32/float16/bfloat16 inputs; {name} is float64 "
+                            "(use backend='torch' for float64)")
+        if t is not None and not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(f"the triton selective-scan backend needs CUDA tensors; {name} is on {t.device}")
+
+
+def _forward(u, delta, A, B, C, D, delta_bias, delta_softplus: bool, out_dtype: Optional[torch.dtype],
+             save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, channels, length = u.shape
+    groups, n_state = B.shape[1], A.shape[1]
+    dg = channels // groups
+    block_c = _block_c(dg)
+    n_cb = -(-dg // block_c)
+    n_seg = _n_seg(length)
+    np_ = triton.next_power_of_2(n_state)
+    y = _new((batch, channels, length), out_dtype or u.dtype, u.device)
+    states = _new((batch, channels, n_seg, np_) if save_states else (0,), torch.float32, u.device)
+    a_t = A.to(torch.float32).t().contiguous()  # (N, C): loads along channels, like the state tile
+    grid = (groups * n_cb, batch)
+    _scan_fwd_kernel[grid](
+        u, delta, a_t, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A, y, states,
+        length, dg, channels, n_cb, n_seg,
+        *u.stride(), *delta.stride(), a_t.stride(1), a_t.stride(0), *B.stride(), *C.stride(), *y.stride(),
+        N=n_state, NP=np_, BLOCK_C=block_c, SEG=_SEG,
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), SAVE=bool(save_states),
+        num_warps=1,
+    )
+    return y, states
+
+
+def _backward(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus: bool):
+    batch, channels, length = u.shape
+    groups, n_state = B.shape[1], A.shape[1]
+    dg = channels // groups
+    block_c = _block_c(dg)
+    n_cb = -(-dg // block_c)
+    n_seg = _n_seg(length)
+    np_ = triton.next_power_of_2(n_state)
+    if states.shape != (batch, channels, n_seg, np_):
+        raise RuntimeError("selective scan backward: the forward did not keep its states; "
+                           "run the forward with gradients enabled")
+    dev = u.device
+    du = _new((batch, channels, length), u.dtype, dev)
+    ddelta = _new((batch, channels, length), delta.dtype, dev)
+    dA = _new((batch, channels, np_), torch.float32, dev)
+    dD = _new((batch, channels), torch.float32, dev)
+    dbias = _new((batch, channels), torch.float32, dev)
+    dB = torch.zeros((batch, groups, n_state, length), dtype=torch.float32, device=dev)
+    dC = torch.zeros((batch, groups, n_state, length), dtype=torch.float32, device=dev)
+    scratch = torch.empty((batch * groups * n_cb, _SEG // _CL, block_c, np_), dtype=torch.float32, device=dev)
+    a_t = A.to(torch.float32).t().contiguous()
+    grid = (groups * n_cb, batch)
+    _scan_bwd_kernel[grid](
+        u, delta, a_t, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A, dy, states, scratch,
+        du, ddelta, dA, dB, dC, dD, dbias,
+        length, dg, channels, n_cb, n_seg, groups,
+        *u.stride(), *delta.stride(), a_t.stride(1), a_t.stride(0), *B.stride(), *C.stride(), *dy.stride(),
+        N=n_state, NP=np_, BLOCK_C=block_c, SEG=_SEG,
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        num_warps=1,
+    )
+    dA = dA.sum(0)[:, :n_state].to(A.dtype)
+    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD.sum(0), dbias.sum(0)
+
+
+# ---- torch custom ops: opaque to torch.compile (fullgraph), differentiable through register_autograd ----
+
+@torch.library.custom_op("defmamba::selective_scan_triton_fwd", mutates_args=())
+def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool,
+            out_dtype: Optional[torch.dtype], save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype, save_states)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype, save_states):
+    batch, channels, length = u.shape
+    np_ = 1 << max(A.shape[1] - 1, 0).bit_length()
+    y = u.new_empty((batch, channels, length), dtype=out_dtype or u.dtype)
+    shape = (batch, channels, _n_seg(length), np_) if save_states else (0,)
+    return y, u.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("defmamba::selective_scan_triton_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+            C: torch.Tensor, D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], states: torch.Tensor,
+            delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor, torch.Tensor]:
+    return _backward(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus):
+    channels = u.shape[1]
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), u.new_empty((channels,), dtype=torch.float32),
+            u.new_empty((channels,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    u, delta, A, B, C, D, delta_bias, delta_softplus, _out_dtype, _save = inputs
+    _y, states = output
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, states)
+    ctx.delta_softplus = delta_softplus
+    ctx.mark_non_differentiable(states)
+
+
+def _autograd_backward(ctx, dy, _dstates):
+    u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dbias = _bwd_op(dy, u, delta, A, B, C, D, delta_bias, states, ctx.delta_softplus)
+    return (du, ddelta, dA, dB, dC,
+            dD.to(D.dtype) if D is not None else None,
+            dbias.to(delta_bias.dtype) if delta_bias is not None else None,
+            None, None, None)
+
+
+_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Selective scan on the GPU through Triton; same contract as :func:`defmamba.ops.selective_scan`.
+
+    u, delta, B, C may be float32, float16 or bfloat16 and non-contiguous; A, D, delta_bias are
+    read as float32; the state is float32. Differentiable in all tensor inputs.
+    """
+    if triton is None:
+        raise RuntimeError(f"the triton selective-scan backend is not available: {_IMPORT_ERROR}")
+    _check_dtypes(u, delta, A, B, C, D, delta_bias)
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, delta_bias))
+    y, _ = _fwd_op(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), out_dtype, need_grad)
+    return y
