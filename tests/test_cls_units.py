@@ -1,0 +1,211 @@
+"""Unit tests of the classification application's parts (config, schedule, optimizer groups,
+EMA, checkpoint files, digits split, throughput measurement). CPU, a few seconds."""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "classification"
+_APP_MODULES = ("main", "config", "engine", "modeling", "data", "utils")
+
+
+@pytest.fixture(scope="module")
+def app():
+    """Import the application's modules the way `python classification/main.py` sees them."""
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in _APP_MODULES}
+    for key in saved:
+        del sys.modules[key]
+    sys.path.insert(0, str(APP))
+    try:
+        mods = {name: importlib.import_module(name) for name in
+                ("config", "utils.lr_scheduler", "utils.optimizer", "utils.ema", "utils.checkpoint", "data.digits",
+                 "main")}
+        yield mods
+    finally:
+        sys.path.remove(str(APP))
+        for key in [k for k in sys.modules if k.split(".")[0] in _APP_MODULES]:
+            del sys.modules[key]
+        sys.modules.update(saved)
+
+
+# ---------------------------------------------------------------- config
+def test_config_files_load_with_the_paper_recipe(app):
+    get_config = app["config"].get_config
+    expected = {"tiny": (48, [2, 2, 5, 2], 0.2), "small": (96, [2, 2, 6, 2], 0.2), "base": (96, [2, 3, 16, 2], 0.4)}
+    for name, (dims, depths, dpr) in expected.items():
+        cfg = get_config(cfg_file=str(ROOT / f"configs/classification/defmamba_{name}_224.yaml"))
+        assert (cfg.MODEL.DEFMAMBA.DIMS, list(cfg.MODEL.DEFMAMBA.DEPTHS), cfg.MODEL.DROP_PATH_RATE) == (dims, depths, dpr)
+        assert (cfg.TRAIN.EPOCHS, cfg.TRAIN.WARMUP_EPOCHS, cfg.TRAIN.BASE_LR) == (300, 20, 5e-4)
+        assert (cfg.TRAIN.WARMUP_LR, cfg.TRAIN.MIN_LR, cfg.TRAIN.WEIGHT_DECAY, cfg.TRAIN.CLIP_GRAD) == (5e-7, 5e-6, 0.05, 5.0)
+        assert (cfg.AUG.MIXUP, cfg.AUG.CUTMIX, cfg.AUG.REPROB, cfg.AUG.AUTO_AUGMENT) == (0.8, 1.0, 0.25, "rand-m9-mstd0.5-inc1")
+        assert (cfg.MODEL.LABEL_SMOOTHING, cfg.MODEL_EMA_DECAY, cfg.DATA.IMG_SIZE, cfg.TEST.CROP_PCT) == (0.1, 0.9999, 224, 0.875)
+        assert cfg.DATA.INTERPOLATION == "bicubic" and cfg.TRAIN.OPTIMIZER.NAME == "adamw"
+
+
+def test_config_rejects_unknown_keys_wrong_types_and_bad_values(app, tmp_path):
+    cfgmod = app["config"]
+    with pytest.raises(cfgmod.ConfigError, match="unknown config key TRAIN.EPOCH; did you mean TRAIN.EPOCHS"):
+        cfgmod.get_config(opts=["TRAIN.EPOCH", "3"])
+    with pytest.raises(cfgmod.ConfigError, match="wrong value type.*TRAIN.EPOCHS"):
+        cfgmod.get_config(opts=["TRAIN.EPOCHS", "ten"])
+    with pytest.raises(cfgmod.ConfigError, match="DATA.DATASET = 'cifar' is not one of"):
+        cfgmod.get_config(opts=["DATA.DATASET", "cifar"])
+    with pytest.raises(cfgmod.ConfigError, match="KEY VALUE pairs"):
+        cfgmod.get_config(opts=["SEED"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("MODEL:\n  DEFMAMBA:\n    DIM: 48\n")
+    with pytest.raises(cfgmod.ConfigError, match=r"bad.yaml: unknown config key MODEL.DEFMAMBA.DIM; did you mean MODEL.DEFMAMBA.DIMS"):
+        cfgmod.get_config(cfg_file=str(bad))
+    with pytest.raises(cfgmod.ConfigError, match="config file not found: .*nope.yaml"):
+        cfgmod.get_config(cfg_file=str(tmp_path / "nope.yaml"))
+
+
+def test_config_inheritance_and_integer_for_float(app, tmp_path):
+    cfgmod = app["config"]
+    (tmp_path / "base.yaml").write_text("TRAIN:\n  EPOCHS: 7\n  WARMUP_EPOCHS: 1\n  WEIGHT_DECAY: 0\n")
+    (tmp_path / "child.yaml").write_text("BASE: ['base.yaml']\nTRAIN:\n  BASE_LR: 1\n")
+    cfg = cfgmod.get_config(cfg_file=str(tmp_path / "child.yaml"), opts=["TRAIN.MIN_LR", "0"])
+    assert cfg.TRAIN.EPOCHS == 7 and cfg.TRAIN.WEIGHT_DECAY == 0.0 and cfg.TRAIN.BASE_LR == 1.0
+    assert isinstance(cfg.TRAIN.MIN_LR, float) and cfg.TRAIN.MIN_LR == 0.0
+
+
+def test_command_line_flags_map_onto_the_config(app):
+    main = app["main"]
+    args = main.parse_args(["--batch-size", "3", "--data-path", "/d", "--accumulation-steps", "2", "--use-checkpoint",
+                            "--disable_amp", "--amp-dtype", "bfloat16", "--output", "/o", "--tag", "t", "--eval",
+                            "--model_ema", "false", "--model_ema_decay", "0.5", "--seed", "9", "--local-rank", "1",
+                            "--opts", "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "1"])
+    cfg = app["config"].get_config(args)
+    assert (cfg.DATA.BATCH_SIZE, cfg.DATA.DATA_PATH, cfg.TRAIN.ACCUMULATION_STEPS) == (3, "/d", 2)
+    assert cfg.TRAIN.USE_CHECKPOINT and not cfg.AMP_ENABLE and cfg.AMP_DTYPE == "bfloat16" and cfg.EVAL_MODE
+    assert (cfg.OUTPUT, cfg.TAG, cfg.MODEL_EMA, cfg.MODEL_EMA_DECAY, cfg.SEED, cfg.TRAIN.EPOCHS) == ("/o", "t", False, 0.5, 9, 2)
+    assert main.parse_args(["--local_rank=3"]).local_rank == 3
+    assert main.parse_args(["--model_ema"]).model_ema is True
+
+
+# ---------------------------------------------------------------- schedule, optimizer, EMA
+def test_lr_schedule_warmup_cosine_and_scaling(app):
+    get_config = app["config"].get_config
+    cfg = get_config(opts=["TRAIN.EPOCHS", "10", "TRAIN.WARMUP_EPOCHS", "2"])
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = app["utils.lr_scheduler"].build_scheduler(cfg, opt, steps_per_epoch=5, lr_scale=2.0)
+    lrs = [sched.lr_at(s) for s in range(51)]
+    assert lrs[0] == pytest.approx(2 * 5e-7) and lrs[10] == pytest.approx(2 * 5e-4)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))            # warm-up rises linearly
+    assert all(a > b for a, b in zip(lrs[10:50], lrs[11:51]))         # cosine falls
+    assert lrs[50] == pytest.approx(2 * 5e-6)
+    mid = 2 * (5e-6 + 0.5 * (5e-4 - 5e-6))                             # half-way through the cosine
+    assert lrs[30] == pytest.approx(mid)
+    sched.step_update(30)
+    assert opt.param_groups[0]["lr"] == pytest.approx(mid)
+    resumed = app["utils.lr_scheduler"].build_scheduler(cfg, opt, steps_per_epoch=5, lr_scale=2.0)
+    resumed.load_state_dict(sched.state_dict())
+    assert opt.param_groups[0]["lr"] == lrs[30]
+
+
+def test_weight_decay_groups_on_the_real_model(app):
+    import defmamba
+
+    model = defmamba.DefMamba(dims=16, depths=(1, 1, 1, 1), num_classes=5)
+    decay, no_decay = app["utils.optimizer"].split_decay(model)
+    assert set(decay).isdisjoint(no_decay)
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+    for suffix in ("A_logs", "Ds", "dt_projs_bias", "rpe_table"):
+        hits = [n for n in no_decay if n.endswith(suffix)]
+        assert hits, f"no parameter ending in {suffix} found in the model"
+        assert not [n for n in decay if n.endswith(suffix)]
+    params = dict(model.named_parameters())
+    assert all(params[n].ndim > 1 for n in decay)
+    assert all(params[n].ndim <= 1 or n.endswith(("A_logs", "Ds", "dt_projs_bias", "rpe_table")) for n in no_decay)
+    assert "classifier.head.weight" in decay and "classifier.head.bias" in no_decay
+
+
+def test_ema_update_is_the_exponential_average(app):
+    model = nn.Linear(3, 2)
+    ema = app["utils.ema"].ModelEma(model, decay=0.75)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    expected = 0.75 * before["weight"] + 0.25 * model.weight
+    torch.testing.assert_close(ema.state_dict()["weight"], expected)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+# ---------------------------------------------------------------- checkpoint files
+def test_atomic_save_keeps_the_old_file_when_writing_fails(app, tmp_path, monkeypatch):
+    ck = app["utils.checkpoint"]
+    path = str(tmp_path / "last.pth")
+    ck.atomic_save({"epoch": 1}, path)
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ck.atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert ck.remove_stale_temporaries(str(tmp_path)) == [path + ".tmp"]
+
+
+def test_checkpoint_retention_and_resume_lookup(app, tmp_path):
+    ck = app["utils.checkpoint"]
+    out = str(tmp_path)
+    assert ck.find_resume_checkpoint(out) is None
+    for epoch in range(5):
+        written = ck.save_checkpoint(out, {"epoch": epoch}, epoch, epoch_file=epoch % 2 == 0, keep=2,
+                                     is_best=epoch == 1, is_best_ema=epoch == 3)
+        assert os.path.join(out, "last.pth") in written
+    assert [e for e, _ in ck.epoch_checkpoints(out)] == [2, 4]
+    assert torch.load(os.path.join(out, "best.pth"), weights_only=True)["epoch"] == 1
+    assert torch.load(os.path.join(out, "best_ema.pth"), weights_only=True)["epoch"] == 3
+    assert ck.find_resume_checkpoint(out) == os.path.join(out, "last.pth")
+    os.remove(os.path.join(out, "last.pth"))
+    assert ck.find_resume_checkpoint(out) == os.path.join(out, "ckpt_epoch_4.pth")
+
+
+# ---------------------------------------------------------------- data
+def test_digits_split_is_fixed_disjoint_and_stratified(app):
+    digits = app["data.digits"]
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target
+    train_idx = digits._split_indices(labels, "train")
+    val_idx = digits._split_indices(labels, "val")
+    assert len(train_idx) + len(val_idx) == len(labels) and not set(train_idx) & set(val_idx)
+    assert (digits._split_indices(labels, "val") == val_idx).all()
+    for cls in range(10):
+        share = (labels[val_idx] == cls).sum() / (labels == cls).sum()
+        assert abs(share - digits.VAL_FRACTION) < 0.02
+    val = digits.DigitsDataset("val", 40)
+    image, target = val[0]
+    assert image.size == (40, 40) and image.mode == "RGB" and target == labels[val_idx[0]]
+
+
+# ---------------------------------------------------------------- throughput
+@pytest.mark.parametrize("mode,amp_dtype", [("infer", None), ("train", torch.bfloat16)])
+def test_measure_throughput_on_cpu(mode, amp_dtype):
+    from defmamba.benchmark import measure_throughput
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    before = model[3].weight.detach().clone()
+    result = measure_throughput(model, batch_size=4, image_size=(20, 28), mode=mode, amp_dtype=amp_dtype,
+                                warmup=1, repeats=3, iters_per_window=2, device="cpu")
+    assert len(result["window_images_per_s"]) == 3
+    assert result["images_per_s"] == sorted(result["window_images_per_s"])[1] > 0
+    assert result["ms_per_iter"] == pytest.approx(1000 * 4 / result["images_per_s"])
+    assert result["image_size"] == [20, 28] and result["peak_memory_gib"] is None
+    assert result["amp_dtype"] == (None if amp_dtype is None else "bfloat16")
+    assert torch.equal(before, model[3].weight) == (mode == "infer")    # training steps change the weights
+    with pytest.raises(ValueError, match="mode must be"):
+        measure_throughput(model, 2, 16, mode="fast")
