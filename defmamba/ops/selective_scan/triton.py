@@ -117,11 +117,11 @@ if triton is not None:
     @triton.jit
     def _scan_fwd_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, hs_ptr,
-        L, Dg, C_tot, n_cb, n_seg,
+        L, L_al, Dg, C_tot, n_cb, n_seg,
         su_b, su_c, su_l, sd_b, sd_c, sd_l, sA_c, sA_n,
         sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sy_b, sy_c, sy_l,
         N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, SEG: tl.constexpr,
-        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, ALIGN: tl.constexpr,
     ):
         CL: tl.constexpr = 4
         pid = tl.program_id(0)
@@ -143,18 +143,18 @@ if triton is not None:
         if HAS_D:
             d_skip = tl.load(D_ptr + c, mask=mc, other=0.0).to(tl.float32)
 
-        u_rows = u_ptr + b * su_b + c * su_c
-        dl_rows = dl_ptr + b * sd_b + c * sd_c
-        y_rows = y_ptr + b * sy_b + c * sy_c
-        B_rows = B_ptr + b * sB_b + k * sB_k + n * sB_n
-        C_rows = C_ptr + b * sC_b + k * sC_k + n * sC_n
+        u_rows = u_ptr + (b * su_b + c * su_c) * ALIGN
+        dl_rows = dl_ptr + (b * sd_b + c * sd_c) * ALIGN
+        y_rows = y_ptr + (b * sy_b + c * sy_c) * ALIGN
+        B_rows = B_ptr + (b * sB_b + k * sB_k + n * sB_n) * ALIGN
+        C_rows = C_ptr + (b * sC_b + k * sC_k + n * sC_n) * ALIGN
 
         h = tl.zeros([NP, BLOCK_C], tl.float32)
         for seg in range(0, n_seg):
             l_end = tl.minimum(seg * SEG + SEG, L)
             for l0 in range(seg * SEG, l_end, CL):
                 pos = tl.max_contiguous(tl.multiple_of(l0 + lc, CL), CL)
-                ml = pos < L
+                ml = pos < L_al * ALIGN  # == L; written so that the compiler sees 4-aligned bounds
                 m_lc = ml[:, None] & mc[None, :]
                 m_nl = mn[:, None] & ml[None, :]
                 uu = tl.load(u_rows[None, :] + pos[:, None] * su_l, mask=m_lc, other=0.0).to(tl.float32)
@@ -188,11 +188,11 @@ if triton is not None:
     def _scan_bwd_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, hs_ptr, sc_ptr,
         du_ptr, dd_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-        L, Dg, C_tot, n_cb, n_seg, K,
+        L, L_al, Dg, C_tot, n_cb, n_seg, K,
         su_b, su_c, su_l, sd_b, sd_c, sd_l, sA_c, sA_n,
         sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sy_b, sy_c, sy_l,
         N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, SEG: tl.constexpr,
-        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ALIGN: tl.constexpr,
     ):
         CL: tl.constexpr = 4
         pid = tl.program_id(0)
@@ -217,13 +217,13 @@ if triton is not None:
             d_skip = tl.load(D_ptr + c, mask=mc, other=0.0).to(tl.float32)
 
         # du/ddelta (batch, C, L) and dB/dC (batch, K, N, L) are contiguous buffers of the wrapper.
-        u_rows = u_ptr + b * su_b + c * su_c
-        dl_rows = dl_ptr + b * sd_b + c * sd_c
-        dy_rows = dy_ptr + b * sy_b + c * sy_c
-        g_rows = (b * C_tot + c) * L
-        B_rows = B_ptr + b * sB_b + k * sB_k + n * sB_n
-        C_rows = C_ptr + b * sC_b + k * sC_k + n * sC_n
-        gBC_rows = ((b * K + k) * N + n) * L
+        u_rows = u_ptr + (b * su_b + c * su_c) * ALIGN
+        dl_rows = dl_ptr + (b * sd_b + c * sd_c) * ALIGN
+        dy_rows = dy_ptr + (b * sy_b + c * sy_c) * ALIGN
+        g_rows = (b * C_tot + c) * L_al * ALIGN
+        B_rows = B_ptr + (b * sB_b + k * sB_k + n * sB_n) * ALIGN
+        C_rows = C_ptr + (b * sC_b + k * sC_k + n * sC_n) * ALIGN
+        gBC_rows = ((b * K + k) * N + n) * L_al * ALIGN
         prog = b * (K * n_cb) + pid
         sc_tile = sc_ptr + prog * (SEG // CL * BLOCK_C * NP) + n[:, None] * BLOCK_C + cl_local[None, :]
         hs_rows = hs_ptr + (b * C_tot + c[None, :]) * n_seg * NP + n[:, None]
@@ -242,7 +242,7 @@ if triton is not None:
             for i in range(0, n_sub):
                 tl.store(sc_tile + i * (BLOCK_C * NP), h)
                 pos = tl.max_contiguous(tl.multiple_of(l_start + i * CL + lc, CL), CL)
-                ml = pos < L
+                ml = pos < L_al * ALIGN  # == L; written so that the compiler sees 4-aligned bounds
                 m_lc = ml[:, None] & mc[None, :]
                 uu = tl.load(u_rows[None, :] + pos[:, None] * su_l, mask=m_lc, other=0.0).to(tl.float32)
                 raw = tl.load(dl_rows[None, :] + pos[:, None] * sd_l, mask=m_lc, other=0.0).to(tl.float32)
@@ -261,7 +261,7 @@ if triton is not None:
             for j in range(0, n_sub):
                 i = n_sub - 1 - j
                 pos = tl.max_contiguous(tl.multiple_of(l_start + i * CL + lc, CL), CL)
-                ml = pos < L
+                ml = pos < L_al * ALIGN  # == L; written so that the compiler sees 4-aligned bounds
                 m_lc = ml[:, None] & mc[None, :]
                 m_nl = mn[:, None] & ml[None, :]
                 hp = tl.load(sc_tile + i * (BLOCK_C * NP))  # state before the sub-chunk (this thread wrote it)
@@ -353,6 +353,21 @@ def _block_c(group_channels: int) -> int:
     return max(8, min(32, triton.next_power_of_2(group_channels)))
 
 
+def _row_strides(length: int, a_t: torch.Tensor, *tensors: torch.Tensor) -> tuple[int, list[int]]:
+    """(ALIGN, kernel stride arguments). Every stride but the last (position) one of u, delta,
+    B, C and y/dy is passed divided by ALIGN = 4 when all of them (and L) are multiples of 4, so
+    that the compiler can prove 16-byte alignment of each 4-position tile and vectorise it."""
+    row = [st for t in tensors for st in t.stride()[:-1]]
+    align = 4 if length % 4 == 0 and all(st % 4 == 0 for st in row) else 1
+    args = []
+    for i, t in enumerate(tensors):
+        *lead, last = t.stride()
+        args += [st // align for st in lead] + [last]
+        if i == 1:  # A (transposed copy) comes after u and delta in the kernel signature
+            args += [a_t.stride(1), a_t.stride(0)]
+    return align, args
+
+
 def _n_seg(length: int) -> int:
     return -(-length // _SEG)
 
@@ -378,13 +393,14 @@ def _forward(u, delta, A, B, C, D, delta_bias, delta_softplus: bool, out_dtype: 
     y = _new((batch, channels, length), out_dtype or u.dtype, u.device)
     states = _new((batch, channels, n_seg, np_) if save_states else (0,), torch.float32, u.device)
     a_t = A.to(torch.float32).t().contiguous()  # (N, C): loads along channels, like the state tile
+    align, strides = _row_strides(length, a_t, u, delta, B, C, y)
     grid = (groups * n_cb, batch)
     _scan_fwd_kernel[grid](
         u, delta, a_t, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A, y, states,
-        length, dg, channels, n_cb, n_seg,
-        *u.stride(), *delta.stride(), a_t.stride(1), a_t.stride(0), *B.stride(), *C.stride(), *y.stride(),
+        length, length // align, dg, channels, n_cb, n_seg, *strides,
         N=n_state, NP=np_, BLOCK_C=block_c, SEG=_SEG,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), SAVE=bool(save_states),
+        ALIGN=align,
         num_warps=1,
     )
     return y, states
@@ -411,14 +427,15 @@ def _backward(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus: bool
     dC = torch.zeros((batch, groups, n_state, length), dtype=torch.float32, device=dev)
     scratch = torch.empty((batch * groups * n_cb, _SEG // _CL, block_c, np_), dtype=torch.float32, device=dev)
     a_t = A.to(torch.float32).t().contiguous()
+    # du/ddelta/dB/dC are fresh contiguous buffers: aligned exactly when the inputs' rows are.
+    align, strides = _row_strides(length, a_t, u, delta, B, C, dy)
     grid = (groups * n_cb, batch)
     _scan_bwd_kernel[grid](
         u, delta, a_t, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A, dy, states, scratch,
         du, ddelta, dA, dB, dC, dD, dbias,
-        length, dg, channels, n_cb, n_seg, groups,
-        *u.stride(), *delta.stride(), a_t.stride(1), a_t.stride(0), *B.stride(), *C.stride(), *dy.stride(),
+        length, length // align, dg, channels, n_cb, n_seg, groups, *strides,
         N=n_state, NP=np_, BLOCK_C=block_c, SEG=_SEG,
-        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ALIGN=align,
         num_warps=1,
     )
     dA = dA.sum(0)[:, :n_state].to(A.dtype)
