@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -40,19 +41,17 @@ class LoadReport:
 
 
 def _trusted_globals() -> list:
-    """Classes allowed in addition to tensors and builtins, where their packages are installed."""
-    allowed: list = []
-    try:
-        from yacs.config import CfgNode
+    """Classes allowed in addition to tensors and builtins.
 
-        allowed.append(CfgNode)
-    except ImportError:
-        pass
+    Config objects (yacs ``CfgNode`` in the official files, mmengine's ``ConfigDict``) are dict
+    subclasses; they are read back as plain ordered dicts of their entries, so loading needs
+    neither package and runs none of their code.
+    """
+    allowed: list = [(OrderedDict, "yacs.config.CfgNode"), (OrderedDict, "mmengine.config.config.ConfigDict")]
     try:
-        from mmengine.config import ConfigDict
         from mmengine.logging import HistoryBuffer, MessageHub
 
-        allowed += [ConfigDict, HistoryBuffer, MessageHub]
+        allowed += [HistoryBuffer, MessageHub]
     except ImportError:
         pass
     allowed += _numpy_array_globals()

@@ -91,7 +91,10 @@ def path_order(z: torch.Tensor, path: torch.Tensor) -> tuple[torch.Tensor, torch
     Returns (seq, order): seq (B, L, D) with seq[:, j] = token order[:, j], and the (B, L) order.
     """
     order = torch.argsort(path.detach(), dim=1, stable=True)
-    return _PathOrder.apply(z, path, order), order
+    if torch.is_grad_enabled() and (z.requires_grad or path.requires_grad):
+        return _PathOrder.apply(z, path, order), order
+    # Inference: the same gather without the autograd wrapper (simpler graphs for export).
+    return torch.gather(z, 2, order[:, None, :].expand_as(z)).transpose(1, 2), order
 
 
 def invert_order(order: torch.Tensor) -> torch.Tensor:

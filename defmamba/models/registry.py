@@ -9,11 +9,11 @@ touches the network.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import FeatureGetterNet
 
 from ..checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, safe_load
@@ -65,9 +65,9 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
             if not (k.startswith("classifier.head.") and (k not in model_state or model_state[k].shape != v.shape))}
 
 
-def _load_pretrained(model: DefMamba, variant: str) -> None:
-    cfg = model.pretrained_cfg
-    file = cfg.get("file")
+def _pretrained_file(variant: str, overlay: Optional[dict]) -> str:
+    """The local weights file named by the pretrained config; a clear error if there is none."""
+    file = resolve_pretrained_cfg(variant, pretrained_cfg_overlay=overlay).to_dict().get("file")
     if not file:
         raise CheckpointError(
             f"{variant}: the official weights are on Google Drive ({OFFICIAL_CHECKPOINTS[variant]}) and cannot be downloaded "
@@ -75,6 +75,11 @@ def _load_pretrained(model: DefMamba, variant: str) -> None:
             f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/{variant}.pth'))")
     if not Path(file).is_file():
         raise CheckpointError(f"{variant}: pretrained weights file not found: {file}")
+    return file
+
+
+def _load_pretrained(model: DefMamba, file: str) -> None:
+    cfg = model.pretrained_cfg
     state, _ = extract_state_dict(safe_load(file))
     state = checkpoint_filter_fn(state, model)
     strict_head = model.num_classes == cfg.get("num_classes", 1000)
@@ -86,9 +91,10 @@ def _create_defmamba(variant: str, pretrained: bool = False, **kwargs: Any) -> n
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     model_args = dict(dims=spec.dims, depths=spec.depths, drop_path_rate=spec.drop_path_rate)
+    file = _pretrained_file(variant, kwargs.get("pretrained_cfg_overlay")) if pretrained else None  # fail before building
     model = build_model_with_cfg(DefMamba, variant, pretrained=False, **dict(model_args, **kwargs))
-    if pretrained:
-        _load_pretrained(model, variant)
+    if file is not None:
+        _load_pretrained(model, file)
     if features_only:
         pretrained_cfg = model.pretrained_cfg
         model = FeatureGetterNet(model, out_indices=out_indices)

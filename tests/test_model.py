@@ -1,0 +1,153 @@
+"""Model architecture contracts: official key names and shapes, parameter counts, any input
+size, the 1-pixel limit of the deformable layer, gradient checkpointing and the timm API."""
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import defmamba
+from defmamba import DefMamba, DefMambaBackbone
+from defmamba.models.deformable import DeformableLayer
+
+REFERENCE = Path(__file__).parent / "fixtures"
+OFFICIAL_PARAMS = {"defmamba_tiny": 7_547_878, "defmamba_small": 30_201_340, "defmamba_base": 48_595_576}
+
+
+def small_model(**kwargs) -> DefMamba:
+    torch.manual_seed(0)
+    return DefMamba(dims=16, depths=(1, 1, 1, 1), num_classes=10, **kwargs)
+
+
+def read_keys(name: str) -> list[tuple[str, list[int]]]:
+    lines = (REFERENCE / f"keys_{name}.txt").read_text().splitlines()
+    return [(key, [int(s) for s in shape.strip("[]").split(",") if s.strip()]) for key, shape in (l.split("\t") for l in lines)]
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_official_keys_shapes_and_parameter_count(name):
+    model = timm.create_model(name)
+    state = model.state_dict()
+    expected = read_keys(name.split("_")[1])
+    assert list(state) == [k for k, _ in expected]
+    assert all(list(state[k].shape) == shape for k, shape in expected)
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[name]
+
+
+def test_backbone_keys_match_official():
+    model = DefMambaBackbone(dims=48, depths=(2, 2, 5, 2))
+    expected = read_keys("tiny_backbone")
+    assert [(k, list(v.shape)) for k, v in model.state_dict().items()] == expected
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (33, 47), (224, 160), (97, 131)])
+def test_any_input_size(height, width):
+    model = small_model().eval()
+    x = torch.randn(2, 3, height, width)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+    backbone = DefMambaBackbone(dims=16, depths=(1, 1, 1, 1)).eval()
+    with torch.no_grad():
+        features = backbone(x)
+    h, w = height, width
+    for i, f in enumerate(features):
+        h, w = (h + 1) // 2, (w + 1) // 2
+        if i == 0:
+            h, w = (h + 1) // 2, (w + 1) // 2
+        assert f.shape == (2, 16 * 2 ** i, h, w) and torch.isfinite(f).all()
+
+
+def test_too_small_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs H and W ≥ 32"):
+        small_model()(torch.randn(1, 3, 31, 64))
+
+
+@pytest.mark.parametrize("h,w", [(1, 7), (5, 1), (1, 1)])
+def test_one_pixel_axis_has_no_offset_along_it(h, w):
+    """Where the original formulas divide by zero (a 1-pixel axis) the sample points stay on
+    the axis: the limit of an offset scaled by 1/(size−1) confined to a single pixel."""
+    torch.manual_seed(1)
+    layer = DeformableLayer(32, 3)
+    x = torch.randn(2, 32, h, w, requires_grad=True)
+    out = layer(x)
+    assert torch.isfinite(out.sequence).all() and torch.isfinite(out.path).all()
+    if h == 1:
+        assert torch.all(out.sample_points[..., 1] == 0)
+    if w == 1:
+        assert torch.all(out.sample_points[..., 0] == 0)
+    assert sorted(out.order[0].tolist()) == list(range(h * w))
+    out.sequence.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    x = torch.randn(2, 3, 48, 40)
+
+    def gradients(checkpointing: bool):
+        model = small_model(drop_path_rate=0.1).train()
+        model.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(123)  # same drop-path draws in both runs
+        model(x).square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.equal(plain[name], checkpointed[name]), name
+
+
+def test_timm_api():
+    model = timm.create_model("defmamba_tiny", num_classes=7, drop_path_rate=0.0, dims=16, depths=(1, 1, 1, 1))
+    assert isinstance(model, DefMamba) and model.get_classifier().out_features == 7
+    x = torch.randn(2, 3, 64, 64)
+    features = model.forward_features(x)
+    assert features.shape == (2, 2, 2, 128)
+    assert model.forward_head(features, pre_logits=True).shape == (2, 128)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 128)
+    info = [f["num_chs"] for f in model.feature_info]
+    assert info == [16, 32, 64, 128]
+
+
+def test_timm_features_only():
+    model = timm.create_model("defmamba_tiny", features_only=True, out_indices=(1, 3), dims=16, depths=(1, 1, 1, 1))
+    outs = model(torch.randn(1, 3, 64, 96))
+    assert [o.shape for o in outs] == [torch.Size([1, 32, 8, 12]), torch.Size([1, 128, 2, 3])]
+    assert model.feature_info.channels() == [32, 128]
+
+
+def test_timm_pretrained_from_local_file(tmp_path):
+    source = timm.create_model("defmamba_tiny", dims=16, depths=(1, 1, 1, 1))
+    path = tmp_path / "weights.pth"
+    torch.save({"model": source.state_dict(), "epoch": 3}, path)
+    model = timm.create_model("defmamba_tiny", pretrained=True, dims=16, depths=(1, 1, 1, 1),
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), model.state_dict().values()))
+    retargeted = timm.create_model("defmamba_tiny", pretrained=True, num_classes=5, dims=16, depths=(1, 1, 1, 1),
+                                   pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(retargeted.patch_embed[0].weight, source.patch_embed[0].weight)
+    assert retargeted.get_classifier().out_features == 5
+
+
+def test_timm_pretrained_without_file_is_a_clear_error(tmp_path):
+    with pytest.raises(defmamba.checkpoint.CheckpointError, match="Google Drive.*pretrained_cfg_overlay"):
+        timm.create_model("defmamba_small", pretrained=True)
+    with pytest.raises(defmamba.checkpoint.CheckpointError, match="not found"):
+        timm.create_model("defmamba_small", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "x.pth")))
+
+
+def test_pretrained_cfg_records_paper_metadata():
+    cfg = timm.models.get_pretrained_cfg("defmamba_base.in1k").to_dict()
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic"
+    assert "top1=84.2" in cfg["notes"] and cfg["origin_url"].startswith("https://drive.google.com/")
+
+
+def test_build_model_and_no_weight_decay():
+    model = defmamba.build_model("defmamba_tiny", num_classes=10)
+    names = model.no_weight_decay()
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"A_logs", "Ds", "dt_projs_bias", "rpe_table"}
+    assert len(names) == 4 * sum(model.depths)
+    with pytest.raises(ValueError, match="unknown model"):
+        defmamba.build_model("defmamba_huge")

@@ -1,0 +1,146 @@
+"""The reference selective scan against a naive sequential float64 loop, autograd checks, and
+the backend dispatcher."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from defmamba.ops import selective_scan
+from defmamba.ops.selective_scan import ENV_VAR, resolve_backend
+from defmamba.ops.selective_scan.reference import selective_scan_torch
+
+
+def naive_scan(u, delta, A, B, C, D, delta_bias, softplus):
+    """One step at a time, in float64: the recurrence exactly as written."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    batch, channels, length = u.shape
+    group = channels // B.shape[1]
+    dt = delta + (delta_bias.double()[:, None] if delta_bias is not None else 0)
+    dt = F.softplus(dt) if softplus else dt
+    Bc = B.repeat_interleave(group, dim=1)  # (b, c, N, L)
+    Cc = C.repeat_interleave(group, dim=1)
+    h = torch.zeros(batch, channels, A.shape[1], dtype=torch.float64)
+    ys = []
+    for t in range(length):
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[..., None] * Bc[..., t]
+        ys.append((h * Cc[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    return y + D.double()[:, None] * u if D is not None else y
+
+
+def random_inputs(batch, groups, per_group, n_state, length, dtype=torch.float32, generator=None):
+    g = generator or torch.Generator().manual_seed(0)
+    channels = groups * per_group
+    u = torch.randn(batch, channels, length, generator=g)
+    delta = torch.randn(batch, channels, length, generator=g) * 0.5 - 1
+    A = -torch.exp(torch.randn(channels, n_state, generator=g) * 0.5)
+    B = torch.randn(batch, groups, n_state, length, generator=g)
+    C = torch.randn(batch, groups, n_state, length, generator=g)
+    D = torch.randn(channels, generator=g)
+    bias = torch.randn(channels, generator=g) * 0.5
+    params_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # A, D, bias stay float32
+    return ([t.to(dtype) for t in (u, delta)] + [A.to(params_dtype)] + [t.to(dtype) for t in (B, C)]
+            + [D.to(params_dtype), bias.to(params_dtype)])
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("length", [1, 7, 64, 197, 3136])
+def test_matches_sequential_loop_float64(length):
+    g = torch.Generator().manual_seed(length)
+    u, delta, A, B, C, D, bias = random_inputs(2, 3, 2 if length > 1000 else 4, 16, length, torch.float64, g)
+    expected = naive_scan(u, delta, A, B, C, D, bias, softplus=True)
+    got = selective_scan(u, delta, A, B, C, D, bias, delta_softplus=True, backend="torch")
+    assert got.dtype == torch.float64
+    assert rel_err(got, expected) < 1e-12
+
+
+@pytest.mark.parametrize("use_softplus,with_optional", [(False, False), (True, True)])
+def test_float32_and_optional_arguments(use_softplus, with_optional):
+    g = torch.Generator().manual_seed(7)
+    u, delta, A, B, C, D, bias = random_inputs(3, 3, 5, 8, 49, torch.float32, g)
+    if not use_softplus:
+        delta = delta.abs()
+    D, bias = (D, bias) if with_optional else (None, None)
+    expected = naive_scan(u, delta, A, B, C, D, bias, softplus=use_softplus)
+    got = selective_scan(u, delta, A, B, C, D, bias, delta_softplus=use_softplus)
+    assert got.dtype == torch.float32
+    assert rel_err(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_keep_float32_state(dtype):
+    g = torch.Generator().manual_seed(3)
+    u, delta, A, B, C, D, bias = random_inputs(2, 3, 4, 16, 101, dtype, g)
+    expected = naive_scan(u, delta, A, B, C, D, bias, softplus=True)  # same rounded inputs, float64
+    got = selective_scan(u, delta, A, B, C, D, bias, delta_softplus=True, out_dtype=torch.float32)
+    assert got.dtype == torch.float32
+    assert rel_err(got, expected) < 1e-5  # only float32 arithmetic error: the state is never half
+    assert selective_scan(u, delta, A, B, C, D, bias, delta_softplus=True).dtype == dtype
+
+
+def test_long_sequence_with_large_decay_is_finite_and_exact():
+    g = torch.Generator().manual_seed(11)
+    u, delta, A, B, C, D, bias = random_inputs(1, 3, 2, 16, 4097, torch.float64, g)
+    delta = delta.abs() * 50  # Δ·A down to about -1e3 per step: exp underflows, nothing overflows
+    A = A * 20
+    got = selective_scan(u, delta, A, B, C, D, bias, delta_softplus=True)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, naive_scan(u, delta, A, B, C, D, bias, softplus=True)) < 1e-12
+    grads = torch.autograd.grad(selective_scan(u.requires_grad_(), delta, A, B, C, D, bias, True).sum(), u)
+    assert torch.isfinite(grads[0]).all()
+
+
+def test_gradcheck_all_inputs():
+    g = torch.Generator().manual_seed(5)
+    inputs = [t.requires_grad_() for t in random_inputs(2, 2, 2, 3, 9, torch.float64, g)]
+
+    def fn(u, delta, A, B, C, D, bias):
+        return selective_scan_torch(u, delta, A, B, C, D, bias, True)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(9)
+    u, delta, A, B, C, D, bias = random_inputs(2, 3, 4, 8, 33, torch.float64, g)
+    u_t = u.transpose(1, 2).contiguous().transpose(1, 2)
+    B_t = B.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+    assert not u_t.is_contiguous() and not B_t.is_contiguous()
+    got = selective_scan(u_t, delta, A, B_t, C, D, bias, delta_softplus=True)
+    assert rel_err(got, naive_scan(u, delta, A, B, C, D, bias, softplus=True)) < 1e-12
+
+
+def test_auto_resolves_to_torch_on_cpu():
+    name, _ = resolve_backend("auto", torch.device("cpu"))
+    assert name == "torch"
+
+
+def test_environment_override(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert resolve_backend("auto", torch.device("cpu"))[0] == "torch"
+    monkeypatch.setenv(ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="unknown selective-scan backend.*DEFMAMBA_SCAN_BACKEND=fastest"):
+        resolve_backend("auto", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backend_on_cpu_tensors_is_a_clear_error(backend):
+    u, delta, A, B, C, D, bias = random_inputs(1, 3, 2, 4, 5)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        selective_scan(u, delta, A, B, C, D, bias, backend=backend)
+
+
+def test_bad_shapes_are_explained():
+    u, delta, A, B, C, D, bias = random_inputs(1, 3, 2, 4, 5)
+    with pytest.raises(ValueError, match="B must be"):
+        selective_scan(u, delta, A, B[..., :4], C, D, bias)
+    with pytest.raises(ValueError, match="multiple of the number of B/C groups"):
+        selective_scan(u[:, :5], delta[:, :5], A[:5], B, C, D[:5], bias[:5])
+    with pytest.raises(TypeError, match="floating"):
+        selective_scan(u.long(), delta, A, B, C, D, bias)
+    with pytest.raises(ValueError, match="unknown selective-scan backend"):
+        selective_scan(u, delta, A, B, C, D, bias, backend="jax")
