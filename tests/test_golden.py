@@ -93,3 +93,29 @@ def test_path_order_gradient_is_the_official_surrogate(monkeypatch):
     (model(data["input"].double()) * data["loss_weight"].double()).sum().backward()
     name = "layers.0.blocks.0.op.DS.conv_offset.conv1.weight"
     assert rel_err(dict(model.named_parameters())[name].grad, data["grad_params"][name]) > 1e-2
+
+
+def gpu_backends() -> list[str]:
+    from defmamba.ops.selective_scan import available_backends
+
+    return available_backends("cuda") if torch.cuda.is_available() else ["torch"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_golden_cases_on_gpu_with_every_backend(backend):
+    fwd = load_fixture("fwd")
+    model = build(DefMamba, fwd, torch.float32, scan_backend=backend).cuda().eval()
+    with torch.no_grad():
+        assert rel_err(model(fwd["input"].cuda()).cpu(), fwd["output"]) <= 1e-4
+
+    data = load_fixture("grad")
+    model = build(DefMamba, data, torch.float32, drop_path_rate=0.0, scan_backend=backend).cuda().train()
+    x = data["input"].cuda().requires_grad_()
+    logits = model(x)
+    (logits * data["loss_weight"].cuda()).sum().backward()
+    assert rel_err(logits.cpu(), data["logits"]) <= 1e-4
+    assert rel_err(x.grad.cpu(), data["grad_input"]) <= 1e-4
+    params = dict(model.named_parameters())
+    for name, expected in data["grad_params"].items():
+        assert rel_err(params[name].grad.cpu(), expected) <= 1e-4, name
