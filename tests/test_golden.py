@@ -103,7 +103,9 @@ def gpu_backends() -> list[str]:
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", gpu_backends())
-def test_golden_cases_on_gpu_with_every_backend(backend):
+def test_golden_cases_on_gpu_with_every_backend(backend, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 convolutions, not TF32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     fwd = load_fixture("fwd")
     model = build(DefMamba, fwd, torch.float32, scan_backend=backend).cuda().eval()
     with torch.no_grad():
