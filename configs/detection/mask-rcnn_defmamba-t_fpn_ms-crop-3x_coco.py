@@ -1,0 +1,9 @@
+# DefMamba-Tiny variant of mask-rcnn_defmamba-s_fpn_ms-crop-3x_coco.py (stage widths 48-384).
+# The paper gives no detection setting for Tiny; drop-path 0.1 is our choice.
+_base_ = ['./mask-rcnn_defmamba-s_fpn_ms-crop-3x_coco.py']
+
+pretrained = 'pretrained/defmamba_tiny.pth'
+
+model = dict(
+    backbone=dict(dims=48, depths=(2, 2, 5, 2), drop_path_rate=0.1, pretrained=pretrained),
+    neck=dict(in_channels=[48, 96, 192, 384]))

@@ -1,0 +1,38 @@
+# UperNet, 160k iterations on ADE20K 512x512 crops, DefMamba-Small backbone, as in the paper
+# (48.8 mIoU single-scale, 49.6 multi-scale with segmentation/test.py --tta). Everything not set
+# here (UperNet/FCN heads, ADE20K pipeline and TTA pipeline, AdamW lr 6e-5 / wd 0.01, poly
+# schedule with 1500 warm-up iterations, 8 GPUs x 2 images) comes from mmseg's Swin-T UperNet
+# config, which the authors' configs also start from.
+_base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
+custom_imports = dict(imports=['defmamba.mm'], allow_failed_imports=False)
+
+# Official ImageNet-1k classification checkpoint (their {'model': ...} format loads as is);
+# set it to None to train from scratch.
+pretrained = 'pretrained/defmamba_small.pth'
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='MM_DefMamba',
+        dims=96,
+        depths=(2, 2, 6, 2),
+        out_indices=(0, 1, 2, 3),
+        drop_path_rate=0.3,
+        use_checkpoint=False,
+        pretrained=pretrained),
+    decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
+    auxiliary_head=dict(in_channels=384, num_classes=150))
+
+# No weight decay on norms, biases and the SSM parameters A_logs, Ds, dt_projs_bias, rpe_table.
+optim_wrapper = dict(
+    paramwise_cfg=dict(
+        _delete_=True,
+        norm_decay_mult=0.,
+        bias_decay_mult=0.,
+        flat_decay_mult=0.,
+        custom_keys={
+            '.A_logs': dict(decay_mult=0.),
+            '.Ds': dict(decay_mult=0.),
+            '.dt_projs_bias': dict(decay_mult=0.),
+            '.rpe_table': dict(decay_mult=0.),
+        }))

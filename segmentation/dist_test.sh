@@ -1,0 +1,1 @@
+../detection/dist_test.sh

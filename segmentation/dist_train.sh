@@ -1,0 +1,1 @@
+../detection/dist_train.sh

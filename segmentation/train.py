@@ -1,0 +1,5 @@
+"""Train a DefMamba segmentor (command line of OpenMMLab's tools/train.py; see README.md)."""
+from defmamba.mm_runner import train
+
+if __name__ == "__main__":
+    train("seg")
