@@ -1,0 +1,45 @@
+// Host-side interface of the selective-scan kernels (no torch headers, so the .cu files compile fast).
+#pragma once
+#include <cuda_runtime.h>
+
+namespace defmamba_scan {
+
+// Number of SSM states per channel the kernels are compiled for (the binding pads smaller N).
+constexpr int kStates = 16;
+// Timesteps per chunk: the forward saves the state every kChunk steps for the backward.
+constexpr int kChunk = 16;
+// Most threads (channels) in one block.
+constexpr int kMaxThreads = 128;
+
+enum class DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct ScanParams {
+  int batch = 0, channels = 0, length = 0, groups = 0;
+  int group_channels = 0;   // channels / groups
+  int tiles = 0;            // blocks per group along channels
+  int threads = 0;          // threads per block (multiple of 32, <= kMaxThreads)
+  int n_chunks = 0;         // ceil(length / kChunk)
+  bool softplus = false;
+  bool vec = false;         // rows of u/delta/dy/outputs can use 16-byte accesses
+  // Inputs (u, delta, B, C, dy in the input dtypes; the rest float32; D and delta_bias may be null).
+  const void *u = nullptr, *delta = nullptr, *B = nullptr, *C = nullptr, *dy = nullptr;
+  const float *A = nullptr, *D = nullptr, *delta_bias = nullptr;
+  // Forward outputs: y, and (optional, may be null) the state at the start of every chunk
+  // (batch, channels, n_chunks, kStates) float32.
+  void *y = nullptr;
+  float *states = nullptr;
+  // Backward: saved states in, gradients out. dB/dC (batch, groups, kStates, length) float32 are
+  // accumulated atomically when tiles > 1 (then they must be zeroed); dA, dD, dbias always are.
+  const float *states_in = nullptr;
+  void *du = nullptr, *ddelta = nullptr;
+  float *dA = nullptr, *dB = nullptr, *dC = nullptr, *dD = nullptr, *dbias = nullptr;
+};
+
+// Choose tiles/threads for a group of `group_channels` channels.
+void plan_blocks(ScanParams &p);
+
+// Launch the kernels on `stream`; return the launch error (cudaSuccess when fine).
+cudaError_t launch_scan_fwd(const ScanParams &p, DType in, DType out, cudaStream_t stream);
+cudaError_t launch_scan_bwd(const ScanParams &p, DType in, DType grad_out, cudaStream_t stream);
+
+}  // namespace defmamba_scan
