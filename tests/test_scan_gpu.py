@@ -19,7 +19,7 @@ import contextlib
 import pytest
 import torch
 
-from defmamba.ops.selective_scan import available_backends, selective_scan
+from defmamba.ops.selective_scan import available_backends, resolve_backend, selective_scan
 from defmamba.ops.selective_scan.reference import selective_scan_torch
 
 GPU_BACKENDS = [b for b in available_backends("cuda") if b != "torch"] if torch.cuda.is_available() else []
@@ -55,7 +55,10 @@ def _inputs(batch, channels, length, groups=3, n_state=16, dtype=torch.float32, 
     B = torch.randn(batch, groups, n_state, length, device=dev).to(dtype)
     C = torch.randn(batch, groups, n_state, length, device=dev).to(dtype)
     D = torch.randn(channels, device=dev) if with_d else None
-    bias = torch.randn(channels, device=dev) * 0.5 if with_bias else None
+    # Without softplus Δ = delta + bias must stay ≥ 0 (as in any real model): a negative Δ makes
+    # exp(Δ·A) > 1 and the state grows without bound, beyond float32 but not float64.
+    bias = (torch.randn(channels, device=dev) * 0.5 if softplus else torch.rand(channels, device=dev) * 0.5) \
+        if with_bias else None
     return [u, delta, A, B, C, D, bias]
 
 
@@ -137,7 +140,8 @@ def test_large_delta_and_A_stay_finite(backend):
     xs[1] = (torch.rand_like(xs[1]) * 50).to(xs[1].dtype)  # softplus(50) = 50
     xs[2] = -torch.rand_like(xs[2]) * 100 - 1e-3
     _run_and_compare(backend, xs, True, None, fwd_tol=1e-4, grad_tol=1e-4)
-    xs[1] = torch.rand_like(xs[1]) * 50  # and without softplus
+    xs[1] = torch.rand_like(xs[1]) * 50  # and without softplus (Δ = delta + bias ≥ 0)
+    xs[6] = xs[6].abs()
     _run_and_compare(backend, xs, False, None, fwd_tol=1e-4, grad_tol=1e-4)
 
 
@@ -178,8 +182,11 @@ def test_torch_compile_fullgraph(backend):
     torch.manual_seed(13)
     xs = [x.requires_grad_() if x is not None else None for x in _inputs(2, 48, 50)]
 
+    # The backend function itself (the registered custom op) inside the compiled region.
+    _, fn = resolve_backend(backend, torch.device("cuda"))
+
     def f(u, delta, A, B, C, D, bias):
-        y = selective_scan(u, delta, A, B, C, D, bias, delta_softplus=True, backend=backend)
+        y = fn(u, delta, A, B, C, D, bias, True, None)
         return (y * y).sum()
 
     compiled = torch.compile(f, fullgraph=True)
