@@ -142,6 +142,26 @@ def _checkpoint_state(config, epoch, model, model_ema, optimizer, lr_scheduler, 
     return state
 
 
+def _read_checkpoint(path: str, allow_pickle: bool) -> dict:
+    try:
+        checkpoint = safe_load(path, allow_pickle=allow_pickle)
+    except OSError as err:   # e.g. a truncated zip archive
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt ({err})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of weights")
+    return checkpoint
+
+
+def _keep_metrics_before(path: str, epoch: int) -> None:
+    """Drop per-epoch records from ``epoch`` on (a fresh run, or epochs a resumed run will redo)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["epoch"] < epoch]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     config = get_config(args)
     info: DistInfo = init_distributed(args.local_rank)
@@ -194,14 +214,14 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint = None
     if resume:
-        checkpoint = safe_load(resume, allow_pickle=args.unsafe_load)
+        checkpoint = _read_checkpoint(resume, args.unsafe_load)
         report = load_checkpoint(model, checkpoint, key="model", strict=True)
         logger.info(f"loaded model weights from {resume} ['{report.source_key or 'model'}']")
     elif config.MODEL.PRETRAINED:
         load_pretrained(model, config.MODEL.PRETRAINED, logger, allow_pickle=args.unsafe_load)
 
     model_ema = None
-    has_ema_weights = checkpoint is not None and isinstance(checkpoint, dict) and "model_ema" in checkpoint
+    has_ema_weights = checkpoint is not None and "model_ema" in checkpoint
     if config.MODEL_EMA or (config.EVAL_MODE and has_ema_weights):
         model_ema = ModelEma(model, config.MODEL_EMA_DECAY)
         if has_ema_weights:
@@ -257,8 +277,8 @@ def run(args: argparse.Namespace) -> int:
                                               broadcast_buffers=False)
     tb_writer = _tensorboard(output_dir, logger) if info.is_main else None
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
-    if info.is_main and start_epoch == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    if info.is_main:
+        _keep_metrics_before(metrics_path, start_epoch)
     best_epoch = -1
     start_time = time.time()
     try:

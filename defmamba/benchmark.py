@@ -24,8 +24,8 @@ def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
 
 
 def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int, tuple[int, int]] = 224,
-                       mode: str = "infer", amp_dtype: Optional[torch.dtype] = None, warmup: int = 10,
-                       repeats: int = 5, iters_per_window: int = 10, device: Union[str, torch.device, None] = None,
+                       mode: str = "infer", amp_dtype: Optional[torch.dtype] = None, warmup: int = 5,
+                       repeats: int = 5, iters_per_window: int = 5, device: Union[str, torch.device, None] = None,
                        in_chans: int = 3, num_classes: Optional[int] = None) -> dict:
     """Images/s of ``model`` on random inputs.
 

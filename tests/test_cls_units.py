@@ -209,3 +209,15 @@ def test_measure_throughput_on_cpu(mode, amp_dtype):
     assert torch.equal(before, model[3].weight) == (mode == "infer")    # training steps change the weights
     with pytest.raises(ValueError, match="mode must be"):
         measure_throughput(model, 2, 16, mode="fast")
+
+
+def test_randaugment_posterize_at_full_magnitude_does_not_crash(app):
+    """rand-m9-mstd0.5-inc1 reaches magnitude 10 = keep 0 bits, which recent Pillow refuses."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    image = Image.new("RGB", (8, 6), (200, 100, 50))
+    black = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(image)
+    assert black.size == (8, 6) and black.getextrema() == ((0, 0), (0, 0), (0, 0))
+    kept = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(image)   # 2 bits kept
+    assert kept.getpixel((0, 0)) == (192, 64, 0)

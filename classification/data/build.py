@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
+from PIL import Image, ImageOps
+from timm.data import auto_augment as timm_auto_augment
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
@@ -16,6 +18,32 @@ from .errors import DataError
 from .folder import ImageFolderDataset, find_classes
 
 __all__ = ["DataBundle", "build_loaders", "build_transform", "ShardSampler"]
+
+def _posterize_keeping_zero_bits(img, bits_to_keep, **_):
+    """timm's posterize, with 0 bits meaning an all-black image as it did before Pillow refused 0.
+
+    RandAugment "inc1" maps magnitude 10 to 0 bits; with magnitude noise (mstd0.5) that happens on
+    a few images per batch, and recent Pillow raises ValueError for it.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _pillow_rejects_zero_bits() -> bool:
+    try:
+        ImageOps.posterize(Image.new("L", (1, 1)), 0)
+    except ValueError:
+        return True
+    return False
+
+
+if _pillow_rejects_zero_bits():
+    for _name, _fn in list(timm_auto_augment.NAME_TO_OP.items()):
+        if _fn is timm_auto_augment.posterize:
+            timm_auto_augment.NAME_TO_OP[_name] = _posterize_keeping_zero_bits
 
 _INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
            "nearest": T.InterpolationMode.NEAREST}
