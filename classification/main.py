@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -102,7 +103,9 @@ def count_params_and_flops(model: nn.Module, img_size: int) -> tuple[int, float 
         from defmamba.flops import count_flops
     except ImportError:
         return n_params, None
-    flops, _ = count_flops(model, input_size=(3, img_size, img_size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # tracing warnings of the counter, not of the model
+        flops, _ = count_flops(model, input_size=(3, img_size, img_size))
     return n_params, flops
 
 

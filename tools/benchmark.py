@@ -1,0 +1,156 @@
+"""Images/s and peak memory of DefMamba-T/S/B next to timm peers, in one run on one device.
+
+    python tools/benchmark.py                              # T/S/B + ConvNeXt-T/S + Swin-T/S, batch 128, 224²
+    python tools/benchmark.py --backend triton --compile --json out.json
+    python tools/benchmark.py --device cpu --models defmamba_tiny --peers convnext_tiny \
+        --batch-size 2 --image-size 64 --modes infer_fp32 train_bf16 --warmup 1 --repeats 2 --iters 1
+
+Modes: infer_fp32, infer_fp16, infer_bf16 (forward under inference_mode, autocast for the half
+types) and train_fp16, train_bf16, train_fp32 (forward + cross-entropy + backward + AdamW step;
+fp16 with a GradScaler). Every number is the median of --repeats timed windows of --iters
+iterations after --warmup iterations (defmamba.benchmark.measure_throughput, the same function
+as `classification/main.py --throughput`).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+from typing import Optional
+
+import torch
+
+MODES = {
+    "infer_fp32": ("infer", None), "infer_fp16": ("infer", torch.float16), "infer_bf16": ("infer", torch.bfloat16),
+    "train_fp32": ("train", None), "train_fp16": ("train", torch.float16), "train_bf16": ("train", torch.bfloat16),
+}
+DEFAULT_MODELS = ["defmamba_tiny", "defmamba_small", "defmamba_base"]
+DEFAULT_PEERS = ["convnext_tiny", "convnext_small", "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224"]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS, help="DefMamba variants")
+    parser.add_argument("--peers", nargs="*", default=DEFAULT_PEERS, help="timm models measured in the same run")
+    parser.add_argument("--modes", nargs="+", default=["infer_fp32", "infer_fp16", "infer_bf16", "train_fp16"],
+                        choices=sorted(MODES))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"],
+                        help="selective-scan backend of the DefMamba models")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model before measuring")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed iterations")
+    parser.add_argument("--repeats", type=int, default=10, help="timed windows (the median is reported)")
+    parser.add_argument("--iters", type=int, default=10, help="iterations per timed window")
+    parser.add_argument("--json", type=str, default=None, help="write all results to this file")
+    return parser.parse_args(argv)
+
+
+def environment(device: torch.device) -> dict:
+    """Card and software versions, printed with the table and stored in the JSON."""
+    import timm
+
+    import defmamba
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+           "defmamba": defmamba.__version__, "device": str(device), "cpu": platform.processor() or platform.machine(),
+           "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   driver_capability=f"{props.major}.{props.minor}")
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            env["triton"] = None
+    return env
+
+
+def build(name: str, image_size: int, backend: str) -> torch.nn.Module:
+    import timm
+
+    import defmamba
+
+    if name.startswith("defmamba"):
+        return defmamba.build_model(name, scan_backend=backend)
+    kwargs = {"img_size": image_size} if name.startswith("swin") else {}
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def measure_one(name: str, mode: str, args: argparse.Namespace, device: torch.device) -> dict:
+    from defmamba.benchmark import measure_throughput
+
+    kind, dtype = MODES[mode]
+    model = build(name, args.image_size, args.backend).to(device)
+    if args.compile:
+        model = torch.compile(model)
+    try:
+        return measure_throughput(model, args.batch_size, args.image_size, mode=kind, amp_dtype=dtype,
+                                  warmup=args.warmup, repeats=args.repeats, iters_per_window=args.iters,
+                                  device=device)
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "out of memory"}
+    finally:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def table(results: dict, modes: list[str]) -> str:
+    """Markdown table: images/s per mode, and the peak memory of each training mode (GPU)."""
+    train_modes = [m for m in modes if m.startswith("train")]
+    header = ["model"] + [f"{m} img/s" for m in modes] + [f"{m} peak GiB" for m in train_modes]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, by_mode in results.items():
+        cells = [name]
+        for m in modes:
+            r = by_mode.get(m, {})
+            cells.append(r["error"] if "error" in r else f"{r['images_per_s']:.1f}")
+        for m in train_modes:
+            r = by_mode.get(m, {})
+            peak = r.get("peak_memory_gib")
+            cells.append("-" if peak is None else f"{peak:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA GPU is visible; pass --device cpu", file=sys.stderr)
+        return 2
+    env = environment(device)
+    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    print(f"batch {args.batch_size}, {args.image_size}², scan backend {args.backend}, compile {args.compile}, "
+          f"median of {args.repeats} windows × {args.iters} iterations after {args.warmup} warm-up", flush=True)
+    results: dict = {}
+    for name in list(args.models) + list(args.peers):
+        results[name] = {}
+        for mode in args.modes:
+            result = measure_one(name, mode, args, device)
+            results[name][mode] = result
+            shown = result.get("error") or f"{result['images_per_s']:.1f} img/s" + (
+                f", peak {result['peak_memory_gib']:.2f} GiB" if result.get("peak_memory_gib") else "")
+            print(f"  {name:32s} {mode:11s} {shown}", flush=True)
+    print()
+    print(table(results, args.modes))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"environment": env, "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                       "results": results}, f, indent=2)
+        print(f"\nresults written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
