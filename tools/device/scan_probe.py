@@ -40,9 +40,8 @@ def main() -> None:
     shapes = [(288, 3136), (2304, 49), (1152, 196)]
     rows = []
     default = dict(T._CONFIG)
-    grid = [("fwd", 32, True), ("fwd", 32, False), ("fwd", 16, True), ("fwd", 8, True),
-            ("bwd", 32, False), ("bwd", 32, True), ("bwd", 16, True), ("bwd", 16, False),
-            ("bwd", 8, True), ("bwd", 8, False)]
+    grid = [("fwd", 32, False), ("fwd", 32, True), ("fwd", 16, False),
+            ("bwd", 8, True), ("bwd", 16, True), ("bwd", 32, True), ("bwd", 8, False), ("bwd", 32, False)]
     for direction, block, opaque in grid:
         T._CONFIG.clear()
         T._CONFIG.update(default)
