@@ -5,8 +5,9 @@ with fvcore's default operator handles (conv, linear, einsum, layer_norm, adapti
 upsample_bilinear2d, grid_sampler, ...) plus the paper's own rules:
 
 * SiLU, negation, exp and flip are free (not counted, not reported as unsupported).
-* The selective scan is one operator counted by a closed formula (:func:`selective_scan_flops`)
-  rather than by the elementwise ops of whatever backend runs it.
+* The selective scan is one operator counted by a formula of its shapes
+  (:func:`selective_scan_flops`), not by the elementwise ops of whatever backend runs it; while
+  counting, a shape-only stand-in takes its place (:class:`SelectiveScan`).
 * A mean over spatial positions is counted as the adaptive average pooling the paper's model
   computed it with (see :func:`_mean_flop_jit`).
 
@@ -80,36 +81,44 @@ def selective_scan_flops(batch: int, channels: int, d_state: int, length: int) -
 
 
 class SelectiveScan(torch.autograd.Function):
-    """The selective scan as one autograd function, so that a JIT trace shows it as a single
-    ``prim::PythonOp.SelectiveScan`` node (the ops of the backend inside are not traced).
+    """Stand-in for the selective scan while counting: one autograd function, so that a JIT trace
+    shows the scan as a single ``prim::PythonOp.SelectiveScan`` node with the scan's inputs and
+    output, and nothing of any backend's inner ops.
 
-    Used only while counting (:func:`countable_selective_scan`); it has no backward.
+    It returns zeros of the scan's output shape and dtype instead of running a backend. The count
+    is a function of the traced shapes only, and no shape in the model depends on the scan's
+    values, while the reference scan on CPU would cost far more than the rest of the trace (at
+    the detection input size, 800×1280, about 12 GB and minutes for one stage-0 scan of
+    DefMamba-S). Model outputs
+    computed while counting are therefore meaningless and are discarded.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, scan, kwargs):
-        return scan(u, delta, A, B, C, D, delta_bias, **kwargs)
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, out_dtype):
+        return torch.zeros(u.shape, dtype=out_dtype, device=u.device)
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("SelectiveScan is a FLOP-counting wrapper and does not support backward")
+        raise RuntimeError("SelectiveScan is a FLOP-counting stand-in and has no backward")
 
 
 @contextlib.contextmanager
 def countable_selective_scan() -> Iterator[None]:
-    """Within this context, every DSSM runs its selective scan through :class:`SelectiveScan`.
+    """Within this context, every DSSM calls :class:`SelectiveScan` instead of the selective scan.
 
-    The DSSM module calls ``defmamba.models.dssm.selective_scan``; that name is rebound to a
-    wrapper for the duration of the context and restored on exit (also after an error).
+    The DSSM module calls ``defmamba.models.dssm.selective_scan``; that name is rebound to the
+    stand-in for the duration of the context and restored on exit (also after an error).
     """
     from .models import dssm
 
     original = dssm.selective_scan
 
-    def wrapped(u, delta, A, B, C, D=None, delta_bias=None, **kwargs):
-        return SelectiveScan.apply(u, delta, A, B, C, D, delta_bias, original, kwargs)
+    def stand_in(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, out_dtype=None, backend="auto"):
+        if u.dim() != 3 or A.dim() != 2 or A.shape[0] != u.shape[1]:
+            raise ValueError(f"selective scan needs u (batch, channels, L) and A (channels, N); got {tuple(u.shape)}, {tuple(A.shape)}")
+        return SelectiveScan.apply(u, delta, A, B, C, D, delta_bias, u.dtype if out_dtype is None else out_dtype)
 
-    dssm.selective_scan = wrapped
+    dssm.selective_scan = stand_in
     try:
         yield
     finally:

@@ -125,12 +125,22 @@ def test_scan_is_one_opaque_operator_and_is_restored():
     assert dssm.selective_scan is original
 
 
-def test_counting_keeps_module_modes_and_rejects_bad_sizes():
+def test_counting_leaves_the_model_as_it_was_and_rejects_bad_sizes():
+    """Module modes and the model's function are the same after counting as before."""
     model = _mini_model().train()
     model.layers[1].eval()
     modes = {name: m.training for name, m in model.named_modules()}
+    image = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        before = model.eval()(image)
+    model.train()
+    model.layers[1].eval()
     count_flops(model, input_size=(3, 48, 40))
     assert {name: m.training for name, m in model.named_modules()} == modes
+    with torch.no_grad():
+        after = model.eval()(image)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert before.abs().max() > 0
     with pytest.raises(ValueError, match="input_size"):
         count_flops(model, input_size=(224, 224))
 
