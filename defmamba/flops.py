@@ -19,6 +19,7 @@ fvcore is imported only inside the functions that need it, so ``import defmamba`
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import Counter
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -190,7 +191,10 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> 
     device and dtype; its modes are restored afterwards. Needs fvcore.
     """
     try:
-        from fvcore.nn import FlopCountAnalysis
+        with warnings.catch_warnings():
+            # fvcore scripts its focal losses on import, which recent torch reports as deprecated.
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+            from fvcore.nn import FlopCountAnalysis
     except ImportError as err:
         raise ImportError("counting FLOPs needs fvcore: pip install fvcore") from err
 

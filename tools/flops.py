@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 MODELS = ("defmamba_tiny", "defmamba_small", "defmamba_base")
 LETTER = {"defmamba_tiny": "t", "defmamba_small": "s", "defmamba_base": "b"}
 
-# The paper's numbers (Table 1 at 224²; Tables 3 and 4 for DefMamba-S in Mask R-CNN 1× and UperNet).
+# The paper's numbers: ImageNet classifiers at 224², DefMamba-S in Mask R-CNN 1× and in UperNet.
 PAPER_CLS = {"defmamba_tiny": ("8M", "1.3G"), "defmamba_small": ("30M", "5.0G"), "defmamba_base": ("49M", "8.9G")}
 PAPER_TASK = {"det": "273G", "seg": "950G"}  # DefMamba-S, Mask R-CNN 1× at 1280×800, UperNet at 512×2048
 
@@ -99,7 +99,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     size = tuple(args.size) if args.size is not None else DEFAULT_SIZE[args.task]
     if args.task == "cls":
-        count_classifier(args.model, size)
+        try:
+            count_classifier(args.model, size)
+        except ValueError as err:  # e.g. an input smaller than the model accepts
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return 0
     return count_task(args.task, args.model, args.config, size)
 
