@@ -118,7 +118,7 @@ def test_scan_is_one_opaque_operator_and_is_restored():
     assert counted["selective_scan"] > 0
     assert not any("SelectiveScan" in op for op in unsupported)
     assert "aten::gelu" in unsupported  # uncounted ops are recorded, so their absence below means something
-    # Ops only the reference scan uses (its softplus and the doubling passes' cat) stay inside the node.
+    # Nothing of a scan backend (the reference's softplus, its doubling passes' cat) shows beside the node.
     assert "aten::softplus" not in unsupported and "aten::cat" not in unsupported, unsupported
     with pytest.raises(ZeroDivisionError), countable_selective_scan():
         1 / 0
