@@ -11,6 +11,9 @@ upsample_bilinear2d, grid_sampler, ...) plus the paper's own rules:
 * A mean over spatial positions is counted as the adaptive average pooling the paper's model
   computed it with (see :func:`_mean_flop_jit`).
 
+Counts are for one image. (The paper's model resized the position-bias table once per image of
+the batch, ours once per batch; at batch 1 both are the one ``upsample_bilinear2d`` counted.)
+
 Everything else fvcore has no handle for (GELU, elementwise mul/add, tanh, sigmoid, gather, the
 path-ordering autograd function, ...) is not counted, as in the paper.
 
