@@ -99,7 +99,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor &u, const at::Tensor &delta, c
   at::Tensor y = at::empty_like(u, u.options().dtype(out_float32 ? at::kFloat : u.scalar_type()));
   at::Tensor states = save_states ? at::empty({p.batch, p.channels, p.n_chunks, ds::kStates}, u.options().dtype(at::kFloat))
                                   : at::empty({0}, u.options().dtype(at::kFloat));
-  p.vec = p.vec && aligned16(u) && aligned16(delta) && aligned16(y);
+  p.vec = p.vec && aligned16(u) && aligned16(delta) && aligned16(B) && aligned16(C) && aligned16(y);
   p.y = y.data_ptr();
   p.states = save_states ? states.data_ptr<float>() : nullptr;
   const cudaError_t err = ds::launch_scan_fwd(p, to_dtype(u, "u"), to_dtype(y, "y"), c10::cuda::getCurrentCUDAStream().stream());
@@ -130,7 +130,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor &u, const at::Tensor &delta, c
   at::Tensor dC = p.tiles > 1 ? at::zeros(C.sizes(), f32) : at::empty(C.sizes(), f32);
   at::Tensor dD = D ? at::zeros({p.channels}, f32) : at::empty({0}, f32);
   at::Tensor dbias = delta_bias ? at::zeros({p.channels}, f32) : at::empty({0}, f32);
-  p.vec = p.vec && aligned16(u) && aligned16(delta) && aligned16(dy);
+  p.vec = p.vec && aligned16(u) && aligned16(delta) && aligned16(B) && aligned16(C) && aligned16(dy);
   p.dy = dy.data_ptr();
   p.states_in = states.data_ptr<float>();
   p.du = du.data_ptr();

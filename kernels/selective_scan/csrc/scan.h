@@ -8,8 +8,14 @@ namespace defmamba_scan {
 constexpr int kStates = 16;
 // Timesteps per chunk: the forward saves the state every kChunk steps for the backward.
 constexpr int kChunk = 16;
-// Most threads (channels) in one block.
-constexpr int kMaxThreads = 128;
+// Two threads share a channel, each holding half of its states (more warps per SM, fewer
+// registers per thread). At most kMaxChannels channels (2 * kMaxChannels threads) in a block.
+constexpr int kThreadsPerChannel = 2;
+constexpr int kHalfStates = kStates / kThreadsPerChannel;
+constexpr int kMaxChannels = 48;
+constexpr int kMaxThreads = kThreadsPerChannel * kMaxChannels;
+// Blocks of kMaxThreads the forward kernel is compiled to fit on one SM (caps its registers).
+constexpr int kFwdBlocksPerSM = 5;
 
 enum class DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
@@ -17,7 +23,7 @@ struct ScanParams {
   int batch = 0, channels = 0, length = 0, groups = 0;
   int group_channels = 0;   // channels / groups
   int tiles = 0;            // blocks per group along channels
-  int threads = 0;          // threads per block (multiple of 32, <= kMaxThreads)
+  int threads = 0;          // threads per block (2 per channel, multiple of 32, <= kMaxThreads)
   int n_chunks = 0;         // ceil(length / kChunk)
   bool softplus = false;
   bool vec = false;         // rows of u/delta/dy/outputs can use 16-byte accesses
@@ -35,7 +41,7 @@ struct ScanParams {
   float *dA = nullptr, *dB = nullptr, *dC = nullptr, *dD = nullptr, *dbias = nullptr;
 };
 
-// Choose tiles/threads for a group of `group_channels` channels.
+// Choose tiles/threads (and n_chunks) from group_channels and length.
 void plan_blocks(ScanParams &p);
 
 // Launch the kernels on `stream`; return the launch error (cudaSuccess when fine).

@@ -1,75 +1,82 @@
-// Backward selective scan. One thread owns one (batch, channel), walks the chunks of kChunk steps
-// in reverse and carries g = dL/dh (kStates registers) backwards. For each chunk it restarts from
-// the state the forward saved at the chunk's start: a first pass stores the state at every
-// kSub-th step in shared memory, then each sub-chunk of kSub steps (last first) is recomputed into
-// registers and walked in reverse. dB/dC (sums over the channels of a group) are reduced across
-// each warp with shuffles, across warps in shared memory, and written (or atomically added when a
-// group spans several blocks) once per chunk. dA, dD, d(delta_bias) are summed per thread and
-// added atomically at the end.
+// Backward selective scan. Two threads own one (batch, channel), each with half of its states,
+// walk the chunks of kChunk steps in reverse and carry g = dL/dh backwards. For each chunk they
+// restart from the state the forward saved at the chunk's start: a first pass stores the state at
+// every kSub-th step in shared memory, then each sub-chunk of kSub steps (last first) is recomputed
+// into registers and walked in reverse. dB/dC (sums over the channels of a group) are reduced
+// across each warp through a shared-memory tile, across warps in shared memory, and written (or
+// atomically added when a group spans several blocks) once per chunk. dA, dD, d(delta_bias) are
+// summed per thread and added atomically at the end.
 #include "scan_common.cuh"
 
 namespace defmamba_scan {
 
-constexpr int kSub = 4;                 // steps held in registers during the reverse walk
-constexpr int kSubs = kChunk / kSub;    // sub-chunks per chunk
+constexpr int kSub = 4;                     // steps held in registers during the reverse walk
+constexpr int kSubs = kChunk / kSub;        // sub-chunks per chunk
 constexpr float kLn2 = 0.6931471805599453f;
-constexpr int kRedPitch = 2 * kStates + 1;  // padded row of the per-warp dB/dC buffer
+constexpr int kRedPitch = 2 * kStates + 1;  // padded row of the per-warp dB/dC rows
+constexpr int kTPitch = 2 * kHalfStates + 4;  // row of the per-warp transpose tile (16-byte aligned)
+constexpr int kBwdBlocksPerSM = 5;
 
 // Shared memory in floats for a block of `threads` threads.
 static size_t bwd_smem_floats(int threads) {
-  return 2 * kChunk * kStates                  // B, C chunk
-         + 4 * (size_t)kChunk * threads        // dt, u, dy, dsoftplus per (step, thread)
-         + (size_t)(kSubs - 1) * kStates * threads  // states at the sub-chunk starts
-         + (size_t)(threads / 32) * kChunk * kRedPitch;  // per-warp dB/dC rows
+  const size_t channels = threads / kThreadsPerChannel, warps = threads / 32;
+  return 2 * kChunk * kStates                            // B, C chunk
+         + 4 * kChunk * channels                         // dt, u, dy, dsoftplus per (step, channel)
+         + (size_t)(kSubs - 1) * kHalfStates * threads   // states at the sub-chunk starts
+         + warps * kChunk * kRedPitch                    // per-warp dB/dC rows
+         + warps * 32 * kTPitch;                         // per-warp transpose tile
 }
 
-// Load the kStates floats of a saved state (64-byte aligned).
-__device__ __forceinline__ void load_state(const float *src, float (&h)[kStates]) {
+// Load a thread's half of a saved state (16-byte aligned).
+__device__ __forceinline__ void load_state(const float *src, float (&h)[kHalfStates]) {
+  const float4 a = reinterpret_cast<const float4 *>(src)[0];
+  const float4 b = reinterpret_cast<const float4 *>(src)[1];
+  h[0] = a.x; h[1] = a.y; h[2] = a.z; h[3] = a.w;
+  h[4] = b.x; h[5] = b.y; h[6] = b.z; h[7] = b.w;
+}
+
+// Sum over a warp's channels of the dB/dC contributions of one step. Lane r holds vb/vc for the
+// states of its half (r odd: upper) of channel r/2 and writes them as row r of a padded tile;
+// lane o then adds up output o (dB of state o for o < 16, dC of state o - 16) over the 16 rows
+// of the matching half. 4 vector stores, 16 loads, 15 adds per lane.
+__device__ __forceinline__ float warp_column_sum(float *__restrict__ tile, int lane, const float (&vb)[kHalfStates],
+                                                 const float (&vc)[kHalfStates]) {
+  float *row = tile + lane * kTPitch;
 #pragma unroll
-  for (int s = 0; s < kStates; s += 4) {
-    const float4 v = reinterpret_cast<const float4 *>(src)[s / 4];
-    h[s] = v.x; h[s + 1] = v.y; h[s + 2] = v.z; h[s + 3] = v.w;
+  for (int s = 0; s < kHalfStates; s += 4) {
+    *reinterpret_cast<float4 *>(row + s) = make_float4(vb[s], vb[s + 1], vb[s + 2], vb[s + 3]);
+    *reinterpret_cast<float4 *>(row + kHalfStates + s) = make_float4(vc[s], vc[s + 1], vc[s + 2], vc[s + 3]);
   }
-}
-
-// One level of the warp transpose-sum: lanes exchange half of their first 2*kWidth values with
-// the lane kWidth away and keep the sums of the other half.
-template <int kWidth>
-__device__ __forceinline__ void transpose_sum_level(float (&v)[2 * kStates], int lane) {
-  const bool upper = lane & kWidth;
+  __syncwarp();
+  const int state = lane % kStates;
+  const int half = state / kHalfStates;
+  const int col = (lane / kStates) * kHalfStates + state % kHalfStates;
+  float part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-  for (int i = 0; i < kWidth; ++i) {
-    const float send = upper ? v[i] : v[i + kWidth];
-    const float keep = upper ? v[i + kWidth] : v[i];
-    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kWidth);
-  }
-}
-
-// Sum v[0..31] over the 32 lanes; lane i ends with the total of v[i] (31 shuffles).
-__device__ __forceinline__ float warp_transpose_sum(float (&v)[2 * kStates]) {
-  const int lane = threadIdx.x & 31;
-  transpose_sum_level<16>(v, lane);
-  transpose_sum_level<8>(v, lane);
-  transpose_sum_level<4>(v, lane);
-  transpose_sum_level<2>(v, lane);
-  transpose_sum_level<1>(v, lane);
-  return v[0];
+  for (int k = 0; k < 16; ++k) part[k & 3] += tile[(2 * k + half) * kTPitch + col];
+  __syncwarp();  // the tile is rewritten by the next step
+  return (part[0] + part[1]) + (part[2] + part[3]);
 }
 
 template <typename in_t, typename dy_t>
-__global__ void __launch_bounds__(kMaxThreads) scan_bwd_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(kMaxThreads, kBwdBlocksPerSM) scan_bwd_kernel(const ScanParams p) {
   extern __shared__ __align__(16) float smem[];
   const int T = blockDim.x;
+  const int TC = T / kThreadsPerChannel;
   const int t = threadIdx.x;
+  const int slot = t / kThreadsPerChannel;
+  const bool upper = t & 1;
+  const int s0 = upper ? kHalfStates : 0;
   const int warp = t / 32, lane = t % 32;
   float *sB = smem;
   float *sC = sB + kChunk * kStates;
-  float *sDt = sC + kChunk * kStates;   // [step][thread]; reused for d(delta) after the reverse step
-  float *sU = sDt + kChunk * T;         // reused for du
-  float *sDy = sU + kChunk * T;
-  float *sSig = sDy + kChunk * T;
-  float *sH = sSig + kChunk * T;        // [(sub-1)*kStates + state][thread]
-  float *sRed = sH + (kSubs - 1) * kStates * T;  // [warp][step][kRedPitch]
+  float *sDt = sC + kChunk * kStates;   // [step][channel]; reused for d(delta) after the reverse step
+  float *sU = sDt + kChunk * TC;        // reused for du
+  float *sDy = sU + kChunk * TC;
+  float *sSig = sDy + kChunk * TC;
+  float *sH = sSig + kChunk * TC;       // [(sub-1)*kHalfStates + state][thread]
+  float *sRed = sH + (kSubs - 1) * kHalfStates * T;  // [warp][step][kRedPitch]
+  float *sTile = sRed + (T / 32) * kChunk * kRedPitch + warp * 32 * kTPitch;
 
   const BlockCoords bc = block_coords(p);
   const int L = p.length;
@@ -83,123 +90,140 @@ __global__ void __launch_bounds__(kMaxThreads) scan_bwd_kernel(const ScanParams 
   const size_t bc_off = ((size_t)bc.b * p.groups + bc.k) * kStates * L;
   const in_t *Bg = static_cast<const in_t *>(p.B) + bc_off;
   const in_t *Cg = static_cast<const in_t *>(p.C) + bc_off;
-  const float *saved = p.states_in + row_index * p.n_chunks * kStates;
+  const float *saved = p.states_in + row_index * p.n_chunks * kStates + s0;
 
-  float A2[kStates], g[kStates], a_next[kStates], dA[kStates];
+  float A2[kHalfStates], g[kHalfStates], a_next[kHalfStates], dA[kHalfStates];
 #pragma unroll
-  for (int s = 0; s < kStates; ++s) {
-    A2[s] = p.A[bc.channel * kStates + s] * kLog2e;
+  for (int s = 0; s < kHalfStates; ++s) {
+    A2[s] = p.A[bc.channel * kStates + s0 + s] * kLog2e;
     g[s] = 0.f;
     a_next[s] = 0.f;
     dA[s] = 0.f;
   }
   const float Dv = p.D ? p.D[bc.channel] : 0.f;
   const float bias = p.delta_bias ? p.delta_bias[bc.channel] : 0.f;
-  float dD = 0.f, dbias = 0.f;
+  float dD = 0.f, dbias = 0.f;  // kept by the lower thread of each pair
 
   for (int j = p.n_chunks - 1; j >= 0; --j) {
     const int l0 = j * kChunk;
     const int n = min(kChunk, L - l0);
-    __syncthreads();  // the previous chunk's readers of sB/sC/sRed are done
-    stage_bc(Bg, Cg, L, l0, n, sB, sC);
+    __syncthreads();  // the previous chunk's readers of the shared buffers are done
+    if (t < 32) {
+      float stg[kChunk];
+      load_bc(Bg, Cg, L, l0, n, p.vec, stg);
+      store_bc(stg, sB, sC);
+    }
     {
-      float cu[kChunk], cd[kChunk], cg[kChunk];
-      load_chunk(u + l0, n, p.vec, cu);
-      load_chunk(delta + l0, n, p.vec, cd);
-      load_chunk(dy + l0, n, p.vec, cg);
+      // The lower thread of a pair handles u and dy, the upper one delta (softplus and its slope).
+      float c0[kChunk];
+      if (upper) {
+        load_chunk(delta + l0, n, p.vec, c0);
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) {
-        const float x = cd[i] + bias;
+        for (int i = 0; i < kChunk; ++i) {
+          const float x = c0[i] + bias;
+          sDt[i * TC + slot] = p.softplus ? softplus(x) : x;
+          sSig[i * TC + slot] = p.softplus ? softplus_grad(x) : 1.f;
+        }
+      } else {
+        float c1[kChunk];
+        load_chunk(u + l0, n, p.vec, c0);
+        load_chunk(dy + l0, n, p.vec, c1);
         // Inactive threads (past the group's channels) contribute nothing: zero u and dy.
-        sU[i * T + t] = bc.active ? cu[i] : 0.f;
-        sDy[i * T + t] = bc.active ? cg[i] : 0.f;
-        sDt[i * T + t] = p.softplus ? softplus(x) : x;
-        sSig[i * T + t] = p.softplus ? softplus_grad(x) : 1.f;
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) {
+          sU[i * TC + slot] = bc.active ? c0[i] : 0.f;
+          sDy[i * TC + slot] = bc.active ? c1[i] : 0.f;
+        }
       }
     }
     __syncthreads();
 
+    // Steps past the end (i >= n) have u = dy = B = C = 0: they leave g at 0 and add nothing, so
+    // the unrolled steps below need no per-step branch (which would split them into blocks).
     // Pass 1: from the saved chunk start, store the state before each later sub-chunk.
     const float *chunk_start = saved + (size_t)j * kStates;
     {
-      float h[kStates];
+      float h[kHalfStates];
       load_state(chunk_start, h);
 #pragma unroll
       for (int i = 0; i < kChunk - kSub; ++i) {
-        if (i < n) {
-          const float dt = sDt[i * T + t];
-          const float dtu = dt * sU[i * T + t];
+        const float dt = sDt[i * TC + slot];
+        const float dtu = dt * sU[i * TC + slot];
+        const float *Bi = sB + i * kStates + s0;
 #pragma unroll
-          for (int s = 0; s < kStates; ++s)
-            h[s] = fmaf(fast_exp2(dt * A2[s]), h[s], dtu * sB[i * kStates + s]);
-        }
+        for (int s = 0; s < kHalfStates; ++s) h[s] = fmaf(fast_exp2(dt * A2[s]), h[s], dtu * Bi[s]);
         if (i % kSub == kSub - 1) {
 #pragma unroll
-          for (int s = 0; s < kStates; ++s) sH[((i / kSub) * kStates + s) * T + t] = h[s];
+          for (int s = 0; s < kHalfStates; ++s) sH[((i / kSub) * kHalfStates + s) * T + t] = h[s];
         }
       }
     }
 
     // Pass 2: sub-chunks in reverse.
-#pragma unroll
+#pragma unroll 1
     for (int sub = kSubs - 1; sub >= 0; --sub) {
       const int i0 = sub * kSub;
       if (i0 >= n) continue;
-      float hs[kSub][kStates];
+      float hs[kSub][kHalfStates];
       {
-        float h[kStates];
+        float h[kHalfStates];
         if (sub == 0) {
           load_state(chunk_start, h);
         } else {
 #pragma unroll
-          for (int s = 0; s < kStates; ++s) h[s] = sH[((sub - 1) * kStates + s) * T + t];
+          for (int s = 0; s < kHalfStates; ++s) h[s] = sH[((sub - 1) * kHalfStates + s) * T + t];
         }
 #pragma unroll
         for (int q = 0; q < kSub; ++q) {
           const int i = i0 + q;
-          if (i < n) {
-            const float dt = sDt[i * T + t];
-            const float dtu = dt * sU[i * T + t];
+          const float dt = sDt[i * TC + slot];
+          const float dtu = dt * sU[i * TC + slot];
+          const float *Bi = sB + i * kStates + s0;
 #pragma unroll
-            for (int s = 0; s < kStates; ++s)
-              h[s] = fmaf(fast_exp2(dt * A2[s]), h[s], dtu * sB[i * kStates + s]);
+          for (int s = 0; s < kHalfStates; ++s) {
+            h[s] = fmaf(fast_exp2(dt * A2[s]), h[s], dtu * Bi[s]);
+            hs[q][s] = h[s];
           }
-#pragma unroll
-          for (int s = 0; s < kStates; ++s) hs[q][s] = h[s];
         }
       }
 #pragma unroll
       for (int q = kSub - 1; q >= 0; --q) {
         const int i = i0 + q;
-        if (i >= n) continue;
-        const float dt = sDt[i * T + t];
-        const float uu = sU[i * T + t];
-        const float gy = sDy[i * T + t];
+        const float dt = sDt[i * TC + slot];
+        const float uu = sU[i * TC + slot];
+        const float gy = sDy[i * TC + slot];
+        const float sig = sSig[i * TC + slot];
         const float dtu = dt * uu;
-        float acc_du = 0.f, acc_dt = 0.f;  // sum g*B, and sum g*A2*(a h_prev)
-        float red[2 * kStates];
+        const float *Bi = sB + i * kStates + s0;
+        const float *Ci = sC + i * kStates + s0;
+        float acc_du = 0.f, acc_dt = 0.f;  // sum g*B, and sum g*A2*(a h_prev), over this half
+        float vb[kHalfStates], vc[kHalfStates];
 #pragma unroll
-        for (int s = 0; s < kStates; ++s) {
-          const float Bs = sB[i * kStates + s];
-          const float Cs = sC[i * kStates + s];
+        for (int s = 0; s < kHalfStates; ++s) {
+          const float Bs = Bi[s];
           const float a = fast_exp2(dt * A2[s]);
-          g[s] = fmaf(a_next[s], g[s], gy * Cs);          // dL/dh at step i
+          g[s] = fmaf(a_next[s], g[s], gy * Ci[s]);       // dL/dh at step i
           const float prev = fmaf(-dtu, Bs, hs[q][s]);      // a_i * h_{i-1}
+          const float gp = g[s] * prev;
           acc_du = fmaf(g[s], Bs, acc_du);
-          acc_dt = fmaf(g[s] * prev, A2[s], acc_dt);
-          dA[s] = fmaf(g[s] * prev, dt, dA[s]);
-          red[s] = g[s] * dtu;                              // dB contribution
-          red[kStates + s] = gy * hs[q][s];                 // dC contribution
+          acc_dt = fmaf(gp, A2[s], acc_dt);
+          dA[s] = fmaf(gp, dt, dA[s]);
+          vb[s] = g[s] * dtu;                               // dB contribution
+          vc[s] = gy * hs[q][s];                            // dC contribution
           a_next[s] = a;
         }
-        // dL/d(dt) = sum_s g (A a h_prev + u B); A = A2 * ln 2.
-        const float gdelta = fmaf(acc_dt, kLn2, uu * acc_du) * sSig[i * T + t];
-        sU[i * T + t] = fmaf(Dv, gy, dt * acc_du);  // du
-        sDt[i * T + t] = gdelta;                     // d(delta)
-        dD = fmaf(gy, uu, dD);
-        dbias += gdelta;
-        const float total = warp_transpose_sum(red);
+        acc_du += __shfl_xor_sync(0xffffffffu, acc_du, 1);
+        acc_dt += __shfl_xor_sync(0xffffffffu, acc_dt, 1);
+        const float total = warp_column_sum(sTile, lane, vb, vc);
         sRed[(warp * kChunk + i) * kRedPitch + lane] = total;
+        if (!upper) {
+          // dL/d(dt) = sum_s g (A a h_prev + u B), A = A2 * ln 2; the partner has read this step.
+          const float gdelta = fmaf(acc_dt, kLn2, uu * acc_du) * sig;
+          sU[i * TC + slot] = fmaf(Dv, gy, dt * acc_du);  // du
+          sDt[i * TC + slot] = gdelta;                     // d(delta)
+          dD = fmaf(gy, uu, dD);
+          dbias += gdelta;
+        }
       }
     }
     __syncthreads();
@@ -219,21 +243,22 @@ __global__ void __launch_bounds__(kMaxThreads) scan_bwd_kernel(const ScanParams 
       else *dst = sum;
     }
     if (bc.active) {
+      // The lower thread writes du, the upper one d(delta).
+      const float *src = upper ? sDt : sU;
       float o[kChunk];
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) o[i] = sU[i * T + t];
-      store_chunk(du + l0, n, p.vec, o);
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) o[i] = sDt[i * T + t];
-      store_chunk(ddelta + l0, n, p.vec, o);
+      for (int i = 0; i < kChunk; ++i) o[i] = src[i * TC + slot];
+      store_chunk((upper ? ddelta : du) + l0, n, p.vec, o);
     }
   }
 
   if (bc.active) {
 #pragma unroll
-    for (int s = 0; s < kStates; ++s) atomicAdd(p.dA + bc.channel * kStates + s, dA[s]);
-    if (p.dD) atomicAdd(p.dD + bc.channel, dD);
-    if (p.dbias) atomicAdd(p.dbias + bc.channel, dbias);
+    for (int s = 0; s < kHalfStates; ++s) atomicAdd(p.dA + bc.channel * kStates + s0 + s, dA[s]);
+    if (!upper) {
+      if (p.dD) atomicAdd(p.dD + bc.channel, dD);
+      if (p.dbias) atomicAdd(p.dbias + bc.channel, dbias);
+    }
   }
 }
 
@@ -242,6 +267,8 @@ static cudaError_t launch_bwd_typed(const ScanParams &p, cudaStream_t stream) {
   auto kernel = scan_bwd_kernel<in_t, dy_t>;
   const size_t smem = bwd_smem_floats(p.threads) * sizeof(float);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
   const dim3 grid((unsigned)p.batch * p.groups * p.tiles);
   kernel<<<grid, p.threads, smem, stream>>>(p);

@@ -1,18 +1,21 @@
-// Forward selective scan: one thread owns one (batch, channel) and its kStates states in registers
-// and walks the sequence in chunks of kChunk steps. The next chunk of u/delta is loaded into
-// registers while the current one is computed; B/C chunks are shared by the block's channels
-// (all in one group) through double-buffered shared memory.
+// Forward selective scan. Two threads own one (batch, channel), each with half of its kStates
+// states in registers, and walk the sequence in chunks of kChunk steps. The next chunk of
+// u/delta/B/C is loaded into registers while the current one is computed; B/C chunks are shared
+// by the block's channels (all in one group) through double-buffered shared memory.
 #include "scan_common.cuh"
 
 namespace defmamba_scan {
 
 template <typename in_t, typename out_t>
-__global__ void __launch_bounds__(kMaxThreads) scan_fwd_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(kMaxThreads, kFwdBlocksPerSM) scan_fwd_kernel(const ScanParams p) {
   __shared__ __align__(16) float s_bc[2][2][kChunk * kStates];  // [buffer][B or C][l][state]
 
   const BlockCoords bc = block_coords(p);
+  const bool upper = threadIdx.x & 1;  // which half of the channel's states this thread holds
+  const int s0 = upper ? kHalfStates : 0;
   const int L = p.length;
-  const size_t row = ((size_t)bc.b * p.channels + bc.channel) * L;
+  const size_t row_index = (size_t)bc.b * p.channels + bc.channel;
+  const size_t row = row_index * L;
   const in_t *u = static_cast<const in_t *>(p.u) + row;
   const in_t *delta = static_cast<const in_t *>(p.delta) + row;
   out_t *y = static_cast<out_t *>(p.y) + row;
@@ -20,49 +23,72 @@ __global__ void __launch_bounds__(kMaxThreads) scan_fwd_kernel(const ScanParams 
   const in_t *Bg = static_cast<const in_t *>(p.B) + bc_off;
   const in_t *Cg = static_cast<const in_t *>(p.C) + bc_off;
 
-  float A2[kStates], h[kStates];
+  float A2[kHalfStates], h[kHalfStates];
 #pragma unroll
-  for (int s = 0; s < kStates; ++s) {
-    A2[s] = p.A[bc.channel * kStates + s] * kLog2e;
+  for (int s = 0; s < kHalfStates; ++s) {
+    A2[s] = p.A[bc.channel * kStates + s0 + s] * kLog2e;
     h[s] = 0.f;
   }
   const float Dv = p.D ? p.D[bc.channel] : 0.f;
   const float bias = p.delta_bias ? p.delta_bias[bc.channel] : 0.f;
 
-  float cu[kChunk], cd[kChunk];
-  int n0 = min(kChunk, L);
-  load_chunk(u, n0, p.vec, cu);
-  load_chunk(delta, n0, p.vec, cd);
-  stage_bc(Bg, Cg, L, 0, n0, s_bc[0][0], s_bc[0][1]);
+  // The lower thread of a pair loads u, the upper one delta; they swap copies before use.
+  const in_t *mine_src = upper ? delta : u;
+  float cm[kChunk];
+  const int n0 = min(kChunk, L);
+  load_chunk(mine_src, n0, p.vec, cm);
+  const bool bc_loader = threadIdx.x < 32;
+  if (bc_loader) {
+    float stg[kChunk];
+    load_bc(Bg, Cg, L, 0, n0, p.vec, stg);
+    store_bc(stg, s_bc[0][0], s_bc[0][1]);
+  }
   __syncthreads();
 
   for (int j = 0; j < p.n_chunks; ++j) {
     const int l0 = j * kChunk;
     const int n = min(kChunk, L - l0);
     const bool has_next = j + 1 < p.n_chunks;
-    float nu[kChunk], nd[kChunk];
+    float nm[kChunk], nbc[kChunk];
     if (has_next) {
       const int nn = min(kChunk, L - l0 - kChunk);
-      load_chunk(u + l0 + kChunk, nn, p.vec, nu);
-      load_chunk(delta + l0 + kChunk, nn, p.vec, nd);
+      load_chunk(mine_src + l0 + kChunk, nn, p.vec, nm);
+      if (bc_loader) load_bc(Bg, Cg, L, l0 + kChunk, nn, p.vec, nbc);
     }
     if (p.states && bc.active) {
-      float4 *dst = reinterpret_cast<float4 *>(p.states + (row / L * p.n_chunks + j) * kStates);
-#pragma unroll
-      for (int s = 0; s < kStates; s += 4) dst[s / 4] = make_float4(h[s], h[s + 1], h[s + 2], h[s + 3]);
+      float4 *dst = reinterpret_cast<float4 *>(p.states + (row_index * p.n_chunks + j) * kStates + s0);
+      dst[0] = make_float4(h[0], h[1], h[2], h[3]);
+      dst[1] = make_float4(h[4], h[5], h[6], h[7]);
     }
 
-    const float *sB = s_bc[j & 1][0];
-    const float *sC = s_bc[j & 1][1];
+    float cu[kChunk], dts[kChunk];
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+      const float other = __shfl_xor_sync(0xffffffffu, cm[i], 1);
+      cu[i] = pick(upper, cm[i], other);
+      dts[i] = pick(upper, other, cm[i]) + bias;
+    }
+    if (p.softplus) {
+      // Each thread of the pair evaluates softplus for every other step and they swap results.
+#pragma unroll
+      for (int i = 0; i < kChunk; i += 2) {
+        const float mine = softplus(pick(upper, dts[i], dts[i + 1]));
+        const float other = __shfl_xor_sync(0xffffffffu, mine, 1);
+        dts[i] = pick(upper, mine, other);
+        dts[i + 1] = pick(upper, other, mine);
+      }
+    }
+
+    const float *sB = s_bc[j & 1][0] + s0;
+    const float *sC = s_bc[j & 1][1] + s0;
     float out[kChunk];
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) {
-      float dt = cd[i] + bias;
-      if (p.softplus) dt = softplus(dt);
+      const float dt = dts[i];
       const float dtu = dt * cu[i];
-      float acc = 0.f;
+      float acc[2] = {0.f, 0.f};  // two partial sums halve the dependent chain
 #pragma unroll
-      for (int s4 = 0; s4 < kStates; s4 += 4) {
+      for (int s4 = 0; s4 < kHalfStates; s4 += 4) {
         const float4 b4 = *reinterpret_cast<const float4 *>(sB + i * kStates + s4);
         const float4 c4 = *reinterpret_cast<const float4 *>(sC + i * kStates + s4);
         const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
@@ -72,30 +98,30 @@ __global__ void __launch_bounds__(kMaxThreads) scan_fwd_kernel(const ScanParams 
           const int s = s4 + q;
           const float a = fast_exp2(dt * A2[s]);
           h[s] = fmaf(a, h[s], dtu * bv[q]);
-          acc = fmaf(cv[q], h[s], acc);
+          acc[q & 1] = fmaf(cv[q], h[s], acc[q & 1]);
         }
       }
-      out[i] = fmaf(Dv, cu[i], acc);
+      const float part = acc[0] + acc[1];
+      out[i] = fmaf(Dv, cu[i], part + __shfl_xor_sync(0xffffffffu, part, 1));
     }
-    // Steps past the end (i >= n) read zero u/delta/B/C: the state is unchanged and nothing is stored.
-    if (bc.active) store_chunk(y + l0, n, p.vec, out);
+    // Steps past the end (i >= n) read zero u/B/C; their outputs are not stored and the state
+    // after them is never used.
+    if (bc.active && !upper) store_chunk(y + l0, n, p.vec, out);
 
     if (has_next) {
-      stage_bc(Bg, Cg, L, l0 + kChunk, min(kChunk, L - l0 - kChunk), s_bc[(j + 1) & 1][0], s_bc[(j + 1) & 1][1]);
+      if (bc_loader) store_bc(nbc, s_bc[(j + 1) & 1][0], s_bc[(j + 1) & 1][1]);
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) {
-        cu[i] = nu[i];
-        cd[i] = nd[i];
-      }
+      for (int i = 0; i < kChunk; ++i) cm[i] = nm[i];
     }
     __syncthreads();
   }
 }
 
 void plan_blocks(ScanParams &p) {
-  p.tiles = (p.group_channels + kMaxThreads - 1) / kMaxThreads;
+  p.tiles = (p.group_channels + kMaxChannels - 1) / kMaxChannels;
   const int per_tile = (p.group_channels + p.tiles - 1) / p.tiles;
-  p.threads = (per_tile + 31) / 32 * 32;
+  constexpr int kChannelsPerWarp = 32 / kThreadsPerChannel;
+  p.threads = (per_tile + kChannelsPerWarp - 1) / kChannelsPerWarp * 32;
   p.n_chunks = (p.length + kChunk - 1) / kChunk;
 }
 
