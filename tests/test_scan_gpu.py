@@ -23,7 +23,6 @@ from defmamba.ops.selective_scan import available_backends, resolve_backend, sel
 from defmamba.ops.selective_scan.reference import selective_scan_torch
 
 GPU_BACKENDS = [b for b in available_backends("cuda") if b != "torch"] if torch.cuda.is_available() else []
-pytestmark = pytest.mark.cuda
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
@@ -116,6 +115,7 @@ CASES = [
 ]
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("length,batch,channels,dtype,softplus,with_d,with_bias,out_dtype", CASES)
 def test_matches_float64_reference(backend, length, batch, channels, dtype, softplus, with_d, with_bias, out_dtype):
@@ -124,6 +124,7 @@ def test_matches_float64_reference(backend, length, batch, channels, dtype, soft
     _run_and_compare(backend, xs, softplus, out_dtype, fwd_tol=1e-4, grad_tol=1e-4)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("n_state,groups", [(16, 1), (5, 2), (1, 4)])
 def test_other_state_sizes_and_groups(backend, n_state, groups):
@@ -132,6 +133,7 @@ def test_other_state_sizes_and_groups(backend, n_state, groups):
     _run_and_compare(backend, xs, True, None, fwd_tol=1e-4, grad_tol=1e-4)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_large_delta_and_A_stay_finite(backend):
     """Δ up to ~50 and A down to −100: exp(Δ·A) underflows to 0, nothing overflows."""
@@ -145,6 +147,7 @@ def test_large_delta_and_A_stay_finite(backend):
     _run_and_compare(backend, xs, False, None, fwd_tol=1e-4, grad_tol=1e-4)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_non_contiguous_inputs(backend):
     torch.manual_seed(5)
@@ -162,6 +165,7 @@ def test_non_contiguous_inputs(backend):
     _run_and_compare(backend, xs, True, None, fwd_tol=1e-4, grad_tol=1e-4)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_repeated_runs_are_stable(backend):
     """Same inputs twice: the forward is bitwise identical (no races); gradients agree to rounding."""
@@ -177,6 +181,7 @@ def test_repeated_runs_are_stable(backend):
         assert _rel(a, b) < 1e-5
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_torch_compile_fullgraph(backend):
     torch.manual_seed(13)
@@ -199,9 +204,36 @@ def test_torch_compile_fullgraph(backend):
         assert _rel(gc, ge) < 1e-6
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_autocast_inputs(backend):
     """Under autocast the model feeds half u/delta/B/C with float32 A/D/bias; gradients keep dtypes."""
     torch.manual_seed(17)
     xs = _inputs(2, 96, 100, dtype=torch.bfloat16)
     _run_and_compare(backend, xs, True, torch.float32, fwd_tol=1e-4, grad_tol=1e-4, autocast=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="the triton backend is not available")
+def test_triton_rejects_float64_with_a_clear_message():
+    from defmamba.ops.selective_scan.triton import selective_scan_triton
+
+    xs = _inputs(1, 6, 5)
+    xs[0] = xs[0].double()
+    with pytest.raises(TypeError, match="float64.*backend='torch'"):
+        selective_scan_triton(*xs)
+
+
+def test_triton_module_imports_and_says_why_it_cannot_run():
+    """Runs everywhere: the module imports without a GPU, and is_available() explains itself."""
+    from defmamba.ops.selective_scan import triton as triton_backend
+
+    ok, why = triton_backend.is_available()
+    assert isinstance(ok, bool) and isinstance(why, str)
+    assert ok == (why == "")
+    if not torch.cuda.is_available():
+        assert not ok and why
+        u = torch.randn(1, 3, 4)
+        B = torch.randn(1, 3, 16, 4)
+        with pytest.raises(RuntimeError, match="triton"):
+            selective_scan(u, u, -torch.rand(3, 16), B, B, backend="triton")

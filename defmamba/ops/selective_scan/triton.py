@@ -128,15 +128,16 @@ if triton is not None:
 
     def _scan_fwd_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, hs_ptr,
-        L, L_al, Dg, C_tot, n_cb, n_seg, st_c, st_n,
+        L, L_al, Dg, C_tot, n_cb, n_seg, K, st_c, st_n,
         su_b, su_c, su_l, sd_b, sd_c, sd_l, sA_c, sA_n,
         sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sy_b, sy_c, sy_l,
         N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, SEG: tl.constexpr,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, ALIGN: tl.constexpr,
     ):
         CL: tl.constexpr = 4
-        pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        prog = tl.program_id(0).to(tl.int64)  # one flat grid axis: any batch size fits
+        b = prog // (K * n_cb)
+        pid = (prog % (K * n_cb)).to(tl.int32)
         k = pid // n_cb
         cg = (pid % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
         mc = cg < Dg
@@ -208,8 +209,9 @@ if triton is not None:
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ALIGN: tl.constexpr,
     ):
         CL: tl.constexpr = 4
-        pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        prog = tl.program_id(0).to(tl.int64)  # one flat grid axis: any batch size fits
+        b = prog // (K * n_cb)
+        pid = (prog % (K * n_cb)).to(tl.int32)
         k = pid // n_cb
         cl_local = tl.arange(0, BLOCK_C)
         cg = (pid % n_cb) * BLOCK_C + cl_local
@@ -236,7 +238,6 @@ if triton is not None:
         B_rows = B_ptr + (b * sB_b + k * sB_k + n * sB_n) * ALIGN
         C_rows = C_ptr + (b * sC_b + k * sC_k + n * sC_n) * ALIGN
         gBC_rows = ((b * K + k) * N + n) * L_al * ALIGN
-        prog = b * (K * n_cb) + pid
         sc_tile = sc_ptr + prog * (SEG // CL * BLOCK_C * NP) + n[:, None] * st_n + cl_local[None, :] * st_c
         hs_rows = hs_ptr + (b * C_tot + c[None, :]) * n_seg * st_c + n[:, None] * st_n
 
@@ -438,10 +439,10 @@ def _forward(u, delta, A, B, C, D, delta_bias, delta_softplus: bool, out_dtype: 
     states = _new((batch, channels, n_seg, np_) if save_states else (0,), torch.float32, u.device)
     a_t = A.to(torch.float32).t().contiguous()  # (N, C): loads along channels, like the state tile
     align, strides = _row_strides(length, a_t, u, delta, B, C, y)
-    grid = (groups * n_cb, batch)
+    grid = (batch * groups * n_cb,)
     _KERNELS["fwd", _CONFIG["fwd"][1]][grid](
         u, delta, a_t, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A, y, states,
-        length, length // align, dg, channels, n_cb, n_seg, np_, 1, *strides,
+        length, length // align, dg, channels, n_cb, n_seg, groups, np_, 1, *strides,
         N=n_state, NP=np_, BLOCK_C=block_c, SEG=_SEG,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), SAVE=bool(save_states),
         ALIGN=align,
@@ -473,7 +474,7 @@ def _backward(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus: bool
     a_t = A.to(torch.float32).t().contiguous()
     # du/ddelta/dB/dC are fresh contiguous buffers: aligned exactly when the inputs' rows are.
     align, strides = _row_strides(length, a_t, u, delta, B, C, dy)
-    grid = (groups * n_cb, batch)
+    grid = (batch * groups * n_cb,)
     _KERNELS["bwd", _CONFIG["bwd"][1]][grid](
         u, delta, a_t, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A, dy, states, scratch,
         du, ddelta, dA, dB, dC, dD, dbias,
