@@ -201,11 +201,15 @@ def run(args: argparse.Namespace) -> int:
 
     if info.is_main and remove_stale_temporaries(output_dir):
         logger.info("removed temporary files of an interrupted checkpoint save in %s", output_dir)
+    # --resume wins; otherwise training continues from the output folder (before --pretrained, so
+    # an interrupted fine-tuning run resumes), while --eval --pretrained evaluates what it names.
     resume = config.MODEL.RESUME
-    if not resume and config.TRAIN.AUTO_RESUME and not config.MODEL.PRETRAINED:
+    if not resume and config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and config.MODEL.PRETRAINED):
         resume = find_resume_checkpoint(output_dir)
         if resume:
-            logger.info(f"auto-resume: continuing from {resume}")
+            logger.info(f"auto-resume: continuing from {resume}"
+                        + (f" (instead of the pretrained weights {config.MODEL.PRETRAINED})"
+                           if config.MODEL.PRETRAINED else ""))
     if config.EVAL_MODE and not resume and not config.MODEL.PRETRAINED:
         raise UsageError("--eval needs weights to evaluate: pass --resume CHECKPOINT (or --pretrained WEIGHTS)")
 

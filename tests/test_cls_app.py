@@ -225,6 +225,17 @@ def test_eval_of_a_checkpoint_matches_an_independent_evaluation(app, work, refer
     assert metrics(reference_run)[-1]["val_loss"] == pytest.approx(result["model"]["loss"], rel=1e-6)
 
 
+def test_eval_with_pretrained_weights(app, work, reference_run):
+    out = work / "out_pretrained_eval"
+    status, _ = call(app, base_args(work, out) + ["--pretrained", reference_run / "best.pth", "--eval",
+                                                  "--model_ema", "false"])
+    assert status == 0
+    result = json.loads((run_dir(out) / "eval.json").read_text())
+    acc1, loss = reference_eval(load(reference_run / "best.pth")["model"], work / "data")
+    assert set(result) == {"checkpoint", "model"}
+    assert result["model"]["acc1"] == pytest.approx(acc1) and result["model"]["loss"] == pytest.approx(loss, rel=1e-4)
+
+
 def test_throughput_mode(app, work):
     out = work / "out_tp"
     status, _ = call(app, base_args(work, out) + ["--throughput", "--batch-size", "1"])

@@ -221,3 +221,24 @@ def test_randaugment_posterize_at_full_magnitude_does_not_crash(app):
     assert black.size == (8, 6) and black.getextrema() == ((0, 0), (0, 0), (0, 0))
     kept = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(image)   # 2 bits kept
     assert kept.getpixel((0, 0)) == (192, 64, 0)
+
+
+def test_load_pretrained_keeps_a_new_head_for_another_class_count(app, tmp_path):
+    import logging
+
+    import defmamba
+
+    modeling = importlib.import_module("modeling")
+    source = defmamba.DefMamba(dims=16, depths=(1, 1, 1, 1), num_classes=3, d_state=4)
+    torch.save({"model": source.state_dict()}, tmp_path / "src.pth")
+    target = defmamba.DefMamba(dims=16, depths=(1, 1, 1, 1), num_classes=5, d_state=4)
+    head_before = target.classifier.head.weight.detach().clone()
+    modeling.load_pretrained(target, str(tmp_path / "src.pth"), logging.getLogger("test"))
+    src, dst = source.state_dict(), target.state_dict()
+    for key in src:
+        if not key.startswith("classifier.head."):
+            assert torch.equal(src[key], dst[key]), key
+    assert torch.equal(target.classifier.head.weight, head_before)
+    wrong_width = defmamba.DefMamba(dims=24, depths=(1, 1, 1, 1), num_classes=3, d_state=4)
+    with pytest.raises(Exception, match="does not fit"):
+        modeling.load_pretrained(wrong_width, str(tmp_path / "src.pth"), logging.getLogger("test"))
