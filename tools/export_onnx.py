@@ -1,0 +1,76 @@
+"""Export a DefMamba classifier to ONNX, validate the graph and compare ONNX Runtime with PyTorch.
+
+Examples:
+    python tools/export_onnx.py --model defmamba_small --checkpoint defmamba_small.pth --out defmamba_small.onnx
+    python tools/export_onnx.py --model defmamba_tiny --out tiny.onnx --height 256 --width 320 --dynamic batch
+
+The graph takes ``image`` (B, 3, H, W), ImageNet-normalised, and returns ``output`` (B, classes).
+``--dynamic batch`` makes B free; H and W are fixed at export time (see defmamba/onnx_export.py
+for why), so export one file per input size.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import defmamba
+from defmamba.checkpoint import CheckpointError, load_checkpoint
+from defmamba.onnx_export import check_onnx, export_onnx
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="defmamba_small", help="defmamba_tiny | defmamba_small | defmamba_base")
+    parser.add_argument("--checkpoint", help="weights to export (official or our checkpoint); random weights if omitted")
+    parser.add_argument("--ema", action="store_true", help="export the checkpoint's 'model_ema' weights")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (must match the checkpoint)")
+    parser.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
+    parser.add_argument("--height", type=int, default=224)
+    parser.add_argument("--width", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=1, help="batch of the example input (and of the graph unless dynamic)")
+    parser.add_argument("--dynamic", choices=("none", "batch", "all"), default="batch",
+                        help="dynamic axes: 'batch' (default) or 'none'; 'all' (batch, height, width) is not possible "
+                             "and says why")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dynamic == "all":
+        print("error: dynamic height/width cannot be exported: each deformable layer's reference grid and offset "
+              "scale, and the number of passes of the scan (ceil(log2(h*w))), are computed from the feature-map "
+              "size and become constants of the graph. Export one model per input size with --height/--width "
+              "(the batch stays dynamic with --dynamic batch).", file=sys.stderr)
+        return 2
+    model = defmamba.build_model(args.model, num_classes=args.num_classes, scan_backend="torch")
+    if args.checkpoint:
+        try:
+            report = load_checkpoint(model, args.checkpoint, key="model_ema" if args.ema else "auto")
+        except CheckpointError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"loaded {args.checkpoint} ['{report.source_key}']")
+    else:
+        print("no --checkpoint: exporting random weights")
+    model.eval()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    export_onnx(model, args.out, args.height, args.width, batch_size=args.batch_size,
+                dynamic_batch=args.dynamic == "batch")
+    print(f"exported {args.out} ({args.out.stat().st_size / 2 ** 20:.1f} MiB) in {time.perf_counter() - start:.0f} s; "
+          f"input image (B, 3, {args.height}, {args.width}), batch {'dynamic' if args.dynamic == 'batch' else 'fixed'}")
+    batches = [args.batch_size] + ([args.batch_size + 1] if args.dynamic == "batch" else [])
+    for batch in batches:
+        inputs = torch.randn(batch, 3, args.height, args.width)
+        check = check_onnx(model, args.out, inputs)
+        print(f"onnx.checker: ok; onnxruntime vs PyTorch, batch {check.batch_size}: max abs diff {check.max_abs_diff:.3e}, "
+              f"max rel diff {check.max_rel_diff:.3e} (relative to max |output|)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
