@@ -79,7 +79,7 @@ _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9         # "sgd" only
 
 # ---------------------------------------------------------------- augmentation
 _C.AUG = CN()
-_C.AUG.COLOR_JITTER = 0.4
+_C.AUG.COLOR_JITTER = 0.4                       # timm applies it only while AUTO_AUGMENT is "none"
 _C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"   # "none" disables
 _C.AUG.REPROB = 0.25
 _C.AUG.REMODE = "pixel"

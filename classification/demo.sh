@@ -11,6 +11,9 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 OUT=${OUT:-output/demo}
+# The demo's tensors are small: one thread is about as fast as two on an idle machine and far
+# faster when other jobs share the cores (threads then wait for each other). Override to taste.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 CFG=configs/classification/defmamba_tiny_digits.yaml
 RUN="$OUT/defmamba_tiny_digits/demo"
 EVAL="$OUT/defmamba_tiny_digits/demo_eval"

@@ -69,6 +69,9 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, opti
     used_batches = steps_per_epoch * accum
     first_step = epoch * steps_per_epoch
     lr_scheduler.step_update(first_step)
+    if used_batches < len(loader):
+        logger.info(f"the last {len(loader) - used_batches} batch(es) of the epoch do not fill an accumulation "
+                    f"cycle of {accum} and are skipped")
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else math.inf
     loss_meter, norm_meter, time_meter = AverageMeter(), AverageMeter(), AverageMeter()

@@ -98,11 +98,11 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def count_params_and_flops(model: nn.Module, img_size: int) -> tuple[int, float | None]:
-    n_params = sum(p.numel() for p in model.parameters())
     try:
-        from defmamba.flops import count_flops
+        from defmamba.flops import count_flops, count_params
     except ImportError:
-        return n_params, None
+        return sum(p.numel() for p in model.parameters()), None
+    n_params = count_params(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # tracing warnings of the counter, not of the model
         flops, _ = count_flops(model, input_size=(3, img_size, img_size))
@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"the optimizer state in {resume} does not fit this model/optimizer ({err}); "
                                   "start from its weights with --pretrained instead") from None
-        if "scaler" in checkpoint and amp.uses_scaler:
+        if checkpoint.get("scaler") and amp.uses_scaler:
             scaler.load_state_dict(checkpoint["scaler"])
         start_epoch = int(checkpoint["epoch"]) + 1
         max_acc = float(checkpoint.get("max_accuracy", 0.0))
@@ -334,8 +334,8 @@ def run(args: argparse.Namespace) -> int:
     logger.info(f"training finished in {elapsed}: best top-1 {max_acc:.3f}%"
                 + (f" (epoch {best_epoch})" if best_epoch >= 0 else "")
                 + (f", best EMA top-1 {max_acc_ema:.3f}%" if model_ema is not None else ""))
-    logger.info(f"checkpoints: {os.path.join(output_dir, 'last.pth')}, best.pth"
-                + (", best_ema.pth" if model_ema is not None else "") + f"; per-epoch metrics: {metrics_path}; "
+    saved = [n for n in ("last.pth", "best.pth", "best_ema.pth") if os.path.exists(os.path.join(output_dir, n))]
+    logger.info(f"checkpoints in {output_dir}: {', '.join(saved) or 'none'}; per-epoch metrics: {metrics_path}; "
                 f"logs: {os.path.join(output_dir, 'log_rank0.txt')}"
                 + (f"; TensorBoard: {os.path.join(output_dir, 'tensorboard')}" if tb_writer is not None else ""))
     return 0

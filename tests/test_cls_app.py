@@ -262,6 +262,29 @@ def test_digits_dataset_trains_two_epochs(app, work, monkeypatch):
     assert "on 36 images" in log
 
 
+def test_gradient_accumulation_matches_the_larger_batch(app, work):
+    """Batch 2 × 2 accumulation steps = batch 4 (same images, order, augmentation and learning rate).
+    SGD, whose update is linear in the gradient, so summation-order noise stays at rounding level."""
+    plain = ["--opts", "AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0", "MODEL.DROP_PATH_RATE", "0.0", "TRAIN.EPOCHS", "1",
+             "TRAIN.WARMUP_EPOCHS", "0", "MODEL_EMA", "False", "TRAIN.OPTIMIZER.NAME", "sgd", "TRAIN.BASE_LR", "5.0"]
+    status_a, _ = call(app, base_args(work, work / "out_b4") + ["--batch-size", "4"] + plain)
+    status_b, _ = call(app, base_args(work, work / "out_b2x2") + ["--batch-size", "2", "--accumulation-steps", "2"] + plain)
+    assert status_a == status_b == 0
+    big, accumulated = load(run_dir(work / "out_b4") / "last.pth"), load(run_dir(work / "out_b2x2") / "last.pth")
+    assert big["lr_scheduler"]["last_step"] == accumulated["lr_scheduler"]["last_step"] == 3
+    import defmamba
+
+    torch.manual_seed(0)       # the run's seed: the weights both runs started from
+    start = defmamba.DefMamba(dims=16, depths=(1, 1, 1, 1), num_classes=3, d_state=4).state_dict()
+    changed = 0
+    for name, value in big["model"].items():
+        torch.testing.assert_close(accumulated["model"][name], value, rtol=1e-5, atol=1e-6)
+        changed += not torch.equal(value, start[name])
+    assert changed > len(start) // 2          # the comparison is between trained weights
+    assert metrics(run_dir(work / "out_b4"))[0]["train_loss"] == pytest.approx(
+        metrics(run_dir(work / "out_b2x2"))[0]["train_loss"], rel=1e-4)
+
+
 # ---------------------------------------------------------------- crash safety and exact resume
 def test_sigkill_during_checkpoint_write_leaves_the_previous_one_loadable(killed_run):
     out, proc = killed_run
