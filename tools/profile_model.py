@@ -50,6 +50,7 @@ def kernel_times(prof) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     model = defmamba.build_model(args.model, scan_backend=args.backend).to(device).to(memory_format=torch.channels_last)
     images = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
     targets = torch.randint(0, 1000, (args.batch_size,), device=device)
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--amp", default="float16", choices=["none", "float16", "bfloat16"])
     parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"])
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                        help="keep cuDNN's heuristic algorithm choice (training enables autotuning)")
     parser.add_argument("--out", help="write the report as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

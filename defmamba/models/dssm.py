@@ -60,11 +60,15 @@ class DSSM(nn.Module):
         length = h * w
         x_in, z = self.in_proj(x).chunk(2, dim=-1)
         z = F.silu(z)
-        x_in = F.silu(self.conv2d(x_in.permute(0, 3, 1, 2)))  # (B, D, h, w)
+        # A dense channels-last map: the depthwise convs and the offset network's LayerNorm then
+        # run on NHWC data without layout copies.
+        x_in = F.silu(self.conv2d(x_in.contiguous().permute(0, 3, 1, 2)))  # (B, D, h, w), channels-last
 
         raster = x_in.flatten(2)
         deformable = self.DS(x_in)
-        xs = torch.stack((raster, raster.flip(-1), deformable.sequence.transpose(1, 2)), dim=1)  # (B, K, D, L)
+        # The sampled sequence comes out of grid_sample in float32 under autocast; keeping all three
+        # sequences in the activation dtype halves the scan's input bytes (the state stays float32).
+        xs = torch.stack((raster, raster.flip(-1), deformable.sequence.transpose(1, 2).to(raster.dtype)), dim=1)
         ys = self._scan(xs).view(batch, NUM_SCANS, self.d_inner, length)
 
         inverse = invert_order(deformable.order)
