@@ -144,3 +144,18 @@ def test_bad_shapes_are_explained():
         selective_scan(u.long(), delta, A, B, C, D, bias)
     with pytest.raises(ValueError, match="unknown selective-scan backend"):
         selective_scan(u, delta, A, B, C, D, bias, backend="jax")
+
+
+def test_auto_dispatch_traces_without_graph_breaks(monkeypatch):
+    """Backend resolution (environment variable, cached backends, the one-time log line) must
+    not break a fullgraph trace of code that calls the scan with backend="auto"."""
+    monkeypatch.setenv(ENV_VAR, "auto")
+    torch._dynamo.reset()
+    u, delta, A, B, C, D, bias = random_inputs(1, 3, 2, 4, 9)
+
+    def scan(u, delta):
+        return selective_scan(u, delta, A, B, C, D, bias, delta_softplus=True)
+
+    compiled = torch.compile(scan, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(u, delta), scan(u, delta))
+    torch._dynamo.reset()

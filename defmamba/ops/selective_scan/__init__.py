@@ -41,10 +41,12 @@ _BACKEND_SOURCES = {
 _announced: set = set()
 
 
-def _load_backend(name: str) -> tuple[Optional[Callable], str]:
-    """Return (function, "") if backend ``name`` can run on this machine, else (None, reason)."""
-    if name == "torch":
-        return selective_scan_torch, ""
+# Loaded once per process: traced code (torch.compile) then only reads this dict and never
+# reaches importlib, which would break the graph.
+_loaded: dict[str, tuple[Optional[Callable], str]] = {"torch": (selective_scan_torch, "")}
+
+
+def _import_backend(name: str) -> tuple[Optional[Callable], str]:
     module_name, fn_name, how = _BACKEND_SOURCES[name]
     try:
         module = importlib.import_module(module_name)
@@ -54,6 +56,18 @@ def _load_backend(name: str) -> tuple[Optional[Callable], str]:
     if not ok:
         return None, f"{why}; to enable it, {how}"
     return getattr(module, fn_name), ""
+
+
+def _load_backend(name: str) -> tuple[Optional[Callable], str]:
+    """Return (function, "") if backend ``name`` can run on this machine, else (None, reason)."""
+    if name not in _loaded:
+        _loaded[name] = _import_backend(name)
+    return _loaded[name]
+
+
+if torch.cuda.is_available():  # resolve the GPU backends up front, outside any traced region
+    for _name in ("cuda", "triton"):
+        _load_backend(_name)
 
 
 def available_backends(device: torch.device | str = "cuda") -> list[str]:
@@ -78,7 +92,7 @@ def resolve_backend(backend: str, device: torch.device) -> tuple[str, Callable]:
         for name in candidates:
             fn, _ = _load_backend(name)
             if fn is not None:
-                if (name, device.type) not in _announced:
+                if not torch.compiler.is_compiling() and (name, device.type) not in _announced:
                     _announced.add((name, device.type))
                     _log.info("selective scan: using the %s backend on %s", name, device.type)
                 return name, fn
