@@ -225,8 +225,6 @@ def main() -> int:
         print("ALL PASS" if all_ok else "SOME FAILED")
     results = []
     shapes = [(128, 288, 3136), (128, 576, 784), (128, 1152, 196), (128, 2304, 49)]
-    if args.quick:
-        shapes = shapes[:1]
     bench(shapes, results)
     if args.json:
         with open(args.json, "w") as fh:
