@@ -25,7 +25,7 @@ echo "== training on the embedded digits (CPU) -> $RUN"
 "$PYTHON" classification/main.py --cfg "$CFG" --output "$OUT" --tag demo
 echo "== re-evaluating the saved checkpoint with --resume $RUN/last.pth --eval"
 "$PYTHON" classification/main.py --cfg "$CFG" --output "$OUT" --tag demo_eval --resume "$RUN/last.pth" --eval
-acc=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['model']['acc1'])" "$EVAL/eval.json")
+acc=$("$PYTHON" -c "import json,sys; print(f\"{json.load(open(sys.argv[1]))['model']['acc1']:.2f}\")" "$EVAL/eval.json")
 elapsed=$(( $(date +%s) - start ))
 
 cat <<MSG
