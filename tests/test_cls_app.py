@@ -27,7 +27,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "classification"
 PY = sys.executable
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # same thread count as the in-process runs
+# CPU runs (the deterministic ones) even on a GPU machine, with the in-process runs' thread count.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 _APP_MODULES = ("main", "config", "engine", "modeling", "data", "utils")
 CLASSES = ("cat", "dog", "fox")
 N_TRAIN, N_VAL = 4, 2      # images per class
@@ -71,9 +72,12 @@ def app():
     sys.path.insert(0, str(APP))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)     # tiny tensors: one thread is faster and immune to oversubscription
+    cpu_only = pytest.MonkeyPatch()
+    cpu_only.setattr(torch.cuda, "is_available", lambda: False)   # the CPU path, also on GPU machines
     try:
         yield importlib.import_module("main")
     finally:
+        cpu_only.undo()
         torch.set_num_threads(threads)
         sys.path.remove(str(APP))
         for key in [k for k in sys.modules if k.split(".")[0] in _APP_MODULES]:
@@ -381,6 +385,24 @@ def test_mixed_precision_training_stays_finite(app, work, dtype):
     assert (scale is not None and scale > 0) if dtype == "float16" else not ckpt["scaler"]
     if dtype == "float16":
         assert "loss_scale" in (run_dir(out) / "log_rank0.txt").read_text()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_mixed_precision_training_and_throughput(work, dtype):
+    out = work / f"out_gpu_{dtype}"
+    gpu_env = {k: v for k, v in ENV.items() if k != "CUDA_VISIBLE_DEVICES"}
+    args = [PY, str(APP / "main.py"), *base_args(work, out), "--amp-dtype", dtype, "--opts", "AMP_ENABLE", "True",
+            "TRAIN.EPOCHS", "2", "DATA.IMG_SIZE", "64"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=gpu_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (run_dir(out) / "log_rank0.txt").read_text()
+    assert "on cuda:0" in log and ("loss_scale" in log) == (dtype == "float16")
+    for record in metrics(run_dir(out)):
+        assert np.isfinite([record["train_loss"], record["val_loss"], record["ema_loss"]]).all()
+    proc = subprocess.run(args + ["--throughput", "--batch-size", "8"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=gpu_env)
+    assert proc.returncode == 0 and "peak memory" in (run_dir(out) / "log_rank0.txt").read_text()
 
 
 # ---------------------------------------------------------------- official checkpoint format
