@@ -1,13 +1,16 @@
 """Export DefMamba to ONNX and check the exported graph against PyTorch with ONNX Runtime.
 
 The model is exported in eval mode with the pure-PyTorch selective scan (``scan_backend="torch"``),
-whose recursive-doubling loop unrolls into plain ONNX ops, through PyTorch's TorchScript-based
-exporter (``dynamo=False``), opset 17 (``GridSample`` needs ≥ 16).
+whose recursive-doubling loop unrolls into plain ONNX ops (``GridSample`` needs opset ≥ 16).
+Two PyTorch exporters work: the TorchScript-based one (``exporter="torchscript"``, the default:
+it exports a small model in seconds) and the ``torch.export``-based one (``exporter="dynamo"``,
+several times slower to export, the one PyTorch keeps developing). Both give the same graph
+semantics and the same accuracy.
 
-The deformable scan orders tokens with a *stable* ``argsort``. PyTorch's exporters have no
-translation for the stable sort overload, so :func:`export_onnx` registers one for the duration
-of the export: ONNX ``TopK`` over the whole axis, ascending and sorted, which breaks ties by the
-lower index (ONNX operator spec) — exactly a stable ascending sort.
+The deformable scan orders tokens with a *stable* ``argsort``. Neither exporter translates the
+stable sort overload, so :func:`export_onnx` supplies the translation for the duration of the
+export: ONNX ``TopK`` over the whole axis, ascending and sorted, which breaks ties by the lower
+index (ONNX operator spec) — exactly a stable ascending sort.
 
 Shapes: the batch dimension can be dynamic. Height and width cannot: the reference grid and the
 offset scale of every deformable layer, and the number of doubling passes of the scan
@@ -26,12 +29,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["OPSET", "OnnxCheck", "export_onnx", "check_onnx", "onnx_scan_model"]
+__all__ = ["OPSET", "EXPORTERS", "OnnxCheck", "export_onnx", "check_onnx", "onnx_scan_model"]
 
-OPSET = 17
+OPSET = {"torchscript": 17, "dynamo": 18}  # each exporter's own opset; GridSample needs >= 16
 INPUT_NAME = "image"
 OUTPUT_NAME = "output"
 _SYMBOLIC = "aten::argsort"
+EXPORTERS = ("torchscript", "dynamo")
 
 
 def _argsort_symbolic(g, self, *args):
@@ -48,11 +52,19 @@ def _argsort_symbolic(g, self, *args):
 @contextlib.contextmanager
 def _stable_argsort_symbolic() -> Iterator[None]:
     """Register the TopK translation of argsort for one export, then remove it again."""
-    torch.onnx.register_custom_op_symbolic(_SYMBOLIC, _argsort_symbolic, OPSET)
+    torch.onnx.register_custom_op_symbolic(_SYMBOLIC, _argsort_symbolic, OPSET["torchscript"])
     try:
         yield
     finally:
-        torch.onnx.unregister_custom_op_symbolic(_SYMBOLIC, OPSET)
+        torch.onnx.unregister_custom_op_symbolic(_SYMBOLIC, OPSET["torchscript"])
+
+
+def _sort_stable_onnxscript(self, stable=None, dim: int = -1, descending: bool = False):
+    """aten.sort.stable for the dynamo exporter: (values, indices) of TopK over the whole axis."""
+    from onnxscript import opset18 as op
+
+    size = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
+    return op.TopK(self, size, axis=dim, largest=descending, sorted=True)
 
 
 def onnx_scan_model(model: nn.Module) -> nn.Module:
@@ -64,24 +76,38 @@ def onnx_scan_model(model: nn.Module) -> nn.Module:
 
 
 def export_onnx(model: nn.Module, path: Union[str, os.PathLike], height: int = 224, width: int = 224,
-                batch_size: int = 1, dynamic_batch: bool = True) -> torch.Tensor:
+                batch_size: int = 1, dynamic_batch: bool = True, exporter: str = "torchscript") -> torch.Tensor:
     """Export ``model`` (switched to eval mode and the torch scan) to ``path`` for (B, 3, height, width) inputs.
+
+    Args:
+        exporter: "torchscript" (fast) or "dynamo" (``torch.export``-based); see the module docstring.
 
     Returns the example input the graph was traced with (random, on the model's device).
     """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
     try:
-        import onnx  # noqa: F401  (the TorchScript exporter serialises through it)
+        import onnx  # noqa: F401  (both exporters serialise through it)
     except ImportError as err:
-        raise ImportError("ONNX export needs the onnx package: pip install onnx onnxruntime") from err
+        raise ImportError("ONNX export needs the onnx package: pip install onnx onnxruntime onnxscript") from err
     model = onnx_scan_model(model)
     device = next(model.parameters()).device
     example = torch.randn(batch_size, 3, height, width, device=device)
-    dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
-    with _stable_argsort_symbolic(), torch.no_grad(), warnings.catch_warnings():
-        # The tracer warns about every shape turned into a constant; that is the documented fixed H×W.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(model, (example,), os.fspath(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          opset_version=OPSET, dynamic_axes=dynamic_axes, dynamo=False)
+    names = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=OPSET[exporter])
+    with torch.no_grad(), warnings.catch_warnings():
+        if exporter == "dynamo":
+            dynamic_shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
+            torch.onnx.export(model, (example,), os.fspath(path), dynamo=True, dynamic_shapes=dynamic_shapes,
+                              custom_translation_table={torch.ops.aten.sort.stable: _sort_stable_onnxscript},
+                              verbose=False, **names)
+        else:
+            # The tracer warns about every size it turns into a constant (the documented fixed H×W), and
+            # PyTorch flags this exporter as legacy; the choice is deliberate (see the module docstring).
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+            with _stable_argsort_symbolic():
+                torch.onnx.export(model, (example,), os.fspath(path), dynamo=False, dynamic_axes=dynamic_axes, **names)
     return example
 
 

@@ -19,7 +19,7 @@ import torch
 
 import defmamba
 from defmamba.checkpoint import CheckpointError, load_checkpoint
-from defmamba.onnx_export import check_onnx, export_onnx
+from defmamba.onnx_export import EXPORTERS, check_onnx, export_onnx
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dynamic", choices=("none", "batch", "all"), default="batch",
                         help="dynamic axes: 'batch' (default) or 'none'; 'all' (batch, height, width) is not possible "
                              "and says why")
+    parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
+                        help="PyTorch exporter: 'torchscript' (fast, default) or 'dynamo' (torch.export based, slower)")
     return parser.parse_args(argv)
 
 
@@ -60,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     export_onnx(model, args.out, args.height, args.width, batch_size=args.batch_size,
-                dynamic_batch=args.dynamic == "batch")
-    print(f"exported {args.out} ({args.out.stat().st_size / 2 ** 20:.1f} MiB) in {time.perf_counter() - start:.0f} s; "
+                dynamic_batch=args.dynamic == "batch", exporter=args.exporter)
+    print(f"exported {args.out} ({args.out.stat().st_size / 2 ** 20:.1f} MiB) in {time.perf_counter() - start:.0f} s ({args.exporter} exporter); "
           f"input image (B, 3, {args.height}, {args.width}), batch {'dynamic' if args.dynamic == 'batch' else 'fixed'}")
     batches = [args.batch_size] + ([args.batch_size + 1] if args.dynamic == "batch" else [])
     for batch in batches:
