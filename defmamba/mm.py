@@ -11,7 +11,9 @@ checkpoints with a report, ``frozen_stages`` and an ``init_weights`` method.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -41,7 +43,30 @@ if not _REGISTRIES:
     raise ImportError("defmamba.mm needs mmdet and/or mmsegmentation; install the optional "
                       "OpenMMLab stack with `bash tools/install_mm.sh` (or `make mm`)")
 
-from mmengine.logging import print_log  # noqa: E402  (mmengine comes with mmdet/mmseg)
+from mmengine.logging import HistoryBuffer, print_log  # noqa: E402  (mmengine comes with mmdet/mmseg)
+
+_HISTORY_STATISTICS = ("min", "max", "current", "mean")
+
+
+def _history_buffer_method(owner: Any, name: str) -> Any:
+    """``getattr`` as mmengine checkpoints may use it, and no further.
+
+    mmengine's ``HistoryBuffer`` pickles its statistics methods as ``getattr(HistoryBuffer, 'min')``,
+    so every full training checkpoint (the ``message_hub`` entry) holds that call. Only those
+    lookups are answered; anything else in a checkpoint asking for ``getattr`` is refused.
+    """
+    if owner is HistoryBuffer and name in _HISTORY_STATISTICS:
+        return getattr(owner, name)
+    raise pickle.UnpicklingError(f"checkpoint calls getattr({owner!r}, {name!r}); only mmengine HistoryBuffer "
+                                 "statistics methods may be looked up (load a trusted file with allow_pickle=True)")
+
+
+@contextlib.contextmanager
+def mmengine_checkpoint_globals():
+    """Let :func:`defmamba.checkpoint.safe_load` read mmengine's own checkpoints (see
+    :func:`_history_buffer_method`)."""
+    with torch.serialization.safe_globals([(_history_buffer_method, "builtins.getattr")]):
+        yield
 
 
 @dataclass
@@ -112,7 +137,11 @@ def load_backbone_weights(backbone: DefMambaBackbone, source: Union[str, Mapping
     another variant (say Small into Tiny) or not a DefMamba checkpoint.
     """
     name = source if isinstance(source, str) else "<state dict>"
-    checkpoint = safe_load(_resolve_source(source), allow_pickle=allow_pickle) if isinstance(source, str) else source
+    if isinstance(source, str):
+        with mmengine_checkpoint_globals():
+            checkpoint = safe_load(_resolve_source(source), allow_pickle=allow_pickle)
+    else:
+        checkpoint = source
     state, _ = extract_state_dict(checkpoint, key=key)
     if any(k.startswith("backbone.") for k in state):
         others = [k for k in state if not k.startswith("backbone.")]

@@ -120,3 +120,35 @@ def test_outputs_follow_out_indices():
     backbone = MM_DefMamba(dims=32, depths=(1, 1, 1, 1), out_indices=(1, 3)).eval()
     outs = backbone(torch.randn(2, 3, 70, 100))
     assert [tuple(o.shape) for o in outs] == [(2, 64, 9, 13), (2, 256, 3, 4)]
+
+
+class _LooksUpAnotherMethod:
+    """Pickles as getattr(HistoryBuffer, 'update'): a lookup mmengine checkpoints never need."""
+
+    def __reduce__(self):
+        from mmengine.logging import HistoryBuffer
+
+        return getattr, (HistoryBuffer, "update")
+
+
+def test_mmengine_checkpoints_load_but_other_getattr_lookups_are_refused(tmp_path):
+    from mmengine.logging import HistoryBuffer, MessageHub
+
+    from defmamba.mm_runner import _safe_local_loader
+
+    hub = MessageHub("test_hub")
+    hub.update_scalar("train/loss", 0.5)
+    hub.update_scalar("train/loss", 1.5)
+    path = tmp_path / "mm.pth"
+    torch.save({"state_dict": MM_DefMamba(dims=16, depths=(1, 1, 1, 1)).state_dict(),
+                "message_hub": hub.state_dict()}, path)
+    loaded = _safe_local_loader(allow_pickle=False)(str(path))
+    buffer = loaded["message_hub"]["log_scalars"]["train/loss"]
+    assert isinstance(buffer, HistoryBuffer) and buffer.mean() == 1.0
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "x": _LooksUpAnotherMethod()}, evil)
+    with pytest.raises(CheckpointError):
+        _safe_local_loader(allow_pickle=False)(str(evil))
+    with pytest.raises(CheckpointError):
+        load_backbone_weights(MM_DefMamba(dims=16, depths=(1, 1, 1, 1)), str(evil))
