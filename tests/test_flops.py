@@ -184,3 +184,17 @@ def test_cli_task_without_openmmlab(monkeypatch, capsys):
     assert tool.main(["--task", "seg", "--model", "defmamba_small"]) == 2
     err = capsys.readouterr().err
     assert "mmseg" in err and "install_mm.sh" in err
+
+
+@pytest.mark.slow
+def test_cli_segmentation_task(capsys):
+    """--task seg counts the whole UperNet of our config (needs the mm extra)."""
+    pytest.importorskip("mmseg")
+    pytest.importorskip("mmcv.ops")
+    assert _load_tool().main(["--model", "defmamba_tiny", "--task", "seg", "--size", "64", "96"]) == 0
+    out = capsys.readouterr().out
+    assert "upernet_defmamba-t_8xb2-160k_ade20k-512x512.py, input 3×64×96" in out
+    gflops = float(out.split("FLOPs")[1].split()[0])
+    backbone, _ = count_flops(defmamba.DefMambaBackbone(dims=48, depths=(2, 2, 5, 2)), input_size=(3, 64, 96))
+    assert gflops > backbone / 1e9  # the backbone plus a decoder at full resolution
+    assert "paper" not in out  # the paper's 950 G is for 512×2048 only
