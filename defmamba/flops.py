@@ -190,8 +190,9 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> 
     Returns (total, breakdown): the total FLOPs and FLOPs per operator, named ``conv``,
     ``layer_norm``, ``linear``, ``adaptive_avg_pool2d``, ``grid_sampler``,
     ``upsample_bilinear2d``, ``einsum``, ``selective_scan`` (plus any other operator fvcore
-    counts in the given model). The model runs once in eval mode without gradients, on its own
-    device and dtype; its modes are restored afterwards. Needs fvcore.
+    counts in the given model). The model is traced once in eval mode without gradients, on its
+    own device and dtype, with the selective scan replaced by a shape-only stand-in
+    (:class:`SelectiveScan`); its modes and scan are restored afterwards. Needs fvcore.
     """
     try:
         with warnings.catch_warnings():
