@@ -165,92 +165,59 @@ def _keep_metrics_before(path: str, epoch: int) -> None:
         f.writelines(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    config = get_config(args)
-    info: DistInfo = init_distributed(args.local_rank)
-    output_dir = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
-    if info.is_main:
-        os.makedirs(output_dir, exist_ok=True)
-    barrier()
-    logger = create_logger(output_dir, info.rank)
-    logger.info(f"processes: {info.world_size}, this is rank {info.rank} on {info.device}; output in {output_dir}")
-    if info.is_main:
-        with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(config.dump())
-        logger.info("full config saved to %s:\n%s", os.path.join(output_dir, "config.yaml"), config.dump())
-
-    amp = AmpSettings(enabled=config.AMP_ENABLE, dtype=_DTYPES[config.AMP_DTYPE])
-    device = info.device
+def _setup_model(config, info: DistInfo, logger) -> nn.Module:
     seed_everything(config.SEED)
-    model = build_model(config)
-    n_params, flops = count_params_and_flops(model, config.DATA.IMG_SIZE)
-    logger.info(f"model: DefMamba dims {config.MODEL.DEFMAMBA.DIMS} depths {list(config.MODEL.DEFMAMBA.DEPTHS)}, "
-                f"{n_params / 1e6:.2f} M parameters, "
-                + (f"{flops / 1e9:.3f} GFLOPs at {config.DATA.IMG_SIZE}²" if flops is not None
-                   else "FLOPs not counted (defmamba.flops not available)"))
-    model.to(device)
+    model = build_model(config).to(info.device)
+    if info.is_main:
+        n_params, flops = count_params_and_flops(model, config.DATA.IMG_SIZE)
+        logger.info(f"model: DefMamba dims {config.MODEL.DEFMAMBA.DIMS} depths {list(config.MODEL.DEFMAMBA.DEPTHS)}, "
+                    f"{n_params / 1e6:.2f} M parameters, "
+                    + (f"{flops / 1e9:.3f} GFLOPs at {config.DATA.IMG_SIZE}²" if flops is not None
+                       else "FLOPs not counted (defmamba.flops not available)"))
+    return model
 
-    if config.THROUGHPUT_MODE:
-        result = measure_throughput(model, config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE, mode="infer",
-                                    amp_dtype=amp.dtype if amp.enabled else None, device=device)
-        logger.info(f"throughput: {result['images_per_s']:.1f} images/s (batch {result['batch_size']}, "
-                    f"{config.DATA.IMG_SIZE}², {result['amp_dtype'] or 'float32'}, {device}; median of "
-                    f"{len(result['window_images_per_s'])} windows)"
-                    + (f", peak memory {result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] else ""))
-        return 0
 
-    if info.is_main and remove_stale_temporaries(output_dir):
-        logger.info("removed temporary files of an interrupted checkpoint save in %s", output_dir)
-    # --resume wins; otherwise training continues from the output folder (before --pretrained, so
-    # an interrupted fine-tuning run resumes), while --eval --pretrained evaluates what it names.
+def _throughput(config, model: nn.Module, amp: AmpSettings, device: torch.device, logger) -> None:
+    result = measure_throughput(model, config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE, mode="infer",
+                                amp_dtype=amp.dtype if amp.enabled else None, device=device)
+    logger.info(f"throughput: {result['images_per_s']:.1f} images/s (batch {result['batch_size']}, "
+                f"{config.DATA.IMG_SIZE}², {result['amp_dtype'] or 'float32'}, {device}; median of "
+                f"{len(result['window_images_per_s'])} windows)"
+                + (f", peak memory {result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] else ""))
+
+
+def _find_weights(config, output_dir: str, logger) -> str:
+    """The checkpoint to resume from or evaluate: --resume; else, with TRAIN.AUTO_RESUME, the
+    output folder's latest (also ahead of --pretrained when training, so an interrupted
+    fine-tuning run continues; --eval --pretrained evaluates what it names). "" if none."""
     resume = config.MODEL.RESUME
     if not resume and config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and config.MODEL.PRETRAINED):
-        resume = find_resume_checkpoint(output_dir)
+        resume = find_resume_checkpoint(output_dir) or ""
         if resume:
             logger.info(f"auto-resume: continuing from {resume}"
                         + (f" (instead of the pretrained weights {config.MODEL.PRETRAINED})"
                            if config.MODEL.PRETRAINED else ""))
     if config.EVAL_MODE and not resume and not config.MODEL.PRETRAINED:
         raise UsageError("--eval needs weights to evaluate: pass --resume CHECKPOINT (or --pretrained WEIGHTS)")
+    return resume
 
-    data = build_loaders(config, info.rank, info.world_size, need_train=not config.EVAL_MODE,
-                         pin_memory=device.type == "cuda")
-    logger.info(f"data: {config.DATA.DATASET}, {data.num_classes} classes, "
-                + (f"{len(data.dataset_train)} training / " if data.dataset_train is not None else "")
-                + f"{len(data.dataset_val)} validation images")
 
-    checkpoint = None
-    if resume:
-        checkpoint = _read_checkpoint(resume, args.unsafe_load)
-        report = load_checkpoint(model, checkpoint, key="model", strict=True)
-        logger.info(f"loaded model weights from {resume} ['{report.source_key or 'model'}']")
-    elif config.MODEL.PRETRAINED:
-        load_pretrained(model, config.MODEL.PRETRAINED, logger, allow_pickle=args.unsafe_load)
+def _evaluate(config, data, model: nn.Module, model_ema, amp: AmpSettings, info: DistInfo, output_dir: str,
+              source: str, logger) -> None:
+    results = {"model": validate(data.loader_val, model, amp, info.device, logger, "model", config.PRINT_FREQ)}
+    if model_ema is not None:
+        results["model_ema"] = validate(data.loader_val, model_ema.module, amp, info.device, logger, "EMA",
+                                        config.PRINT_FREQ)
+    for name, res in results.items():
+        logger.info(f"evaluation of {name}: top-1 {res['acc1']:.3f}%, top-5 {res['acc5']:.3f}% on {res['count']} images")
+    if info.is_main:
+        with open(os.path.join(output_dir, "eval.json"), "w", encoding="utf-8") as f:
+            json.dump({"checkpoint": source, **results}, f, indent=2)
 
-    model_ema = None
-    has_ema_weights = checkpoint is not None and "model_ema" in checkpoint
-    if config.MODEL_EMA or (config.EVAL_MODE and has_ema_weights):
-        model_ema = ModelEma(model, config.MODEL_EMA_DECAY)
-        if has_ema_weights:
-            load_checkpoint(model_ema.module, checkpoint, key="model_ema", strict=True)
-            logger.info(f"loaded EMA weights from {resume} ['model_ema']")
-        elif checkpoint is not None:
-            logger.info("the checkpoint has no EMA weights; the EMA starts from the model weights")
 
-    run_model = torch.compile(model) if config.COMPILE else model
-    if config.EVAL_MODE:
-        results = {"model": validate(data.loader_val, run_model, amp, device, logger, "model", config.PRINT_FREQ)}
-        if model_ema is not None:
-            results["model_ema"] = validate(data.loader_val, model_ema.module, amp, device, logger, "EMA",
-                                            config.PRINT_FREQ)
-        for name, res in results.items():
-            logger.info(f"evaluation of {name}: top-1 {res['acc1']:.3f}%, top-5 {res['acc5']:.3f}% "
-                        f"on {res['count']} images")
-        if info.is_main:
-            with open(os.path.join(output_dir, "eval.json"), "w", encoding="utf-8") as f:
-                json.dump({"checkpoint": resume or config.MODEL.PRETRAINED, **results}, f, indent=2)
-        return 0
-
+def _train(config, data, model: nn.Module, run_model: nn.Module, model_ema, checkpoint, resume: str,
+           amp: AmpSettings, info: DistInfo, output_dir: str, logger) -> None:
+    device = info.device
     if config.TRAIN.ACCUMULATION_STEPS > len(data.loader_train):
         raise UsageError(f"TRAIN.ACCUMULATION_STEPS ({config.TRAIN.ACCUMULATION_STEPS}) is larger than the "
                          f"{len(data.loader_train)} batches of an epoch; lower --accumulation-steps")
@@ -276,7 +243,6 @@ def run(args: argparse.Namespace) -> int:
         max_acc = float(checkpoint.get("max_accuracy", 0.0))
         max_acc_ema = float(checkpoint.get("max_accuray_ema", checkpoint.get("max_accuracy_ema", 0.0)))
         logger.info(f"resuming at epoch {start_epoch} (best top-1 so far {max_acc:.3f}%)")
-    del checkpoint
 
     train_model = run_model
     if info.world_size > 1:
@@ -286,7 +252,6 @@ def run(args: argparse.Namespace) -> int:
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
     if info.is_main:
         _keep_metrics_before(metrics_path, start_epoch)
-    best_epoch = -1
     start_time = time.time()
     try:
         for epoch in range(start_epoch, config.TRAIN.EPOCHS):
@@ -301,7 +266,6 @@ def run(args: argparse.Namespace) -> int:
                 if model_ema is not None else None
             is_best = val["acc1"] > max_acc
             max_acc = max(max_acc, val["acc1"])
-            best_epoch = epoch if is_best else best_epoch
             is_best_ema = val_ema is not None and val_ema["acc1"] > max_acc_ema
             if val_ema is not None:
                 max_acc_ema = max(max_acc_ema, val_ema["acc1"])
@@ -332,12 +296,64 @@ def run(args: argparse.Namespace) -> int:
             tb_writer.close()
     elapsed = datetime.timedelta(seconds=int(time.time() - start_time))
     logger.info(f"training finished in {elapsed}: best top-1 {max_acc:.3f}%"
-                + (f" (epoch {best_epoch})" if best_epoch >= 0 else "")
                 + (f", best EMA top-1 {max_acc_ema:.3f}%" if model_ema is not None else ""))
     saved = [n for n in ("last.pth", "best.pth", "best_ema.pth") if os.path.exists(os.path.join(output_dir, n))]
     logger.info(f"checkpoints in {output_dir}: {', '.join(saved) or 'none'}; per-epoch metrics: {metrics_path}; "
                 f"logs: {os.path.join(output_dir, 'log_rank0.txt')}"
                 + (f"; TensorBoard: {os.path.join(output_dir, 'tensorboard')}" if tb_writer is not None else ""))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, evaluate or measure throughput as ``args`` and the config say."""
+    config = get_config(args)
+    info: DistInfo = init_distributed(args.local_rank)
+    output_dir = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    if info.is_main:
+        os.makedirs(output_dir, exist_ok=True)
+    barrier()
+    logger = create_logger(output_dir, info.rank)
+    logger.info(f"processes: {info.world_size}, this is rank {info.rank} on {info.device}; output in {output_dir}")
+    if info.is_main:
+        with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(config.dump())
+        logger.info("full config saved to %s:\n%s", os.path.join(output_dir, "config.yaml"), config.dump())
+    amp = AmpSettings(enabled=config.AMP_ENABLE, dtype=_DTYPES[config.AMP_DTYPE])
+    model = _setup_model(config, info, logger)
+    if config.THROUGHPUT_MODE:
+        _throughput(config, model, amp, info.device, logger)
+        return 0
+
+    if info.is_main and remove_stale_temporaries(output_dir):
+        logger.info("removed temporary files of an interrupted checkpoint save in %s", output_dir)
+    resume = _find_weights(config, output_dir, logger)
+    data = build_loaders(config, info.rank, info.world_size, need_train=not config.EVAL_MODE,
+                         pin_memory=info.device.type == "cuda")
+    logger.info(f"data: {config.DATA.DATASET}, {data.num_classes} classes, "
+                + (f"{len(data.dataset_train)} training / " if data.dataset_train is not None else "")
+                + f"{len(data.dataset_val)} validation images")
+
+    checkpoint = None
+    if resume:
+        checkpoint = _read_checkpoint(resume, args.unsafe_load)
+        report = load_checkpoint(model, checkpoint, key="model", strict=True)
+        logger.info(f"loaded model weights from {resume} ['{report.source_key or 'model'}']")
+    elif config.MODEL.PRETRAINED:
+        load_pretrained(model, config.MODEL.PRETRAINED, logger, allow_pickle=args.unsafe_load)
+    model_ema = None
+    has_ema_weights = checkpoint is not None and "model_ema" in checkpoint
+    if config.MODEL_EMA or (config.EVAL_MODE and has_ema_weights):
+        model_ema = ModelEma(model, config.MODEL_EMA_DECAY)
+        if has_ema_weights:
+            load_checkpoint(model_ema.module, checkpoint, key="model_ema", strict=True)
+            logger.info(f"loaded EMA weights from {resume} ['model_ema']")
+        elif checkpoint is not None:
+            logger.info("the checkpoint has no EMA weights; the EMA starts from the model weights")
+
+    run_model = torch.compile(model) if config.COMPILE else model
+    if config.EVAL_MODE:
+        _evaluate(config, data, run_model, model_ema, amp, info, output_dir, resume or config.MODEL.PRETRAINED, logger)
+    else:
+        _train(config, data, model, run_model, model_ema, checkpoint, resume, amp, info, output_dir, logger)
     return 0
 
 
