@@ -3,7 +3,6 @@ EMA, checkpoint files, digits split, throughput measurement). CPU, a few seconds
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import sys
 from pathlib import Path
