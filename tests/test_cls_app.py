@@ -450,6 +450,11 @@ def test_bad_inputs_fail_with_a_clear_message(app, work, reference_run, capsys, 
     corrupt = _broken_copy(work, "data_corrupt")
     bad_jpeg = corrupt / "train" / "dog" / "dog_1.JPEG"
     bad_jpeg.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    no_val = tmp_path / "no_val"
+    shutil.copytree(work / "data" / "train", no_val / "train")
+    no_classes = tmp_path / "no_classes"
+    (no_classes / "train").mkdir(parents=True)
+    (no_classes / "val").mkdir()
     other_size = tmp_path / "small_model.pth"
     torch.save({"model": defmamba.DefMamba(dims=24, depths=(1, 1, 1, 1), num_classes=3, d_state=4).state_dict()},
                other_size)
@@ -461,6 +466,8 @@ def test_bad_inputs_fail_with_a_clear_message(app, work, reference_run, capsys, 
         (["--cfg", typo] + data, "unknown config key TRAIN.EPOCH; did you mean TRAIN.EPOCHS"),
         (["--cfg", work / "tiny.yaml"] + data + ["--opts", "TRAIN.EPOCHS", "four"], "wrong value type"),
         (["--cfg", work / "tiny.yaml", "--data-path", tmp_path / "nowhere"], "data path not found"),
+        (["--cfg", work / "tiny.yaml", "--data-path", no_val], f"split folder not found: {no_val / 'val'}"),
+        (["--cfg", work / "tiny.yaml", "--data-path", no_classes], f"no class folders in {no_classes / 'val'}"),
         (["--cfg", work / "tiny.yaml", "--data-path", empty, "--opts", "MODEL.NUM_CLASSES", "4"],
          f"class folder {empty / 'train' / 'zebra'} holds no images"),
         (["--cfg", work / "tiny.yaml", "--data-path", corrupt, "--opts", "DATA.NUM_WORKERS", "1"],

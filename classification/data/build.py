@@ -104,9 +104,9 @@ def _datasets(config, need_train: bool):
                         "or use the embedded dataset with --opts DATA.DATASET digits")
     if not os.path.isdir(root):
         raise DataError(f"data path not found: {root} (pass the folder that holds train/ and val/ with --data-path)")
-    classes = find_classes(os.path.join(root, "train")) if need_train else find_classes(os.path.join(root, "val"))
-    if need_train and os.path.isdir(os.path.join(root, "val")):
-        val_classes = find_classes(os.path.join(root, "val"))
+    val_classes = find_classes(os.path.join(root, "val"))
+    classes = find_classes(os.path.join(root, "train")) if need_train else val_classes
+    if need_train:
         if val_classes != classes:
             only_train = sorted(set(classes) - set(val_classes))[:5]
             only_val = sorted(set(val_classes) - set(classes))[:5]
