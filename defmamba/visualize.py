@@ -196,7 +196,7 @@ def _plot_path(fig, ax, image: np.ndarray, record: ScanRecord, order: np.ndarray
         title += f"\n(token colours only: the path is drawn up to {MAX_PATH_TOKENS} tokens)"
     ax.scatter(*centres[0], s=70, marker="o", c="white", edgecolors="black", zorder=3, label="first token")
     ax.scatter(*centres[-1], s=90, marker="X", c="white", edgecolors="black", zorder=3, label="last token")
-    ax.legend(loc="lower right", fontsize=8, framealpha=0.8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=9, frameon=False)
     ax.set_title(title)
     _colorbar(fig, ranks, ax, "sequence position (first → last)")
 
