@@ -54,8 +54,8 @@ def _str2bool(value: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser("DefMamba classification: training, evaluation and throughput",
-                                     add_help=True)
+    parser = argparse.ArgumentParser(description="DefMamba image classification: training, evaluation and "
+                                                 "throughput (see classification/README.md)")
     parser.add_argument("--cfg", type=str, metavar="FILE", help="path to a YAML config file")
     parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
                         help="override config keys, e.g. --opts TRAIN.EPOCHS 100 DATA.NUM_WORKERS 4")
