@@ -63,7 +63,7 @@ def test_plot_scan_draws_four_panels():
     fig = plot_scan(np.random.default_rng(0).random((64, 64, 3)), record, title="test")
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert len(titles) == 4 and any("raster" in t for t in titles) and any("learned" in t for t in titles)
-    assert "8×8 tokens" in fig._suptitle.get_text()
+    assert "8×8 tokens" in fig.get_suptitle()
     matplotlib.pyplot.close(fig)
 
 

@@ -32,9 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=224)
     parser.add_argument("--width", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=1, help="batch of the example input (and of the graph unless dynamic)")
-    parser.add_argument("--dynamic", choices=("none", "batch", "all"), default="batch",
-                        help="dynamic axes: 'batch' (default) or 'none'; 'all' (batch, height, width) is not possible "
-                             "and says why")
+    parser.add_argument("--dynamic", choices=("none", "batch", "all"), nargs="?", const="batch", default="batch",
+                        help="dynamic axes: 'batch' (the default, also for a bare --dynamic) or 'none'; "
+                             "'all' (batch, height, width) is not possible and says why")
     parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
                         help="PyTorch exporter: 'torchscript' (fast, default) or 'dynamo' (torch.export based, slower)")
     return parser.parse_args(argv)
