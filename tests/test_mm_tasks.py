@@ -386,3 +386,24 @@ def test_dist_train_and_test_upernet_on_cpu():
              "--work-dir", str(root / "test"), "--tta")
         tta = _logged_metrics(root / "test")
         assert 0.0 <= tta["mIoU"] <= 100.0, tta
+
+
+# ---------------------------------------------------------------- FLOPs of whole detectors / segmentors
+
+
+@pytest.mark.parametrize("task", ["det", "seg"])
+def test_task_flops_count_backbone_and_heads(task, tmp_path):
+    pytest.importorskip("fvcore", reason="FLOP counting needs fvcore")
+    from defmamba.flops import count_flops
+    from defmamba.mm_runner import count_task_flops
+
+    config = write_det_config(tmp_path) if task == "det" else write_seg_config(tmp_path)
+    size = (3, 96, 128)
+    total = count_task_flops(task, str(config), size)
+    assert count_task_flops(task, str(config), size[1:]) == total  # (H, W) means 3 channels
+    backbone = MM_DefMamba(dims=16, depths=(1, 1, 1, 1))
+    backbone_flops, _ = count_flops(backbone, size)
+    # The heads are far heavier than this 16-wide backbone: FPN + RPN + RoI heads, or UperNet.
+    assert total > 2 * backbone_flops
+    with pytest.raises(ValueError, match="input_shape"):
+        count_task_flops(task, str(config), (1, 3, 96, 128))
