@@ -279,7 +279,8 @@ def _enable_drawing(task: str, cfg: Any, show_dir: str) -> None:
     hooks.visualization.draw = True
     if task == "det":
         hooks.visualization.test_out_dir = show_dir
-    else:
+    else:  # mmseg's hook draws every 50th image by default; --show-dir means all of them
+        hooks.visualization.interval = 1
         cfg.visualizer.save_dir = show_dir
 
 
