@@ -195,7 +195,8 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
                         help="job launcher (dist_*.sh pass pytorch)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--unsafe-load", action="store_true",
-                        help="read checkpoints with full pickle (only for files you trust: it runs code from the file)")
+                        help="read checkpoints with full pickle (only for files you trust: it runs code from the file); "
+                             "for the backbone's pretrained file use --cfg-options model.backbone.allow_pickle=True")
 
 
 def _train_parser(task: str) -> argparse.ArgumentParser:
@@ -203,7 +204,7 @@ def _train_parser(task: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=f"Train a DefMamba {kind}")
     parser.add_argument("config", help="config file, e.g. configs/"
                         + ("detection/mask-rcnn_defmamba-s_fpn_1x_coco.py" if task == "det"
-                           else "segmentation/upernet_defmamba-s_4xb4-160k_ade20k-512x512.py"))
+                           else "segmentation/upernet_defmamba-s_8xb2-160k_ade20k-512x512.py"))
     parser.add_argument("--amp", action="store_true", help="mixed-precision training")
     parser.add_argument("--auto-scale-lr", action="store_true", help="scale the learning rate with the total batch size")
     parser.add_argument("--resume", nargs="?", type=str, const="auto",
