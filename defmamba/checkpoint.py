@@ -80,7 +80,7 @@ def safe_load(path: PathLike, allow_pickle: bool = False, map_location: Any = "c
     if allow_pickle:
         try:
             return torch.load(path, map_location=map_location, weights_only=False)
-        except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
             raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
     try:
         with torch.serialization.safe_globals(_trusted_globals()):
@@ -94,7 +94,7 @@ def safe_load(path: PathLike, allow_pickle: bool = False, map_location: Any = "c
                 "types allowed in checkpoints. If you trust this file, load it with allow_pickle=True "
                 "(command line: --unsafe-load); this runs arbitrary code from the file.") from err
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt ({err})") from err
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as err:
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt ({err})") from err
 
 

@@ -159,3 +159,11 @@ def test_auto_dispatch_traces_without_graph_breaks(monkeypatch):
     compiled = torch.compile(scan, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(u, delta), scan(u, delta))
     torch._dynamo.reset()
+
+
+def test_single_step_keeps_every_input_in_the_graph():
+    """L = 1 (a 1×1 stage): A gets a (zero) gradient rather than none, as DDP requires."""
+    u, delta, A, B, C, D, bias = (t.requires_grad_() for t in random_inputs(2, 3, 2, 4, 1))
+    selective_scan(u, delta, A, B, C, D, bias, delta_softplus=True).sum().backward()
+    assert A.grad is not None and torch.all(A.grad == 0)
+    assert all(t.grad is not None for t in (u, delta, B, C, D, bias))

@@ -52,10 +52,17 @@ def _extension():
     return _ext
 
 
+def _dense(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    return tuple(t.contiguous() if t is not None else None for t in tensors)
+
+
 @torch.library.custom_op("defmamba::selective_scan_cuda_fwd", mutates_args=(), device_types="cuda")
 def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
               delta_bias: Optional[Tensor], delta_softplus: bool, out_float32: bool,
               save_states: bool) -> tuple[Tensor, Tensor]:
+    # The kernels index dense rows. Compiled graphs may hand the op other strides than eager code
+    # does, so the layout is fixed here, where the real tensors are seen (a no-op when dense).
+    u, delta, A, B, C, D, delta_bias = _dense(u, delta, A, B, C, D, delta_bias)
     y, states = _extension().fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float32, save_states)
     return y, states
 
@@ -72,6 +79,7 @@ def _scan_fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float32
 def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
               delta_bias: Optional[Tensor], delta_softplus: bool, dy: Tensor,
               states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    u, delta, A, B, C, D, delta_bias, dy, states = _dense(u, delta, A, B, C, D, delta_bias, dy, states)
     grads = _extension().bwd(u, delta, A, B, C, D, delta_bias, delta_softplus, dy, states)
     return tuple(grads)
 

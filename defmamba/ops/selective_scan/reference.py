@@ -37,6 +37,8 @@ def scan_compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
 def _linear_recurrence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Solve h_l = a_l * h_{l-1} + b_l (h_{-1} = 0) along dim -2 by recursive doubling."""
     length = a.shape[-2]
+    if length == 1:  # h_0 = a_0·h_{-1} + b_0 with h_{-1} = 0: keep a in the graph (its gradient is 0),
+        return b + a * 0  # as distributed training requires of every parameter
     shift = 1
     while shift < length:
         # Prefix [0, shift) is already final; positions >= shift absorb the block ending shift earlier.

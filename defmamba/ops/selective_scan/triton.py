@@ -515,9 +515,11 @@ def _bwd_op(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Ten
 
 @_bwd_op.register_fake
 def _bwd_fake(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus):
+    # The real backward returns fresh contiguous buffers; the fake must promise the same strides
+    # (empty_like would copy the strides of non-contiguous inputs such as sliced B/C views).
     channels = u.shape[1]
-    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(C), u.new_empty((channels,), dtype=torch.float32),
+    return (u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape), B.new_empty(B.shape),
+            C.new_empty(C.shape), u.new_empty((channels,), dtype=torch.float32),
             u.new_empty((channels,), dtype=torch.float32))
 
 
