@@ -318,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
             f.write(config.dump())
         logger.info("full config saved to %s:\n%s", os.path.join(output_dir, "config.yaml"), config.dump())
     amp = AmpSettings(enabled=config.AMP_ENABLE, dtype=_DTYPES[config.AMP_DTYPE])
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest conv kernels
     model = _setup_model(config, info, logger)
     if config.THROUGHPUT_MODE:
         _throughput(config, model, amp, info.device, logger)

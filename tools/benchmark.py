@@ -128,6 +128,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible; pass --device cpu", file=sys.stderr)
         return 2
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as in training: cuDNN autotunes the fixed-size convs
     env = environment(device)
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     print(f"batch {args.batch_size}, {args.image_size}², scan backend {args.backend}, compile {args.compile}, "
