@@ -87,7 +87,7 @@ _base_ = [{str(DET / 'mask-rcnn_defmamba-t_fpn_1x_coco.py')!r}]
 data_root = {str(root) + '/'!r}
 classes = {DET_CLASSES!r}
 model = dict(
-    backbone=dict(dims=16, depths=(1, 1, 1, 1), drop_path_rate=0.1, pretrained=None),
+    backbone=dict(dims=16, depths=(1, 1, 1, 1), drop_path_rate=0.1, init_cfg=None),
     neck=dict(in_channels=[16, 32, 64, 128], out_channels=32),
     rpn_head=dict(in_channels=32, feat_channels=32),
     roi_head=dict(
@@ -135,7 +135,7 @@ data_root = {str(root)!r}
 crop_size = (64, 64)
 model = dict(
     data_preprocessor=dict(size=crop_size),
-    backbone=dict(dims=16, depths=(1, 1, 1, 1), drop_path_rate=0.1, pretrained=None),
+    backbone=dict(dims=16, depths=(1, 1, 1, 1), drop_path_rate=0.1, init_cfg=None),
     decode_head=dict(in_channels=[16, 32, 64, 128], channels=32),
     auxiliary_head=dict(in_channels=64, channels=16))
 train_pipeline = [
@@ -181,13 +181,15 @@ def test_mask_rcnn_configs_match_variant_widths(schedule):
     for variant, (dims, depths) in VARIANTS.items():
         cfg = load_task_config("det", str(DET / f"mask-rcnn_defmamba-{variant}_fpn_{schedule}_coco.py"))
         assert cfg.model.backbone.type == "MM_DefMamba"
+        names = {"t": "tiny", "s": "small", "b": "base"}
+        assert cfg.model.backbone.init_cfg == dict(type="Pretrained", checkpoint=f"pretrained/defmamba_{names[variant]}.pth")
         assert list(cfg.model.neck.in_channels) == dims
         assert cfg.optim_wrapper.optimizer.type == "AdamW"
         assert cfg.train_cfg.max_epochs == (12 if schedule == "1x" else 36)
         if variant == "s":
             assert cfg.model.backbone.drop_path_rate == 0.2
         if variant != "t":  # Tiny is built whole below
-            backbone = MODELS.build({**cfg.model.backbone, "pretrained": None})
+            backbone = MODELS.build({**cfg.model.backbone, "init_cfg": None})
             assert backbone.dims == dims and tuple(backbone.depths) == depths
 
 
@@ -204,20 +206,20 @@ def test_upernet_configs_match_variant_widths():
         if variant == "s":
             assert cfg.model.backbone.drop_path_rate == 0.3
         if variant != "t":
-            backbone = MODELS.build({**cfg.model.backbone, "pretrained": None})
+            backbone = MODELS.build({**cfg.model.backbone, "init_cfg": None})
             assert backbone.dims == dims and tuple(backbone.depths) == depths
 
 
 def test_tiny_detector_and_segmentor_build_from_shipped_configs():
     det_cfg = load_task_config("det", str(DET / "mask-rcnn_defmamba-t_fpn_1x_coco.py"),
-                               {"model.backbone.pretrained": None})
+                               {"model.backbone.init_cfg": None})
     detector = build_task_model("det", det_cfg)
     assert type(detector).__name__ == "MaskRCNN" and isinstance(detector.backbone, MM_DefMamba)
     assert detector.backbone.dims == [48, 96, 192, 384]
     assert detector.roi_head.bbox_head.num_classes == 80
 
     seg_cfg = load_task_config("seg", str(SEG / "upernet_defmamba-t_8xb2-160k_ade20k-512x512.py"),
-                               {"model.backbone.pretrained": None})
+                               {"model.backbone.init_cfg": None})
     segmentor = build_task_model("seg", seg_cfg)
     assert type(segmentor).__name__ == "EncoderDecoder" and isinstance(segmentor.backbone, MM_DefMamba)
     assert type(segmentor.decode_head).__name__ == "UPerHead"

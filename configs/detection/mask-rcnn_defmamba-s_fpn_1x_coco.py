@@ -6,7 +6,7 @@ _base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py']
 custom_imports = dict(imports=['defmamba.mm'], allow_failed_imports=False)
 
 # Official ImageNet-1k classification checkpoint (their {'model': ...} format loads as is);
-# set it to None to train from scratch.
+# train from scratch with --cfg-options model.backbone.init_cfg=None.
 pretrained = 'pretrained/defmamba_small.pth'
 
 model = dict(
@@ -18,7 +18,7 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.2,
         use_checkpoint=False,
-        pretrained=pretrained),
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     neck=dict(in_channels=[96, 192, 384, 768]))
 
 # No weight decay on norms, biases and the SSM parameters A_logs, Ds, dt_projs_bias, rpe_table.

@@ -14,7 +14,7 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.2,
         use_checkpoint=False,
-        pretrained=pretrained),
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     neck=dict(in_channels=[96, 192, 384, 768]))
 
 # No weight decay on norms, biases and the SSM parameters A_logs, Ds, dt_projs_bias, rpe_table.

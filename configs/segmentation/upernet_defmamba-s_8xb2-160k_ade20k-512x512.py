@@ -7,7 +7,7 @@ _base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20
 custom_imports = dict(imports=['defmamba.mm'], allow_failed_imports=False)
 
 # Official ImageNet-1k classification checkpoint (their {'model': ...} format loads as is);
-# set it to None to train from scratch.
+# train from scratch with --cfg-options model.backbone.init_cfg=None.
 pretrained = 'pretrained/defmamba_small.pth'
 
 model = dict(
@@ -19,7 +19,7 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.3,
         use_checkpoint=False,
-        pretrained=pretrained),
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
     auxiliary_head=dict(in_channels=384, num_classes=150))
 
