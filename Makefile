@@ -1,4 +1,4 @@
-# Developer entry points. `make test` bootstraps .venv on a fresh machine and runs the suite.
+# Developer entry points. `make test` bootstraps .venv on a fresh machine and runs everything CI runs.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-gpu kernels-check clean
+.PHONY: venv mm kernels-check pytest test test-gpu demo clean
 
 venv: $(VENV)/.installed
 
@@ -17,12 +17,31 @@ $(VENV)/.installed: setup.py requirements.txt
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
-test: venv
+# Optional OpenMMLab stack for detection/ and segmentation/ (mmcv built from source, wheel cached).
+mm: $(VENV)/.mm-installed
+
+$(VENV)/.mm-installed: $(VENV)/.installed tools/install_mm.sh
+	VENV=$(VENV) bash tools/install_mm.sh
+	touch $@
+
+# Compile the CUDA selective-scan extension (no GPU needed) so build breakage shows up everywhere.
+kernels-check: venv
+	@if command -v nvcc >/dev/null 2>&1; then MAX_JOBS=$${MAX_JOBS:-2} bash kernels/selective_scan/check_build.sh $(PY); \
+	else echo "kernels-check: nvcc not found, CUDA extension build not checked"; fi
+
+pytest: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Everything CI runs: environment, mm extra, extension build check, test suite.
+test: venv mm kernels-check pytest
 
 # GPU tests only (run on a CUDA machine).
 test-gpu: venv
 	$(PY) -m pytest -q -m cuda $(PYTEST_ARGS) tests
+
+# Train on the bundled digits on CPU, re-evaluate the checkpoint, print where everything went.
+demo: venv
+	PYTHON=$(PY) bash classification/demo.sh
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
