@@ -26,7 +26,7 @@ $(VENV)/.mm-installed: $(VENV)/.installed tools/install_mm.sh
 
 # Compile the CUDA selective-scan extension (no GPU needed) so build breakage shows up everywhere.
 kernels-check: venv
-	@if command -v nvcc >/dev/null 2>&1; then MAX_JOBS=$${MAX_JOBS:-2} bash kernels/selective_scan/check_build.sh $(PY); \
+	@if command -v nvcc >/dev/null 2>&1; then MAX_JOBS=$${MAX_JOBS:-2} bash kernels/selective_scan/check_build.sh $(abspath $(PY)); \
 	else echo "kernels-check: nvcc not found, CUDA extension build not checked"; fi
 
 pytest: venv
