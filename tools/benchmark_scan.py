@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from defmamba.ops.selective_scan import available_backends, selective_scan  # noqa: E402
+from defmamba.ops.selective_scan import available_backends, selective_scan
 
 GROUPS, STATES, BATCH = 3, 16, 128
 # (model, stage, K·D, L) at 224² input, batch 128.

@@ -14,9 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # the configs live in the checkout
 
 MODELS = ("defmamba_tiny", "defmamba_small", "defmamba_base")
 LETTER = {"defmamba_tiny": "t", "defmamba_small": "s", "defmamba_base": "b"}
