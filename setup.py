@@ -45,7 +45,7 @@ setup(
     install_requires=requirements,
     extras_require={
         "test": ["pytest>=7", "scikit-learn", "matplotlib", "onnx", "onnxruntime", "onnxscript"],
-        "viz": ["matplotlib"],
+        "viz": ["matplotlib", "scikit-image"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
     },
     **cuda_extension_kwargs(),
