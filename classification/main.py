@@ -351,6 +351,12 @@ def run(args: argparse.Namespace) -> int:
         elif checkpoint is not None:
             logger.info("the checkpoint has no EMA weights; the EMA starts from the model weights")
 
+    if config.COMPILE and not config.EVAL_MODE and info.device.type == "cuda":
+        # Known defect: Inductor-compiled DM blocks with the GPU scan ops give gradients that differ
+        # from eager ones (forward outputs agree). Refuse rather than train on wrong gradients.
+        raise UsageError("--compile is not supported for GPU training yet: Inductor-compiled blocks give "
+                         "gradients that differ from eager mode (forward outputs agree, so --compile works "
+                         "with --eval and --throughput); train without --compile")
     run_model = torch.compile(model) if config.COMPILE else model
     if config.EVAL_MODE:
         _evaluate(config, data, run_model, model_ema, amp, info, output_dir, resume or config.MODEL.PRETRAINED, logger)
