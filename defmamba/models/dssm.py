@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.scan_orders import merge_scan_orders
 from ..ops.selective_scan import selective_scan
-from .deformable import DeformableLayer, invert_order
+from .deformable import DeformableLayer
 
 __all__ = ["DSSM", "NUM_SCANS"]
 
@@ -71,9 +72,7 @@ class DSSM(nn.Module):
         xs = torch.stack((raster, raster.flip(-1), deformable.sequence.transpose(1, 2).to(raster.dtype)), dim=1)
         ys = self._scan(xs).view(batch, NUM_SCANS, self.d_inner, length)
 
-        inverse = invert_order(deformable.order)
-        unpermuted = torch.gather(ys[:, 2], 2, inverse[:, None, :].expand(-1, self.d_inner, -1))
-        y = (ys[:, 0] + ys[:, 1].flip(-1) + unpermuted) / NUM_SCANS
+        y = merge_scan_orders(ys, deformable.order, deformable.inverse)
         y = y.transpose(1, 2).reshape(batch, h, w, self.d_inner).to(z.dtype)
         return self.out_proj(y * z)
 
