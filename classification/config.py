@@ -17,7 +17,7 @@ from yacs.config import CfgNode as CN
 __all__ = ["ConfigError", "get_config", "default_config", "AMP_DTYPES"]
 
 AMP_DTYPES = ("float16", "bfloat16")
-DATASETS = ("imagenet", "digits")
+DATASETS = ("imagenet", "digits", "synthetic")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "step")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -34,7 +34,8 @@ _C.BASE = [""]
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128          # per process
 _C.DATA.DATA_PATH = ""            # ImageNet-layout root: train/<class>/*, val/<class>/*
-_C.DATA.DATASET = "imagenet"      # "imagenet" (any folder in that layout) or "digits" (embedded)
+_C.DATA.DATASET = "imagenet"      # "imagenet" (any folder in that layout), "digits" (embedded) or "synthetic"
+_C.DATA.SYNTHETIC_IMAGES = 12800  # "synthetic" only: training images (validation gets a tenth)
 _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = "bicubic"
 _C.DATA.PIN_MEMORY = True
@@ -204,7 +205,8 @@ def _check_choices(config: CN) -> None:
             raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
     positive = [("DATA.BATCH_SIZE", config.DATA.BATCH_SIZE), ("TRAIN.ACCUMULATION_STEPS", config.TRAIN.ACCUMULATION_STEPS),
                 ("SAVE_FREQ", config.SAVE_FREQ), ("SAVE_KEEP", config.SAVE_KEEP), ("PRINT_FREQ", config.PRINT_FREQ),
-                ("MODEL.NUM_CLASSES", config.MODEL.NUM_CLASSES), ("TRAIN.EPOCHS", config.TRAIN.EPOCHS)]
+                ("MODEL.NUM_CLASSES", config.MODEL.NUM_CLASSES), ("TRAIN.EPOCHS", config.TRAIN.EPOCHS),
+                ("DATA.SYNTHETIC_IMAGES", config.DATA.SYNTHETIC_IMAGES)]
     for key, value in positive:
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from utils.distributed import all_reduce_sum
+from utils.distributed import all_reduce_sum, world_size
 
 __all__ = ["AmpSettings", "AverageMeter", "train_one_epoch", "validate", "memory_mb"]
 
@@ -75,7 +75,8 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, opti
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else math.inf
     loss_meter, norm_meter, time_meter = AverageMeter(), AverageMeter(), AverageMeter()
-    start = end = time.time()
+    warmup_batches = min(10, used_batches // 5)  # excluded from the images/s figure (compilation, autotuning)
+    start = end = steady_start = time.time()
     for idx, (samples, targets) in enumerate(loader):
         if idx >= used_batches:
             break
@@ -110,6 +111,8 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, opti
         loss_meter.update(loss_value, targets.size(0))
         time_meter.update(time.time() - end)
         end = time.time()
+        if idx + 1 == warmup_batches:
+            steady_start = end
         if idx % config.PRINT_FREQ == 0 or idx == used_batches - 1:
             lr = optimizer.param_groups[0]["lr"]
             eta = datetime.timedelta(seconds=int(time_meter.avg * (used_batches - idx - 1)))
@@ -124,8 +127,12 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, opti
                 tb_writer.add_scalar("train/loss", loss_meter.val, global_iter)
                 tb_writer.add_scalar("train/lr", lr, global_iter)
                 tb_writer.add_scalar("train/grad_norm", norm_meter.val, global_iter)
-    logger.info(f"EPOCH {epoch} training took {datetime.timedelta(seconds=int(time.time() - start))}")
-    return {"loss": loss_meter.avg, "grad_norm": norm_meter.avg, "lr": optimizer.param_groups[0]["lr"]}
+    steady_images = (used_batches - warmup_batches) * config.DATA.BATCH_SIZE * world_size()
+    images_per_s = steady_images / max(end - steady_start, 1e-9)
+    logger.info(f"EPOCH {epoch} training took {datetime.timedelta(seconds=int(time.time() - start))}, "
+                f"{images_per_s:.1f} images/s over all processes (after the first {warmup_batches} batches)")
+    return {"loss": loss_meter.avg, "grad_norm": norm_meter.avg, "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": images_per_s}
 
 
 @torch.no_grad()

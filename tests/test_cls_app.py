@@ -265,6 +265,17 @@ def test_digits_dataset_trains_two_epochs(app, work, monkeypatch):
     assert "on 36 images" in log
 
 
+def test_synthetic_dataset_trains_and_reports_images_per_second(app, work):
+    out = work / "out_synthetic"
+    status, _ = call(app, ["--cfg", work / "tiny.yaml", "--output", out, "--batch-size", "8",
+                           "--opts", "DATA.DATASET", "synthetic", "DATA.SYNTHETIC_IMAGES", "40", "TRAIN.EPOCHS", "1"])
+    assert status == 0
+    (record,) = metrics(run_dir(out))
+    assert record["train_images_per_s"] > 0
+    log = (run_dir(out) / "log_rank0.txt").read_text()
+    assert "images/s over all processes" in log and "on 4 images" in log
+
+
 def test_gradient_accumulation_matches_the_larger_batch(app, work):
     """Batch 2 × 2 accumulation steps = batch 4 (same images, order, augmentation and learning rate).
     SGD, whose update is linear in the gradient, so summation-order noise stays at rounding level."""

@@ -26,7 +26,7 @@ def app():
     try:
         mods = {name: importlib.import_module(name) for name in
                 ("config", "utils.lr_scheduler", "utils.optimizer", "utils.ema", "utils.checkpoint", "data.digits",
-                 "main")}
+                 "data.synthetic", "main")}
         yield mods
     finally:
         sys.path.remove(str(APP))
@@ -189,6 +189,20 @@ def test_digits_split_is_fixed_disjoint_and_stratified(app):
     val = digits.DigitsDataset("val", 40)
     image, target = val[0]
     assert image.size == (40, 40) and image.mode == "RGB" and target == labels[val_idx[0]]
+
+
+def test_synthetic_images_are_deterministic_and_carry_their_label(app):
+    Synthetic = app["data.synthetic"].SyntheticDataset
+    train, again = Synthetic("train", 50, 33, 7), Synthetic("train", 50, 33, 7)
+    val = Synthetic("val", 5, 33, 7)
+    image, label = train[12]
+    assert image.shape == (3, 33, 33) and image.dtype == torch.float32 and label == 12 % 7
+    assert torch.equal(image, again[12][0]) and not torch.equal(image, train[19][0])
+    assert not torch.equal(val[0][0], train[0][0])
+    # Same-class images share a pattern: the class mean stands out of the unit noise.
+    same = torch.stack([train[i][0] for i in range(3, 50, 7)]).mean(0)
+    other = torch.stack([train[i][0] for i in range(4, 50, 7)]).mean(0)
+    assert (same - other).abs().mean() > 0.2
 
 
 # ---------------------------------------------------------------- throughput

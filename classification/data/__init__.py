@@ -1,4 +1,4 @@
-"""Datasets and loaders: an ImageNet-layout folder or the embedded scikit-learn digits."""
+"""Datasets and loaders: an ImageNet-layout folder, the embedded scikit-learn digits or synthetic images."""
 from .build import DataBundle, build_loaders
 from .errors import DataError
 

@@ -16,6 +16,7 @@ from torchvision import transforms as T
 from .digits import DigitsDataset
 from .errors import DataError
 from .folder import ImageFolderDataset, find_classes
+from .synthetic import SyntheticDataset
 
 __all__ = ["DataBundle", "build_loaders", "build_transform", "ShardSampler"]
 
@@ -94,6 +95,11 @@ class DataBundle:
 
 
 def _datasets(config, need_train: bool):
+    if config.DATA.DATASET == "synthetic":
+        size, classes = config.DATA.SYNTHETIC_IMAGES, config.MODEL.NUM_CLASSES
+        train = SyntheticDataset("train", size, config.DATA.IMG_SIZE, classes) if need_train else None
+        val = SyntheticDataset("val", max(1, size // 10), config.DATA.IMG_SIZE, classes)
+        return train, val, val.classes
     if config.DATA.DATASET == "digits":
         train = DigitsDataset("train", config.DATA.IMG_SIZE, build_transform(True, config)) if need_train else None
         val = DigitsDataset("val", config.DATA.IMG_SIZE, build_transform(False, config))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "barrier", "cleanup", "is_distributed"]
+__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "barrier", "cleanup", "is_distributed", "world_size"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,11 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
         rank, world_size, local_rank = 0, 1, 0
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def world_size() -> int:
+    """Number of processes in the group (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
