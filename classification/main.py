@@ -352,6 +352,12 @@ def run(args: argparse.Namespace) -> int:
         elif checkpoint is not None:
             logger.info("the checkpoint has no EMA weights; the EMA starts from the model weights")
 
+    if config.COMPILE and not config.EVAL_MODE and info.device.type == "cuda":
+        # Not yet verified: whole-model compiled training graphs on the GPU fail an internal
+        # Inductor assertion in float32 and fail the bf16 gradient check (tests/test_compile.py).
+        raise UsageError("--compile is not supported for GPU training yet: compiled whole-model training "
+                         "graphs do not pass the gradient check against eager mode (README, torch.compile); "
+                         "--compile works with --eval and --throughput; train without --compile")
     run_model = torch.compile(model) if config.COMPILE else model
     if config.EVAL_MODE:
         _evaluate(config, data, run_model, model_ema, amp, info, output_dir, resume or config.MODEL.PRETRAINED, logger)

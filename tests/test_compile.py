@@ -135,21 +135,30 @@ def test_block_compiles_fullgraph_gpu(backend):
 
 
 @pytest.mark.cuda
+@pytest.mark.xfail(strict=True, reason="known defect on an H100 with torch 2.11: fails for the cuda and triton "
+                   "scan backends (cause not yet isolated); main.py refuses --compile for GPU training until "
+                   "this passes")
 @pytest.mark.parametrize("backend", _gpu_backends())
-def test_model_training_step_compiles_gpu(backend, monkeypatch):
-    """A whole (small) model compiled with Inductor on the GPU: logits and every parameter
-    gradient match eager mode, on a non-square input (odd maps in the later stages)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def test_model_training_step_compiles_gpu(backend):
+    """A whole model (Small's width, one block per stage) compiled with Inductor on the GPU under
+    bf16 autocast, as it trains: logits and every parameter gradient match eager mode within
+    bf16 rounding, on a non-square input (3×2 and 2×1 maps in the last stages). A layout defect
+    corrupts gradients by O(1), far above this tolerance. (float32 training graphs of the whole
+    model hit an internal assertion of Inductor 2.11's tiling analysis; README.)"""
     torch.manual_seed(0)
-    model = defmamba.DefMamba(dims=16, depths=(1, 1, 2, 1), num_classes=10, drop_path_rate=0.0,
+    model = defmamba.DefMamba(dims=96, depths=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.0,
                               scan_backend=backend).cuda().train()
-    x = torch.randn(2, 3, 96, 160, device="cuda")
+    x = torch.randn(2, 3, 96, 64, device="cuda")
     params = [p for p in model.parameters()]
-    expected = model(x)
-    expected_grads = torch.autograd.grad(expected.square().sum(), params)
-    got = torch.compile(model)(x)
-    got_grads = torch.autograd.grad(got.square().sum(), params)
-    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+
+    def step(fn):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(x).float()
+        return out, torch.autograd.grad(out.square().sum(), params)
+
+    expected, expected_grads = step(model)
+    got, got_grads = step(torch.compile(model))
+    torch.testing.assert_close(got, expected, rtol=3e-2, atol=3e-2)
     for (name, _), g_got, g_expected in zip(model.named_parameters(), got_grads, expected_grads):
         error = ((g_got - g_expected).abs().max() / g_expected.abs().max().clamp_min(1e-30)).item()
-        assert error <= 1e-3, f"grad of {name}: max error {error:.2e} of its largest entry"
+        assert error <= 5e-2, f"grad of {name}: max error {error:.2e} of its largest entry"
