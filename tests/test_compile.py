@@ -134,11 +134,14 @@ def test_block_compiles_fullgraph_gpu(backend):
         assert error <= 1e-4, f"grad of {name}: max error {error:.2e} of its largest entry"
 
 
+_WHOLE_MODEL_DEFECT = pytest.mark.xfail(
+    strict=True, reason="known defect, seen on an H100 with torch 2.11 for the cuda and triton scan backends "
+    "(cause not yet isolated); main.py refuses --compile for GPU training until this passes")
+
+
 @pytest.mark.cuda
-@pytest.mark.xfail(strict=True, reason="known defect on an H100 with torch 2.11: fails for the cuda and triton "
-                   "scan backends (cause not yet isolated); main.py refuses --compile for GPU training until "
-                   "this passes")
-@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=_WHOLE_MODEL_DEFECT) if b in ("cuda", "triton") else b
+                                     for b in _gpu_backends()])
 def test_model_training_step_compiles_gpu(backend):
     """A whole model (Small's width, one block per stage) compiled with Inductor on the GPU under
     bf16 autocast, as it trains: logits and every parameter gradient match eager mode within
