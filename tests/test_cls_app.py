@@ -331,7 +331,10 @@ def test_resume_after_the_kill_reproduces_the_uninterrupted_run_exactly(app, wor
         for name, value in state.items():
             assert torch.equal(resumed["optimizer"]["state"][pid][name], value), f"optimizer {pid}.{name}"
     assert resumed["lr_scheduler"] == ref["lr_scheduler"]
-    assert metrics(out) == metrics(reference_run)
+    timing = "train_images_per_s"   # wall-clock speed: the only field that may differ
+    assert all(timing in r for r in metrics(out)) and all(timing in r for r in metrics(reference_run))
+    without_timing = lambda records: [{k: v for k, v in r.items() if k != timing} for r in records]  # noqa: E731
+    assert without_timing(metrics(out)) == without_timing(metrics(reference_run))
 
 
 # ---------------------------------------------------------------- distributed (gloo on CPU)
