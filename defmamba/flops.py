@@ -10,6 +10,8 @@ upsample_bilinear2d, grid_sampler, ...) plus the paper's own rules:
   counting, a shape-only stand-in takes its place (:class:`SelectiveScan`).
 * A mean over spatial positions is counted as the adaptive average pooling the paper's model
   computed it with (see :func:`_mean_flop_jit`).
+* The per-scan projections, batched matmuls here, are counted as the einsums the paper's model
+  computed them with (see :func:`_matmul_as_einsum_flop_jit`).
 
 Counts are for one image. (The paper's model resized the position-bias table once per image of
 the batch, ours once per batch; at batch 1 both are the one ``upsample_bilinear2d`` counted.)
@@ -151,6 +153,33 @@ def _mean_flop_jit(inputs: list, outputs: list) -> Counter:
     return Counter({"adaptive_avg_pool2d": float(np.prod(get_shape(inputs[0])))})
 
 
+def _matmul_einsum_equation(a_dims: int, b_dims: int) -> str:
+    """The einsum equivalent of ``torch.matmul`` of an a_dims-D by a b_dims-D tensor (both ≥ 2 dims),
+    e.g. (3, 4) → "kcd,bkdl->bkcl" up to letter names for a 3-D by 4-D product."""
+    batch = "abefghijpqrstuvw"
+    n_batch = max(a_dims, b_dims) - 2
+    out_batch = batch[:n_batch]
+    a_batch, b_batch = out_batch[n_batch - (a_dims - 2):], out_batch[n_batch - (b_dims - 2):]
+    return f"{a_batch}mk,{b_batch}kn->{out_batch}mn"
+
+
+def _matmul_as_einsum_flop_jit(inputs: list, outputs: list) -> Counter:
+    """fvcore handle of ``aten::matmul``, counted by the einsum rule and reported as einsum.
+
+    The paper's model computed the per-scan projections x_proj and dt_projs with einsum, which
+    fvcore counts through numpy's einsum_path (with its 4-digit rounding, :func:`_einsum_macs`);
+    ours computes the same products as batched matmuls, the only matmuls in the model. The same
+    arithmetic is counted by the same rule under the same name.
+    """
+    from fvcore.nn.jit_handles import get_shape
+
+    a_shape, b_shape = get_shape(inputs[0]), get_shape(inputs[1])
+    if len(a_shape) < 2 or len(b_shape) < 2:
+        raise ValueError(f"matmul FLOPs are counted for operands of at least 2 dims; got {a_shape} and {b_shape}")
+    equation = _matmul_einsum_equation(len(a_shape), len(b_shape))
+    return Counter({"einsum": _einsum_macs(equation, [a_shape, b_shape])})
+
+
 def flop_handles() -> dict[str, Optional[Callable[[list, list], Any]]]:
     """The paper's operator rules, as extra fvcore handles (``None`` marks a free operator).
 
@@ -162,6 +191,7 @@ def flop_handles() -> dict[str, Optional[Callable[[list, list], Any]]]:
     handles: dict[str, Optional[Callable[[list, list], Any]]] = {op: None for op in _FREE_OPS}
     handles["prim::PythonOp.SelectiveScan"] = _selective_scan_flop_jit
     handles["aten::mean"] = _mean_flop_jit
+    handles["aten::matmul"] = _matmul_as_einsum_flop_jit
     return handles
 
 

@@ -77,11 +77,15 @@ class DSSM(nn.Module):
         return self.out_proj(y * z)
 
     def _scan(self, xs: torch.Tensor) -> torch.Tensor:
-        """Per-scan projections to (Δ, B, C), then one grouped selective scan over all K·D channels."""
+        """Per-scan projections to (Δ, B, C), then one grouped selective scan over all K·D channels.
+
+        The projections are batched matmuls over (batch, scan): they read the stacked sequences
+        and the rank-R time steps in place and write (B, K, ·, L) results, so no transposed copy
+        of xs is made or kept for the backward (an einsum would make one)."""
         batch, _, _, length = xs.shape
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        x_dbl = torch.matmul(self.x_proj_weight, xs)  # (K, R+2N, D) @ (B, K, D, L) → (B, K, R+2N, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_projs_weight)
+        delta = torch.matmul(self.dt_projs_weight, dt)  # (K, D, R) @ (B, K, R, L) → (B, K, D, L)
         return selective_scan(
             xs.reshape(batch, -1, length), delta.reshape(batch, -1, length),
             -torch.exp(self.A_logs.float()), B, C, self.Ds.float(), self.dt_projs_bias.float().flatten(),
