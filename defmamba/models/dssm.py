@@ -60,7 +60,9 @@ class DSSM(nn.Module):
         batch, h, w, _ = x.shape
         length = h * w
         x_in, z = self.in_proj(x).chunk(2, dim=-1)
-        z = F.silu(z)
+        # A dense copy of z: SiLU keeps its input for the backward, and a view would keep all of
+        # in_proj's output alive.
+        z = F.silu(z.contiguous())
         # A dense channels-last map: the depthwise convs and the offset network's LayerNorm then
         # run on NHWC data without layout copies.
         x_in = F.silu(self.conv2d(x_in.contiguous().permute(0, 3, 1, 2)))  # (B, D, h, w), channels-last
@@ -85,7 +87,8 @@ class DSSM(nn.Module):
         batch, _, _, length = xs.shape
         x_dbl = torch.matmul(self.x_proj_weight, xs)  # (K, R+2N, D) @ (B, K, D, L) → (B, K, R+2N, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.matmul(self.dt_projs_weight, dt)  # (K, D, R) @ (B, K, R, L) → (B, K, D, L)
+        # dt is copied out (R of R+2N rows) so that the backward keeps it, not all of x_dbl.
+        delta = torch.matmul(self.dt_projs_weight, dt.contiguous())  # (K, D, R) @ (B, K, R, L) → (B, K, D, L)
         return selective_scan(
             xs.reshape(batch, -1, length), delta.reshape(batch, -1, length),
             -torch.exp(self.A_logs.float()), B, C, self.Ds.float(), self.dt_projs_bias.float().flatten(),
