@@ -2,8 +2,8 @@
 # Whole-model check on a GPU machine: every GPU test, then DefMamba-T/S/B next to the timm peers
 # (eager), then compiled inference. Usage (from the repository root, the scan extension installed):
 #   bash tools/device/model_check.sh [OUT_DIR]
-# Writes env.log, tests.log, eager.{log,json} and compiled.{log,json} into OUT_DIR
-# (default: $OUT, else ./output/model).
+# Writes env.log, tests.log, compile_workaround.log, eager.{log,json} and compiled.{log,json} into
+# OUT_DIR (default: $OUT, else ./output/model).
 set -o pipefail
 out="${1:-${OUT:-output/model}}"
 mkdir -p "$out"
@@ -12,6 +12,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 python3 -c "from defmamba.ops.selective_scan import available_backends as a; print('backends', a('cuda'))" | tee -a "$out/env.log"
 python3 -m pytest -q -rfxX -p no:cacheprovider -m cuda tests/ 2>&1 | tee "$out/tests.log" | tail -15
 tests_rc=$?
+# The whole-model compiled-training check (a known defect, strict xfail) once more, run as a plain
+# test with Inductor's loop reindexing off: the workaround pytorch/pytorch#197077 names for the
+# internal assertion that float32 graphs hit.
+TORCHINDUCTOR_LOOP_REINDEXING_AFTER_FUSION=0 python3 -m pytest -q -rf --runxfail -p no:cacheprovider -m cuda \
+    tests/test_compile.py -k model_training 2>&1 | tee "$out/compile_workaround.log" | tail -5
 bench=(python3 tools/benchmark.py --warmup 3 --repeats 5 --iters 3)
 "${bench[@]}" --modes infer_fp32 infer_fp16 infer_bf16 train_fp16 train_bf16 --json "$out/eager.json" 2>&1 \
     | tee "$out/eager.log" | tail -12
