@@ -102,7 +102,7 @@ def path_order(z: torch.Tensor, path: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 class DeformableOutput(NamedTuple):
-    """What the deformable layer produces (the last three for inspection and visualisation)."""
+    """What the deformable layer produces (sample_points and path for inspection and visualisation)."""
 
     sequence: torch.Tensor  # (B, L, D) tokens in path order
     order: torch.Tensor  # (B, L) token index at each sequence position
