@@ -3,8 +3,8 @@
     python tools/saved_activations.py --model defmamba_small --amp bfloat16 [--stage 1] [--tensors]
 
 Runs training forwards of the first block of each stage (or one stage) on the CPU and counts every
-distinct tensor storage that autograd saves for the backward, attributed to the innermost
-submodule that was running. Two batch sizes separate the part that grows with the batch (reported
+distinct tensor storage that autograd saves for the backward (parameters excepted: they are
+resident anyway), attributed to the innermost submodule that was running. Two batch sizes separate the part that grows with the batch (reported
 per image) from the part that does not (autocast's weight copies, reported per block). The selective scan is replaced by a stand-in that keeps
 exactly what the GPU scan ops keep (their inputs and the float32 chunk states), so the numbers
 are those of a GPU training step with the cuda scan backend; the peak GPU memory of a training step
@@ -57,7 +57,7 @@ def saved_bytes(block: torch.nn.Module, x: torch.Tensor, amp: Optional[torch.dty
             hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: stack.append(name)))
             hooks.append(module.register_forward_hook(lambda m, a, o: stack.pop() and None))
     per_module: collections.Counter = collections.Counter()
-    seen = set()
+    seen = {p.untyped_storage().data_ptr() for p in block.parameters()}   # resident anyway: not counted
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath
 
+from ..ops.gelu_linear import gelu_linear
 from .dssm import DSSM
 
 __all__ = ["Permute", "PatchEmbed", "Downsample", "Mlp", "DMBlock"]
@@ -50,7 +51,9 @@ def Downsample(dim: int, out_dim: int) -> nn.Sequential:
 
 
 class Mlp(nn.Module):
-    """fc1 → GELU → fc2 (the official block's channel MLP; its dropouts are 0 and omitted)."""
+    """fc1 → GELU → fc2 (the official block's channel MLP; its dropouts are 0 and omitted).
+
+    In training, GELU's output is recomputed in the backward instead of being kept."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -59,7 +62,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        hidden = self.fc1(x)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return gelu_linear(hidden, self.fc2.weight, self.fc2.bias)
+        return self.fc2(self.act(hidden))
 
 
 class DMBlock(nn.Module):
