@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import sys
 from typing import Optional
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import defmamba  # noqa: E402
-from defmamba.models import dssm  # noqa: E402
+import defmamba
+from defmamba.models import dssm
 
 CHUNK, STATES = 16, 16  # the cuda scan op's checkpoint interval and padded state count
 

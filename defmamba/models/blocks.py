@@ -58,14 +58,10 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.fc1(x)
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            return gelu_linear(hidden, self.fc2.weight, self.fc2.bias)
-        return self.fc2(self.act(hidden))
+        return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
 
 
 class DMBlock(nn.Module):
