@@ -353,8 +353,8 @@ def run(args: argparse.Namespace) -> int:
             logger.info("the checkpoint has no EMA weights; the EMA starts from the model weights")
 
     if config.COMPILE and not config.EVAL_MODE and info.device.type == "cuda":
-        # Not yet verified: whole-model compiled training graphs on the GPU fail an internal
-        # Inductor assertion in float32 and fail the bf16 gradient check (tests/test_compile.py).
+        # Not yet verified: compiling the whole model's backward on the GPU fails an internal
+        # Inductor assertion (tests/test_compile.py, strict xfail).
         raise UsageError("--compile is not supported for GPU training yet: compiled whole-model training "
                          "graphs do not pass the gradient check against eager mode (README, torch.compile); "
                          "--compile works with --eval and --throughput; train without --compile")

@@ -134,23 +134,19 @@ def test_block_compiles_fullgraph_gpu(backend):
         assert error <= 1e-4, f"grad of {name}: max error {error:.2e} of its largest entry"
 
 
-_WHOLE_MODEL_DEFECT = pytest.mark.xfail(
-    strict=True, reason="known defect, seen on an H100 with torch 2.11 for the cuda and triton scan backends "
-    "(cause not yet isolated); main.py refuses --compile for GPU training until this passes")
-
-
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=_WHOLE_MODEL_DEFECT) if b in ("cuda", "triton") else b
-                                     for b in _gpu_backends()])
-def test_model_training_step_compiles_gpu(backend):
+@pytest.mark.xfail(strict=True, reason="known defect: on an H100 with torch 2.11, Inductor fails an internal assertion "
+                   "of its tiling analysis (tiling_utils.get_pw_red_splits, pytorch/pytorch#197077) when compiling "
+                   "the backward; main.py refuses --compile for GPU training until this passes")
+def test_model_training_step_compiles_gpu():
     """A whole model (Small's width, one block per stage) compiled with Inductor on the GPU under
     bf16 autocast, as it trains: logits and every parameter gradient match eager mode within
     bf16 rounding, on a non-square input (3×2 and 2×1 maps in the last stages). A layout defect
-    corrupts gradients by O(1), far above this tolerance. (float32 training graphs of the whole
-    model hit an internal assertion of Inductor 2.11's tiling analysis; README.)"""
+    corrupts gradients by O(1), far above this tolerance. One scan backend (the default): the
+    backends are opaque ops to Inductor and the rest of the graph is the same, and one
+    compilation of the model's training graph takes minutes."""
     torch.manual_seed(0)
-    model = defmamba.DefMamba(dims=96, depths=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.0,
-                              scan_backend=backend).cuda().train()
+    model = defmamba.DefMamba(dims=96, depths=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.0).cuda().train()
     x = torch.randn(2, 3, 96, 64, device="cuda")
     params = [p for p in model.parameters()]
 
