@@ -20,11 +20,12 @@ import defmamba
 # First matching pattern names the category of a CUDA kernel / op.
 CATEGORIES = [
     ("selective scan", r"selective|scan|_ss_|ssm"),
-    ("grid_sample", r"grid_sampler|grid_sample"),
+    ("deformable sampling", r"grid_sampler|grid_sample|bilinear_sampler|_sampling_(fwd|bwd)_kernel"),
     ("upsample (rpe resize)", r"upsample"),
     ("layer_norm", r"layer_norm|LayerNorm|layernorm"),
+    # cuDNN's convolution kernels: implicit GEMMs, data/weight gradients, layout transforms.
+    ("conv", r"conv|implicit_gemm|dgrad|wgrad|tensorTransform|cudnn|depthwise"),
     ("GEMM", r"gemm|cutlass|cublas|sm90_xmma|sm80_xmma|matmul|bmm|nvjet"),
-    ("conv", r"conv|cudnn|implicit_convolve|depthwise"),
     ("sort / gather / scatter", r"sort|radix|gather|scatter|index|cub::"),
     ("copies / casts", r"copy|cast|contiguous|to_copy|direct_copy|fill"),
     ("elementwise", r"elementwise|vectorized|unrolled|reduce|softmax|gelu|silu|tanh|sigmoid"),

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.permute import gather_tokens, invert_permutation
+from ..ops.deformable_sampling import sample_in_path_order
 
-__all__ = ["ConvOffset", "DeformableLayer", "DeformableOutput", "path_order"]
+__all__ = ["ConvOffset", "DeformableLayer", "DeformableOutput"]
 
 RPE_TABLE_SIZE = 7
 
@@ -64,43 +64,6 @@ def _key_coords(size: int, like: torch.Tensor) -> torch.Tensor:
     return coords * (2 * _inverse_extent(size)) - 1 if size > 1 else torch.zeros_like(coords)
 
 
-class _PathOrder(torch.autograd.Function):
-    """Gather tokens into path order, with the original surrogate gradient for the path positions.
-
-    Forward: seq[b, j, :] = z[b, :, order[b, j]]. Backward: the exact gradient for z (a gather by
-    the inverse order), and for the path positions the mean over channels of (gradient at sequence
-    slot m − gradient at token m), which stands in for the zero derivative of a sort.
-    """
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, path: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.path_dtype = path.dtype
-        return gather_tokens(z, order).transpose(1, 2)
-
-    @staticmethod
-    def backward(ctx, grad_seq: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        grad_seq_t = grad_seq.transpose(1, 2)  # (B, D, L), slot-major
-        grad_z = gather_tokens(grad_seq_t, inverse)
-        grad_path = (grad_seq_t - grad_z).mean(dim=1).to(ctx.path_dtype)
-        return grad_z, grad_path, None, None
-
-
-def path_order(z: torch.Tensor, path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Order the tokens of z (B, D, L) by ascending path position (B, L).
-
-    Returns (seq, order, inverse): seq (B, L, D) with seq[:, j] = token order[:, j], the (B, L)
-    order and its inverse permutation (the sequence slot of each token).
-    """
-    order = torch.argsort(path.detach(), dim=1, stable=True)
-    inverse = invert_permutation(order)
-    if torch.is_grad_enabled() and (z.requires_grad or path.requires_grad):
-        return _PathOrder.apply(z, path, order, inverse), order, inverse
-    # Inference: the same gather without the autograd wrapper (simpler graphs for export).
-    return gather_tokens(z, order).transpose(1, 2), order, inverse
-
-
 class DeformableOutput(NamedTuple):
     """What the deformable layer produces (sample_points and path for inspection and visualisation)."""
 
@@ -128,17 +91,13 @@ class DeformableLayer(nn.Module):
         pos_y = _reference_coords(h, x)[None, :, None] + offset_y  # (B, h, w)
         pos_x = _reference_coords(w, x)[None, None, :] + offset_x
         grid = torch.stack((pos_x, pos_y), dim=-1)
-        sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
-        # The resized bias table is the same for every image: resize once, broadcast over the batch.
-        rpe = F.interpolate(self.rpe_table[None], size=(h, w), mode="bilinear", align_corners=False)
+        # The resized bias table is the same for every image: resize once for the batch.
+        rpe = F.interpolate(self.rpe_table[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         disp_y = (_key_coords(h, x)[None, :, None] - pos_y) * 0.5
         disp_x = (_key_coords(w, x)[None, None, :] - pos_x) * 0.5
-        pos_bias = F.grid_sample(rpe.expand(batch, -1, -1, -1), torch.stack((disp_x, disp_y), dim=-1),
-                                 mode="bilinear", padding_mode="zeros", align_corners=True)
 
-        length = h * w
-        path_ref = _reference_coords(length, x)
-        path = torch.tanh(offsets[:, 2].reshape(batch, length)) + path_ref
-        sequence, order, inverse = path_order((sampled + pos_bias).reshape(batch, -1, length), path)
+        path = torch.tanh(offsets[:, 2].reshape(batch, h * w)) + _reference_coords(h * w, x)
+        # x sampled at grid plus the table sampled at disp, in path order (ops/deformable_sampling.py).
+        sequence, order, inverse = sample_in_path_order(x, grid, rpe, torch.stack((disp_x, disp_y), dim=-1), path)
         return DeformableOutput(sequence, order, inverse, grid, path)

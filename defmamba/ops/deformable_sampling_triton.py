@@ -1,0 +1,298 @@
+"""Triton kernels of :func:`defmamba.ops.deformable_sampling.sample_in_path_order`.
+
+Forward: one program per (image, block of sequence slots, block of channels). Each slot reads
+its token index from the order, the token's two points (map and bias table), and the four
+bilinear corners of both for its channels; channels are contiguous in a channels-last map and in
+the (h, w, C) copy of the table, so every corner read is a contiguous run. The sum is written in
+path order, (B, L, C), so no (B, C, L) intermediate and no gather exist.
+
+Backward: one program per (image, block of slots), looping over all channels. The gradients of
+the map and of the table are scattered to the four corners with float32 atomics (the map's into
+a channels-last buffer; the table's into a few partial copies, picked by image, then summed, so
+that the images of a batch do not all contend for the same addresses). The gradients of the two
+points are sums over channels, kept in registers and written once per token: each token has one
+slot, so these need no atomics. The per-slot channel mean of the incoming gradient is written for
+the path positions' surrogate gradient.
+
+Coordinates follow ``grid_sample(mode="bilinear", padding_mode="zeros", align_corners=True)``:
+pixel = (g + 1) / 2 · (size − 1), corners outside the map read 0 and receive nothing.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["is_available", "sample_in_path_order_triton"]
+
+try:  # Triton is optional: the module must import on machines without it.
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR = ""
+except Exception as err:  # noqa: BLE001  (ImportError, or a broken install raising anything)
+    triton = None
+    tl = None
+    _IMPORT_ERROR = f"triton could not be imported ({type(err).__name__}: {err})"
+
+_BLOCK_L_FWD, _BLOCK_C_FWD = 32, 64
+_BLOCK_L_BWD, _BLOCK_C_BWD = 16, 64
+_TABLE_PARTIALS = 8  # partial copies of the table gradient (images b, b + 8, ... share one)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def is_available() -> tuple[bool, str]:
+    """(True, "") when the kernels can run on CUDA tensors here, else (False, why not)."""
+    if triton is None:
+        return False, _IMPORT_ERROR
+    if _interpreting():
+        return False, "TRITON_INTERPRET=1 is set (the interpreter is for debugging on CPU tensors only)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible to PyTorch"
+    if torch.cuda.get_device_capability()[0] < 7:
+        return False, "Triton needs a GPU of compute capability 7.0 or newer"
+    return True, ""
+
+
+if triton is not None:
+
+    @triton.jit
+    def _corners(px, py, size_w, size_h):
+        """Pixel coordinates of a point, its north-west corner and the four bilinear weights."""
+        ix = (px + 1.0) * 0.5 * (size_w - 1)
+        iy = (py + 1.0) * 0.5 * (size_h - 1)
+        ix0f = tl.floor(ix)
+        iy0f = tl.floor(iy)
+        ix0 = ix0f.to(tl.int32)
+        iy0 = iy0f.to(tl.int32)
+        wx1 = ix - ix0f  # weight of the east column
+        wx0 = (ix0f + 1.0) - ix
+        wy1 = iy - iy0f  # weight of the south row
+        wy0 = (iy0f + 1.0) - iy
+        return ix0, iy0, wx0, wx1, wy0, wy1
+
+    @triton.jit
+    def _sampling_fwd_kernel(x_ptr, grid_ptr, table_ptr, disp_ptr, order_ptr, out_ptr,
+                    length, channels, size_h, size_w,
+                    sx_b, sx_c, sx_h, sx_w,
+                    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid_l = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        pid_c = tl.program_id(2)
+        slots = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        slot_ok = slots < length
+        chan_ok = chans < channels
+        tok = tl.load(order_ptr + b * length + slots, mask=slot_ok, other=0)
+        point = b * length * 2 + tok * 2
+        px = tl.load(grid_ptr + point, mask=slot_ok, other=0.0).to(tl.float32)
+        py = tl.load(grid_ptr + point + 1, mask=slot_ok, other=0.0).to(tl.float32)
+        qx = tl.load(disp_ptr + point, mask=slot_ok, other=0.0).to(tl.float32)
+        qy = tl.load(disp_ptr + point + 1, mask=slot_ok, other=0.0).to(tl.float32)
+        x_img = x_ptr + b * sx_b + (chans * sx_c)[None, :]
+        table_ch = table_ptr + chans[None, :]
+        acc = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
+        # Map sample and table sample: the same bilinear rule on two (h, w) grids.
+        ix0, iy0, wx0, wx1, wy0, wy1 = _corners(px, py, size_w, size_h)
+        jx0, jy0, vx0, vx1, vy0, vy1 = _corners(qx, qy, size_w, size_h)
+        for dy in tl.static_range(2):
+            for dx in tl.static_range(2):
+                cx = ix0 + dx
+                cy = iy0 + dy
+                wgt = (wx1 if dx else wx0) * (wy1 if dy else wy0)
+                ok = slot_ok & (cx >= 0) & (cx < size_w) & (cy >= 0) & (cy < size_h)
+                v = tl.load(x_img + (cy.to(tl.int64) * sx_h + cx.to(tl.int64) * sx_w)[:, None],
+                            mask=ok[:, None] & chan_ok[None, :], other=0.0).to(tl.float32)
+                acc += v * wgt[:, None]
+                ex = jx0 + dx
+                ey = jy0 + dy
+                wgt_t = (vx1 if dx else vx0) * (vy1 if dy else vy0)
+                ok_t = slot_ok & (ex >= 0) & (ex < size_w) & (ey >= 0) & (ey < size_h)
+                t = tl.load(table_ch + ((ey * size_w + ex).to(tl.int64) * channels)[:, None],
+                            mask=ok_t[:, None] & chan_ok[None, :], other=0.0).to(tl.float32)
+                acc += t * wgt_t[:, None]
+        out = out_ptr + (b * length + slots.to(tl.int64))[:, None] * channels + chans[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=slot_ok[:, None] & chan_ok[None, :])
+
+    @triton.jit
+    def _sampling_bwd_kernel(grad_ptr, x_ptr, grid_ptr, table_ptr, disp_ptr, order_ptr,
+                    gx_ptr, ggrid_ptr, gtable_ptr, gdisp_ptr, slot_mean_ptr,
+                    length, channels, size_h, size_w, n_partials,
+                    sg_b, sg_l, sg_c, sx_b, sx_c, sx_h, sx_w,
+                    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid_l = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        slots = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        slot_ok = slots < length
+        tok = tl.load(order_ptr + b * length + slots, mask=slot_ok, other=0)
+        point = b * length * 2 + tok * 2
+        px = tl.load(grid_ptr + point, mask=slot_ok, other=0.0).to(tl.float32)
+        py = tl.load(grid_ptr + point + 1, mask=slot_ok, other=0.0).to(tl.float32)
+        qx = tl.load(disp_ptr + point, mask=slot_ok, other=0.0).to(tl.float32)
+        qy = tl.load(disp_ptr + point + 1, mask=slot_ok, other=0.0).to(tl.float32)
+        ix0, iy0, wx0, wx1, wy0, wy1 = _corners(px, py, size_w, size_h)
+        jx0, jy0, vx0, vx1, vy0, vy1 = _corners(qx, qy, size_w, size_h)
+        # Offsets (without the channel) of the four corners in x, in the channels-last x gradient
+        # and in the (h, w, C) table and its gradient; validity of each corner.
+        ok_x0 = (ix0 >= 0) & (ix0 < size_w)
+        ok_x1 = (ix0 + 1 >= 0) & (ix0 + 1 < size_w)
+        ok_y0 = (iy0 >= 0) & (iy0 < size_h)
+        ok_y1 = (iy0 + 1 >= 0) & (iy0 + 1 < size_h)
+        ok_u0 = (jx0 >= 0) & (jx0 < size_w)
+        ok_u1 = (jx0 + 1 >= 0) & (jx0 + 1 < size_w)
+        ok_v0 = (jy0 >= 0) & (jy0 < size_h)
+        ok_v1 = (jy0 + 1 >= 0) & (jy0 + 1 < size_h)
+        partial = (b % n_partials) * size_h * size_w * channels
+
+        grad_px = tl.zeros([BLOCK_L], dtype=tl.float32)
+        grad_py = tl.zeros([BLOCK_L], dtype=tl.float32)
+        grad_qx = tl.zeros([BLOCK_L], dtype=tl.float32)
+        grad_qy = tl.zeros([BLOCK_L], dtype=tl.float32)
+        slot_sum = tl.zeros([BLOCK_L], dtype=tl.float32)
+        for c0 in range(0, channels, BLOCK_C):
+            chans = c0 + tl.arange(0, BLOCK_C)
+            chan_ok = chans < channels
+            tile_ok = slot_ok[:, None] & chan_ok[None, :]
+            g = tl.load(grad_ptr + b * sg_b + (slots.to(tl.int64) * sg_l)[:, None] + (chans * sg_c)[None, :],
+                        mask=tile_ok, other=0.0).to(tl.float32)
+            slot_sum += tl.sum(g, axis=1)
+            for dy in tl.static_range(2):
+                for dx in tl.static_range(2):
+                    wxa = wx1 if dx else wx0
+                    wya = wy1 if dy else wy0
+                    cx = ix0 + dx
+                    cy = iy0 + dy
+                    ok = slot_ok & (ok_x1 if dx else ok_x0) & (ok_y1 if dy else ok_y0)
+                    m = ok[:, None] & chan_ok[None, :]
+                    v = tl.load(x_ptr + b * sx_b + (cy.to(tl.int64) * sx_h + cx.to(tl.int64) * sx_w)[:, None]
+                                + (chans * sx_c)[None, :], mask=m, other=0.0).to(tl.float32)
+                    gv = tl.sum(g * v, axis=1)
+                    # d(weight)/d(pixel x) = ±wy, d(weight)/d(pixel y) = ±wx
+                    grad_px += gv * wya * (1.0 if dx else -1.0)
+                    grad_py += gv * wxa * (1.0 if dy else -1.0)
+                    cell = ((b * size_h + cy.to(tl.int64)) * size_w + cx.to(tl.int64)) * channels
+                    tl.atomic_add(gx_ptr + cell[:, None] + chans[None, :], g * (wxa * wya)[:, None], mask=m,
+                                  sem="relaxed")
+
+                    wxb = vx1 if dx else vx0
+                    wyb = vy1 if dy else vy0
+                    ex = jx0 + dx
+                    ey = jy0 + dy
+                    ok_t = slot_ok & (ok_u1 if dx else ok_u0) & (ok_v1 if dy else ok_v0)
+                    mt = ok_t[:, None] & chan_ok[None, :]
+                    cell_t = (ey * size_w + ex).to(tl.int64) * channels
+                    t = tl.load(table_ptr + cell_t[:, None] + chans[None, :], mask=mt, other=0.0).to(tl.float32)
+                    gt = tl.sum(g * t, axis=1)
+                    grad_qx += gt * wyb * (1.0 if dx else -1.0)
+                    grad_qy += gt * wxb * (1.0 if dy else -1.0)
+                    tl.atomic_add(gtable_ptr + partial + cell_t[:, None] + chans[None, :], g * (wxb * wyb)[:, None],
+                                  mask=mt, sem="relaxed")
+        # pixel = (g + 1) / 2 · (size − 1): d pixel / d g = (size − 1) / 2
+        scale_x = (size_w - 1) * 0.5
+        scale_y = (size_h - 1) * 0.5
+        tl.store(ggrid_ptr + point, grad_px * scale_x, mask=slot_ok)
+        tl.store(ggrid_ptr + point + 1, grad_py * scale_y, mask=slot_ok)
+        tl.store(gdisp_ptr + point, grad_qx * scale_x, mask=slot_ok)
+        tl.store(gdisp_ptr + point + 1, grad_qy * scale_y, mask=slot_ok)
+        tl.store(slot_mean_ptr + b * length + slots, slot_sum / channels, mask=slot_ok)
+
+
+def _check(x: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError(f"the Triton deformable-sampling kernels are not available: {_IMPORT_ERROR}")
+    if x.dtype == torch.float64:
+        raise TypeError("the Triton deformable-sampling kernels take float32/float16/bfloat16; use the PyTorch "
+                        "formulation for float64")
+    if not x.is_cuda and not _interpreting():
+        raise RuntimeError(f"the Triton deformable-sampling kernels need CUDA tensors; x is on {x.device}")
+
+
+def _forward(x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor,
+             order: torch.Tensor) -> torch.Tensor:
+    batch, channels, h, w = x.shape
+    length = h * w
+    out = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
+    launch = (triton.cdiv(length, _BLOCK_L_FWD), batch, triton.cdiv(channels, _BLOCK_C_FWD))
+    _sampling_fwd_kernel[launch](x, grid, table_hwc, disp, order, out, length, channels, h, w, *x.stride(),
+                                 BLOCK_L=_BLOCK_L_FWD, BLOCK_C=_BLOCK_C_FWD, num_warps=4)
+    return out
+
+
+def _backward(grad: torch.Tensor, x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor,
+              disp: torch.Tensor, order: torch.Tensor):
+    batch, channels, h, w = x.shape
+    length = h * w
+    partials = min(batch, _TABLE_PARTIALS)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    grad_x = torch.zeros((batch, h, w, channels), **f32)  # channels-last
+    grad_table = torch.zeros((partials, h, w, channels), **f32)
+    grad_grid = torch.empty((batch, h, w, 2), **f32)
+    grad_disp = torch.empty((batch, h, w, 2), **f32)
+    slot_mean = torch.empty((batch, length), **f32)
+    launch = (triton.cdiv(length, _BLOCK_L_BWD), batch)
+    _sampling_bwd_kernel[launch](grad, x, grid, table_hwc, disp, order,
+                                 grad_x, grad_grid, grad_table, grad_disp, slot_mean,
+                                 length, channels, h, w, partials, *grad.stride(), *x.stride(),
+                                 BLOCK_L=_BLOCK_L_BWD, BLOCK_C=_BLOCK_C_BWD, num_warps=4)
+    return grad_x, grad_grid, grad_table.sum(0), grad_disp, slot_mean
+
+
+# ---- torch custom ops: opaque to torch.compile, differentiable through register_autograd ----
+
+@torch.library.custom_op("defmamba::deformable_sampling_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor, path: torch.Tensor,
+            order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    return _forward(x, grid, table_hwc, disp, order)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, grid, table_hwc, disp, path, order, inverse):
+    batch, channels, h, w = x.shape
+    return x.new_empty((batch, h * w, channels))
+
+
+@torch.library.custom_op("defmamba::deformable_sampling_bwd", mutates_args=())
+def _bwd_op(grad: torch.Tensor, x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor,
+            order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad, x, grid, table_hwc, disp, order)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad, x, grid, table_hwc, disp, order):
+    batch, channels, h, w = x.shape
+    f32 = dict(dtype=torch.float32)
+    return (x.new_empty((batch, h, w, channels), **f32), x.new_empty((batch, h, w, 2), **f32),
+            x.new_empty((h, w, channels), **f32), x.new_empty((batch, h, w, 2), **f32),
+            x.new_empty((batch, h * w), **f32))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, grid, table_hwc, disp, path, order, inverse = inputs
+    ctx.save_for_backward(x, grid, table_hwc, disp, order, inverse)
+    ctx.dtypes = (x.dtype, grid.dtype, table_hwc.dtype, disp.dtype, path.dtype)
+
+
+def _autograd_backward(ctx, grad):
+    x, grid, table_hwc, disp, order, inverse = ctx.saved_tensors
+    grad_x, grad_grid, grad_table, grad_disp, slot_mean = _bwd_op(grad, x, grid, table_hwc, disp, order)
+    x_dtype, grid_dtype, table_dtype, disp_dtype, path_dtype = ctx.dtypes
+    # Surrogate for the sort: gradient mean at slot m minus that at token m (whose slot is inverse[m]).
+    grad_path = slot_mean - torch.gather(slot_mean, 1, inverse)
+    return (grad_x.permute(0, 3, 1, 2).to(x_dtype), grad_grid.to(grid_dtype), grad_table.to(table_dtype),
+            grad_disp.to(disp_dtype), grad_path.to(path_dtype), None, None)
+
+
+_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def sample_in_path_order_triton(x: torch.Tensor, grid: torch.Tensor, table: torch.Tensor, disp: torch.Tensor,
+                                path: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """The deformable sequence (B, L, C) in x's dtype through the Triton kernels; ``order`` and
+    ``inverse`` are the path's stable argsort and its inverse. Shapes as in
+    :func:`defmamba.ops.deformable_sampling.sample_in_path_order` (checked there)."""
+    _check(x)
+    table_hwc = table.permute(1, 2, 0).contiguous()  # channels contiguous, like a channels-last map
+    return _fwd_op(x, grid.contiguous(), table_hwc, disp.contiguous(), path, order.contiguous(), inverse)

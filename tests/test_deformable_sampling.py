@@ -1,0 +1,142 @@
+"""The deformable-sequence op: the Triton kernels against the PyTorch formulation in float64.
+
+On CPU the kernels run under Triton's interpreter (a subprocess with TRITON_INTERPRET=1, which
+Triton reads when the kernels are defined); on a GPU they run compiled. Inputs are fresh random
+maps of odd and non-square sizes, a 1-pixel axis and more images than the table gradient has
+partial copies, with points reaching outside the map so that the zero padding is exercised.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from defmamba.ops import deformable_sampling as ds
+
+# (batch, channels, h, w): channels below, at and above one channel block; a 1-pixel-wide map;
+# 10 images (> 8 partial copies of the table gradient).
+CASES = [(2, 5, 5, 7), (3, 70, 6, 1), (10, 3, 4, 9), (1, 64, 1, 1)]
+INPUTS = ("x", "grid", "table", "disp", "path")
+
+
+def make_inputs(batch: int, channels: int, h: int, w: int, seed: int, channels_last: bool = True) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, h, w, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return dict(x=x,
+                grid=torch.rand(batch, h, w, 2, generator=g, dtype=torch.float64) * 2.4 - 1.2,
+                table=torch.randn(channels, h, w, generator=g, dtype=torch.float64),
+                disp=torch.rand(batch, h, w, 2, generator=g, dtype=torch.float64) * 2.4 - 1.2,
+                # Distinct small integers: exact in every dtype, so every precision sorts alike.
+                path=torch.stack([torch.randperm(h * w, generator=g) for _ in range(batch)]).double())
+
+
+def run_op(fn, inputs: dict, dtype: torch.dtype, device: str, weight: torch.Tensor):
+    """Sequence and the gradients of every input for the loss sum(weight · seq)."""
+    leaves = {k: v.to(device=device, dtype=dtype).detach().requires_grad_() for k, v in inputs.items()}
+    seq, order, inverse = fn(**leaves)
+    (seq.double() * weight.to(device)).sum().backward()
+    return seq.double().cpu(), order.cpu(), {k: leaves[k].grad.double().cpu() for k in INPUTS}
+
+
+def triton_fn(x, grid, table, disp, path):
+    from defmamba.ops import deformable_sampling_triton as kernels
+
+    order, inverse = ds._sort_path(path)
+    return kernels.sample_in_path_order_triton(x, grid, table, disp, path, order, inverse), order, inverse
+
+
+def max_errors(inputs: dict, dtype: torch.dtype, device: str, seed: int) -> dict:
+    """Largest error of the Triton result relative to the largest reference entry, per output."""
+    batch, channels, h, w = inputs["x"].shape
+    weight = torch.randn(batch, h * w, channels, generator=torch.Generator().manual_seed(seed + 1),
+                         dtype=torch.float64)
+    ref_seq, ref_order, ref_grads = run_op(ds._sample_torch, inputs, torch.float64, "cpu", weight)
+    seq, order, grads = run_op(triton_fn, inputs, dtype, device, weight)
+    assert torch.equal(order, ref_order)
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+    return {"seq": rel(seq, ref_seq), **{k: rel(grads[k], ref_grads[k]) for k in INPUTS}}
+
+
+def test_triton_kernels_match_float64_reference_in_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(errors) == 2 * len(CASES)
+    for case, errs in errors.items():
+        for name, err in errs.items():
+            assert err <= 1e-5, f"{case}: {name} off by {err:.2e} of its largest entry"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_triton_kernels_match_float64_reference_gpu(case, channels_last):
+    if not ds._triton.is_available()[0]:
+        pytest.skip(ds._triton.is_available()[1])
+    inputs = make_inputs(*case, seed=sum(case), channels_last=channels_last)
+    for name, err in max_errors(inputs, torch.float32, "cuda", seed=sum(case)).items():
+        assert err <= 1e-5, f"{name} off by {err:.2e} of its largest entry"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_maps_gpu(dtype):
+    """A half-precision map (as under autocast): the sequence is rounded once, after float32 sums."""
+    if not ds._triton.is_available()[0]:
+        pytest.skip(ds._triton.is_available()[1])
+    # The reference gets the same rounded inputs: what is compared is the arithmetic (float32 sums,
+    # one rounding of the sequence and of each gradient), not the rounding of the inputs.
+    inputs = {k: v.to(dtype).double() for k, v in make_inputs(4, 96, 14, 10, seed=3).items()}
+    tol = 1.6e-2 if dtype == torch.bfloat16 else 2e-3
+    for name, err in max_errors(inputs, dtype, "cuda", seed=3).items():
+        assert err <= tol, f"{name} off by {err:.2e} of its largest entry"
+
+
+@pytest.mark.cuda
+def test_pytorch_formulation_is_forced_by_the_context_and_by_deterministic_mode_gpu(monkeypatch):
+    if not ds._triton.is_available()[0]:
+        pytest.skip(ds._triton.is_available()[1])
+    x = torch.zeros(1, 1, 2, 2, device="cuda")
+    assert ds._use_triton(x)
+    with ds.pytorch_formulation():
+        assert not ds._use_triton(x)
+    assert ds._use_triton(x)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not ds._use_triton(x)
+
+
+def test_dispatch_uses_pytorch_formulation_off_gpu():
+    inputs = make_inputs(2, 4, 3, 5, seed=0)
+    seq, order, inverse = ds.sample_in_path_order(**inputs)
+    ref_seq, ref_order, _ = ds._sample_torch(**inputs)
+    assert torch.equal(seq, ref_seq) and torch.equal(order, ref_order)
+    assert torch.equal(torch.gather(order, 1, inverse), torch.arange(15).expand(2, -1))
+
+
+@pytest.mark.parametrize("name,shape", [("grid", (2, 3, 4, 2)), ("table", (4, 5, 3)), ("path", (2, 14))])
+def test_wrong_shapes_are_clear_errors(name, shape):
+    inputs = make_inputs(2, 4, 3, 5, seed=0)
+    inputs[name] = torch.zeros(shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        ds.sample_in_path_order(**inputs)
+
+
+if __name__ == "__main__":  # the interpreter check (run by the test above in a subprocess)
+    results = {}
+    for i, case in enumerate(CASES):
+        for channels_last in (True, False):
+            inputs = make_inputs(*case, seed=i, channels_last=channels_last)
+            results[f"{case} channels_last={channels_last}"] = max_errors(inputs, torch.float32, "cpu", seed=i)
+    print(json.dumps(results))

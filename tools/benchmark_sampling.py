@@ -1,0 +1,80 @@
+"""DefMamba with the Triton deformable-sampling op against its PyTorch formulation, on one GPU.
+
+For each model and mode the two are measured one after the other in the same process (the
+protocol of ``tools/benchmark.py``: batch 128, median of timed windows after warm-up), so the
+comparison holds on one card. Needs a CUDA GPU and Triton.
+
+    python tools/benchmark_sampling.py --models defmamba_small defmamba_tiny --json sampling.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+import torch
+
+import defmamba
+from defmamba.benchmark import measure_throughput
+from defmamba.ops import deformable_sampling
+
+MODES = {"infer_fp32": ("infer", None), "infer_fp16": ("infer", torch.float16),
+         "train_fp16": ("train", torch.float16), "train_bf16": ("train", torch.bfloat16)}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["defmamba_tiny", "defmamba_small", "defmamba_base"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--json", type=str, default=None, help="write all results to this file")
+    return parser.parse_args(argv)
+
+
+def measure(name: str, mode: str, args: argparse.Namespace) -> dict:
+    kind, dtype = MODES[mode]
+    model = defmamba.build_model(name).cuda()
+    try:
+        return measure_throughput(model, args.batch_size, 224, mode=kind, amp_dtype=dtype, warmup=args.warmup,
+                                  repeats=args.repeats, iters_per_window=args.iters)
+    finally:
+        del model
+        torch.cuda.empty_cache()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: this comparison needs a CUDA GPU", file=sys.stderr)
+        return 2
+    ok, why = deformable_sampling._triton.is_available()
+    if not ok:
+        print(f"error: the Triton deformable-sampling kernels cannot run here: {why}", file=sys.stderr)
+        return 2
+    torch.backends.cudnn.benchmark = True
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch_size}, median of "
+          f"{args.repeats} windows × {args.iters} iterations after {args.warmup} warm-up", flush=True)
+    results: dict = {}
+    print("| model | mode | PyTorch img/s | Triton op img/s | change | peak GiB (PyTorch / Triton) |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        for mode in args.modes:
+            with deformable_sampling.pytorch_formulation():
+                base = measure(name, mode, args)
+            fused = measure(name, mode, args)
+            results[f"{name} {mode}"] = {"pytorch": base, "triton": fused}
+            peaks = "/".join(f"{r['peak_memory_gib']:.2f}" if r.get("peak_memory_gib") else "-" for r in (base, fused))
+            print(f"| {name} | {mode} | {base['images_per_s']:.1f} | {fused['images_per_s']:.1f} | "
+                  f"{fused['images_per_s'] / base['images_per_s'] - 1:+.1%} | {peaks} |", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
