@@ -10,6 +10,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from ..ops.gelu_linear import gelu_linear
+from ..ops.layer_norm import LayerNorm
 from .dssm import DSSM
 
 __all__ = ["Permute", "PatchEmbed", "Downsample", "Mlp", "DMBlock"]
@@ -31,12 +32,12 @@ def PatchEmbed(in_chans: int, embed_dim: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1),
         Permute(0, 2, 3, 1),
-        nn.LayerNorm(embed_dim // 2),
+        LayerNorm(embed_dim // 2),
         Permute(0, 3, 1, 2),
         nn.GELU(),
         nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1),
         Permute(0, 2, 3, 1),
-        nn.LayerNorm(embed_dim),
+        LayerNorm(embed_dim),
     )
 
 
@@ -46,7 +47,7 @@ def Downsample(dim: int, out_dim: int) -> nn.Sequential:
         Permute(0, 3, 1, 2),
         nn.Conv2d(dim, out_dim, 3, stride=2, padding=1),
         Permute(0, 2, 3, 1),
-        nn.LayerNorm(out_dim),
+        LayerNorm(out_dim),
     )
 
 
@@ -70,10 +71,10 @@ class DMBlock(nn.Module):
     def __init__(self, dim: int, deform_kernel_size: int, drop_path: float = 0.0, d_state: int = 16,
                  ssm_ratio: float = 1.0, mlp_ratio: float = 4.0, scan_backend: str = "auto") -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
         self.op = DSSM(dim, deform_kernel_size, d_state=d_state, ssm_ratio=ssm_ratio, scan_backend=scan_backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops.layer_norm import LayerNorm
 from .blocks import DMBlock, Downsample, PatchEmbed
 
 __all__ = ["DefMamba", "DefMambaBackbone", "VariantSpec", "VARIANTS", "DEFORM_KERNEL_SIZES", "MIN_INPUT_SIZE"]
@@ -147,7 +148,7 @@ class DefMamba(_DefMambaTrunk):
         super().__init__(dims=dims, depths=depths, **kwargs)
         self.num_classes = num_classes
         self.classifier = nn.Module()
-        self.classifier.norm = nn.LayerNorm(self.num_features)
+        self.classifier.norm = LayerNorm(self.num_features)
         self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
 
@@ -228,7 +229,7 @@ class DefMambaBackbone(_DefMambaTrunk):
         if bad:
             raise ValueError(f"out_indices {bad} out of range for {len(self.layers)} stages")
         for i in self.out_indices:
-            self.add_module(f"outnorm{i}", nn.LayerNorm(self.dims[i]))
+            self.add_module(f"outnorm{i}", LayerNorm(self.dims[i]))
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> Union[list[torch.Tensor], torch.Tensor]:

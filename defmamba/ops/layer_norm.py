@@ -1,0 +1,45 @@
+"""LayerNorm over the last dim with Triton kernels for CUDA tensors (``layer_norm_triton.py``).
+
+A drop-in ``nn.LayerNorm`` (same parameters and state-dict keys, same result): contiguous CUDA
+inputs of float32/float16/bfloat16 with an elementwise affine run the Triton kernels, everything
+else ``F.layer_norm``. Under autocast it follows autocast's rule for ``layer_norm``: float32
+statistics and a float32 output, whatever the input dtype (a half-precision input is read as it is,
+not copied to float32 first).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import layer_norm_triton as _triton
+
+__all__ = ["LayerNorm", "layer_norm"]
+
+
+def _use_triton(x: torch.Tensor, normalized_shape: tuple[int, ...], weight, bias) -> bool:
+    return (x.is_cuda and len(normalized_shape) == 1 and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and x.is_contiguous() and weight is not None and bias is not None
+            and normalized_shape[0] <= _triton._MAX_COLUMNS and x.numel() > 0 and _triton.ready())
+
+
+def layer_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm`` (same arguments), through the Triton kernels where they apply."""
+    if not _use_triton(x, normalized_shape, weight, bias):
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    if tuple(x.shape[-1:]) != tuple(normalized_shape):
+        raise ValueError(f"layer_norm: normalized_shape {tuple(normalized_shape)} does not match the last dim of "
+                         f"an input of shape {tuple(x.shape)}")
+    if torch.is_autocast_enabled("cuda"):
+        return _triton.layer_norm_triton(x, weight.float(), bias.float(), eps, torch.float32)
+    if weight.dtype != bias.dtype or weight.dtype not in (x.dtype, torch.float32):
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)  # dtype mixes as PyTorch handles them
+    return _triton.layer_norm_triton(x, weight, bias, eps, x.dtype)  # PyTorch's rule: the output has x's dtype
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm``, computed by :func:`layer_norm`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)

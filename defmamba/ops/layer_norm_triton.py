@@ -1,0 +1,213 @@
+"""Triton kernels of :func:`defmamba.ops.layer_norm.layer_norm` (normalisation over the last dim).
+
+DefMamba normalises many short rows: 96–768 channels at each of up to 128·56·56 positions.
+PyTorch's kernel gives each row its own thread block, so most of its threads idle on rows this
+short; here one program normalises a [ROWS, next_pow2(C)] tile, with ROWS chosen so that a tile
+holds about 4096 values, and the statistics are float32 whatever the input dtype.
+
+Backward: one program per tile as well; the weight and bias gradients (sums over all rows) are
+accumulated per program in registers over a strided set of tiles and written as one partial row
+each, then summed.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from .eager_dispatch import compile_aware, with_autograd
+
+__all__ = ["is_available", "ready", "layer_norm_triton"]
+
+try:  # Triton is optional: the module must import on machines without it.
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR = ""
+except Exception as err:  # noqa: BLE001  (ImportError, or a broken install raising anything)
+    triton = None
+    tl = None
+    _IMPORT_ERROR = f"triton could not be imported ({type(err).__name__}: {err})"
+
+_TILE = 4096  # values per program tile
+_MAX_COLUMNS = 8192  # wider rows fall back to PyTorch (one tile row would not fit in registers)
+_BWD_PROGRAMS = 1024  # programs of the backward, each with its own partial weight/bias gradient row
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def is_available() -> tuple[bool, str]:
+    """(True, "") when the kernels can run on CUDA tensors here, else (False, why not)."""
+    if triton is None:
+        return False, _IMPORT_ERROR
+    if _interpreting():
+        return False, "TRITON_INTERPRET=1 is set (the interpreter is for debugging on CPU tensors only)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible to PyTorch"
+    if torch.cuda.get_device_capability()[0] < 7:
+        return False, "Triton needs a GPU of compute capability 7.0 or newer"
+    return True, ""
+
+
+_ready: bool | None = None
+
+
+def ready() -> bool:
+    """``is_available()[0]``, asked once per process (the dispatch asks on every call)."""
+    global _ready
+    if _ready is None:
+        _ready = is_available()[0]
+    return _ready
+
+
+if triton is not None:
+
+    @triton.jit
+    def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, eps,
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        c = tl.arange(0, BLOCK_N)
+        row_ok = r < rows
+        col_ok = c < cols
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = r.to(tl.int64)[:, None] * cols + c[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / cols
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / cols
+        rstd = 1.0 / tl.sqrt(var + eps)
+        w = tl.load(w_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
+        y = xc * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + r, mean, mask=row_ok)
+        tl.store(rstd_ptr + r, rstd, mask=row_ok)
+
+    @triton.jit
+    def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, rows, cols,
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        c = tl.arange(0, BLOCK_N)
+        col_ok = c < cols
+        w = tl.load(w_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(pid * ROWS, rows, n_prog * ROWS):
+            r = start + tl.arange(0, ROWS)
+            row_ok = r < rows
+            mask = row_ok[:, None] & col_ok[None, :]
+            offs = r.to(tl.int64)[:, None] * cols + c[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + r, mask=row_ok, other=0.0)
+            rstd = tl.load(rstd_ptr + r, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            wdy = dy * w[None, :]
+            c1 = tl.sum(xhat * wdy, axis=1) / cols
+            c2 = tl.sum(wdy, axis=1) / cols
+            dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dw += tl.sum(dy * xhat, axis=0)
+            db += tl.sum(dy, axis=0)
+        tl.store(dw_part_ptr + pid * cols + c, dw, mask=col_ok)
+        tl.store(db_part_ptr + pid * cols + c, db, mask=col_ok)
+
+
+def _tile(cols: int) -> tuple[int, int, int]:
+    block_n = triton.next_power_of_2(cols)
+    rows_per_tile = max(1, _TILE // block_n)
+    num_warps = 4 if block_n * rows_per_tile <= 4096 else 8
+    return rows_per_tile, block_n, num_warps
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype):
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    rows_per_tile, block_n, num_warps = _tile(cols)
+    _ln_fwd_kernel[(triton.cdiv(rows, rows_per_tile),)](x, weight, bias, y, mean, rstd, rows, cols, eps,
+                                                          ROWS=rows_per_tile, BLOCK_N=block_n, num_warps=num_warps)
+    return y, mean, rstd
+
+
+def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    dy = dy.contiguous()
+    rows_per_tile, block_n, num_warps = _tile(cols)
+    programs = max(1, min(_BWD_PROGRAMS, triton.cdiv(rows, rows_per_tile)))
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw_part = torch.empty((programs, cols), dtype=torch.float32, device=x.device)
+    db_part = torch.empty((programs, cols), dtype=torch.float32, device=x.device)
+    _ln_bwd_kernel[(programs,)](dy, x, weight, mean, rstd, dx, dw_part, db_part, rows, cols,
+                                ROWS=rows_per_tile, BLOCK_N=block_n, num_warps=num_warps)
+    return dx, dw_part.sum(0), db_part.sum(0)
+
+
+# ---- torch custom ops: opaque to torch.compile, differentiable through register_autograd ----
+
+@torch.library.custom_op("defmamba::layer_norm_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, eps, out_dtype)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, weight, bias, eps, out_dtype):
+    rows = x.numel() // x.shape[-1]
+    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty((rows,), dtype=torch.float32),
+            x.new_empty((rows,), dtype=torch.float32))
+
+
+@torch.library.custom_op("defmamba::layer_norm_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+            rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dy, x, weight, mean, rstd)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dy, x, weight, mean, rstd):
+    cols = x.shape[-1]
+    return (x.new_empty(x.shape), x.new_empty((cols,), dtype=torch.float32),
+            x.new_empty((cols,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, _eps, _out_dtype = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.param_dtypes = (weight.dtype, bias.dtype)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _autograd_backward(backward: Callable) -> Callable:
+    """The op's backward, computing the gradients with ``backward`` (the custom op or its body)."""
+
+    def run(ctx, dy, _dmean, _drstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = backward(dy, x, weight, mean, rstd)
+        w_dtype, b_dtype = ctx.param_dtypes
+        return dx, dw.to(w_dtype), db.to(b_dtype), None, None
+
+    return run
+
+
+_fwd_op.register_autograd(_autograd_backward(_bwd_op), setup_context=_setup_context)
+# Eager mode calls the kernels without the custom-op dispatch (eager_dispatch.py).
+_fwd = compile_aware(_fwd_op, with_autograd(_forward, _setup_context, _autograd_backward(_backward)))
+
+
+def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm of a contiguous x over its last dim (statistics in float32), output in ``out_dtype``."""
+    if triton is None:
+        raise RuntimeError(f"the Triton LayerNorm kernels are not available: {_IMPORT_ERROR}")
+    if not x.is_contiguous():
+        raise ValueError("the Triton LayerNorm takes contiguous inputs")
+    return _fwd(x, weight, bias, float(eps), out_dtype)[0]

@@ -1,0 +1,117 @@
+"""The Triton LayerNorm against F.layer_norm in float64 (CPU: Triton's interpreter in a
+subprocess; GPU: compiled), on fresh random rows of odd widths, plus the module's drop-in contract."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from defmamba.ops import layer_norm as ln
+
+# (leading shape, channels): widths below, at and above a power of two; rows not a multiple of a tile.
+CASES = [((3, 5, 7), 96), ((2, 13), 48), ((37,), 130), ((4, 3), 768), ((5,), 3)]
+
+
+def max_errors(lead: tuple, cols: int, dtype: torch.dtype, device: str, seed: int) -> dict:
+    from defmamba.ops import layer_norm_triton as kernels
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, cols, generator=g, dtype=torch.float64) * 3 + 1
+    w = torch.randn(cols, generator=g, dtype=torch.float64)
+    b = torch.randn(cols, generator=g, dtype=torch.float64)
+    dy = torch.randn(*lead, cols, generator=g, dtype=torch.float64)
+    x = x.to(dtype).double()  # the reference sees the same rounded input
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    F.layer_norm(leaves[0], (cols,), leaves[1], leaves[2], 1e-5).backward(dy)
+    ref = [F.layer_norm(x, (cols,), w, b, 1e-5)] + [t.grad for t in leaves]
+    mine = [t.to(device=device, dtype=dtype if i == 0 else torch.float32).requires_grad_()
+            for i, t in enumerate((x, w, b))]
+    y = kernels.layer_norm_triton(mine[0], mine[1], mine[2], 1e-5, torch.float32)
+    y.backward(dy.to(device=device, dtype=torch.float32))
+    got = [y] + [t.grad for t in mine]
+
+    def rel(a, b):
+        return ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
+
+    return {name: rel(a, b) for name, a, b in zip(("y", "x", "weight", "bias"), got, ref)}
+
+
+def test_triton_layer_norm_matches_float64_in_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert errors.pop("compiled vs eager")["compiled"] == 0.0  # the same kernels, through the custom op
+    assert len(errors) == len(CASES)
+    for case, errs in errors.items():
+        for name, err in errs.items():
+            assert err <= 1e-5, f"{case}: {name} off by {err:.2e} of its largest entry"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lead,cols", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_layer_norm_matches_float64_gpu(lead, cols, dtype):
+    if not ln._triton.is_available()[0]:
+        pytest.skip(ln._triton.is_available()[1])
+    for name, err in max_errors(lead, cols, dtype, "cuda", seed=cols).items():
+        assert err <= (1e-5 if dtype == torch.float32 else 2e-3), f"{name} off by {err:.2e}"
+
+
+@pytest.mark.cuda
+def test_module_follows_autocast_rule_gpu():
+    """Under autocast: float32 output from a half input, as autocast's own layer_norm gives."""
+    if not ln._triton.is_available()[0]:
+        pytest.skip(ln._triton.is_available()[1])
+    module = ln.LayerNorm(96).cuda()
+    x = torch.randn(4, 7, 96, device="cuda", dtype=torch.float16)
+    with torch.autocast("cuda", dtype=torch.float16):
+        got = module(x)
+        expected = nn.LayerNorm.forward(module, x)
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_module_is_a_drop_in_layer_norm():
+    torch.manual_seed(0)
+    module = ln.LayerNorm(20)
+    assert isinstance(module, nn.LayerNorm) and list(module.state_dict()) == ["weight", "bias"]
+    nn.init.normal_(module.weight)
+    x = torch.randn(3, 4, 20)
+    torch.testing.assert_close(module(x), F.layer_norm(x, (20,), module.weight, module.bias, module.eps),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(ln.LayerNorm((4, 20))(x), F.layer_norm(x, (4, 20)), rtol=0, atol=0)
+
+
+def compiled_matches_eager() -> dict:
+    """The custom-op route (taken under torch.compile) against the eager route, outputs and grads."""
+    from defmamba.ops import layer_norm_triton as kernels
+
+    x = torch.randn(3, 5, 96)
+    w, b = torch.randn(96), torch.randn(96)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = fn(*leaves)
+        (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+        return [y] + [t.grad for t in leaves]
+
+    def norm(x, w, b):
+        return kernels.layer_norm_triton(x, w, b, 1e-5, torch.float32)
+
+    eager, compiled = run(norm), run(torch.compile(norm, backend="aot_eager", fullgraph=True))
+    return {"compiled": max((a - e).abs().max().item() for a, e in zip(compiled, eager))}
+
+
+if __name__ == "__main__":  # the interpreter check (run by the test above in a subprocess)
+    results = {f"{lead}x{cols}": max_errors(lead, cols, torch.float32, "cpu", seed=i)
+               for i, (lead, cols) in enumerate(CASES)}
+    results["compiled vs eager"] = compiled_matches_eager()
+    print(json.dumps(results))
