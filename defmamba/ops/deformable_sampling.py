@@ -101,7 +101,7 @@ def _use_triton(x: torch.Tensor) -> bool:
     # The kernels' atomics sum in no fixed order: under torch.use_deterministic_algorithms(True) the
     # PyTorch formulation runs instead, under PyTorch's own rules for grid_sample.
     return (not _force_pytorch and not torch.are_deterministic_algorithms_enabled() and x.is_cuda
-            and x.dtype != torch.float64 and _triton.is_available()[0])
+            and x.dtype != torch.float64 and _triton.ready())
 
 
 def _check_shapes(x: torch.Tensor, grid: torch.Tensor, table: torch.Tensor, disp: torch.Tensor,

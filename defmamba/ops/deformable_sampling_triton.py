@@ -20,10 +20,13 @@ pixel = (g + 1) / 2 · (size − 1), corners outside the map read 0 and receive 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
-__all__ = ["is_available", "sample_in_path_order_triton"]
+from .eager_dispatch import compile_aware, with_autograd
+
+__all__ = ["is_available", "ready", "sample_in_path_order_triton"]
 
 try:  # Triton is optional: the module must import on machines without it.
     import triton
@@ -55,6 +58,17 @@ def is_available() -> tuple[bool, str]:
     if torch.cuda.get_device_capability()[0] < 7:
         return False, "Triton needs a GPU of compute capability 7.0 or newer"
     return True, ""
+
+
+_ready: bool | None = None
+
+
+def ready() -> bool:
+    """``is_available()[0]``, asked once per process (the dispatch asks on every call)."""
+    global _ready
+    if _ready is None:
+        _ready = is_available()[0]
+    return _ready
 
 
 if triton is not None:
@@ -242,10 +256,16 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, grid: torch.Tensor, table_hwc
 
 # ---- torch custom ops: opaque to torch.compile, differentiable through register_autograd ----
 
+def _forward_op_body(x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor,
+                     path: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """The forward with the op's inputs (path and inverse are only there for the backward)."""
+    return _forward(x, grid, table_hwc, disp, order)
+
+
 @torch.library.custom_op("defmamba::deformable_sampling_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor, path: torch.Tensor,
             order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    return _forward(x, grid, table_hwc, disp, order)
+    return _forward_op_body(x, grid, table_hwc, disp, path, order, inverse)
 
 
 @_fwd_op.register_fake
@@ -275,17 +295,24 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.dtypes = (x.dtype, grid.dtype, table_hwc.dtype, disp.dtype, path.dtype)
 
 
-def _autograd_backward(ctx, grad):
-    x, grid, table_hwc, disp, order, inverse = ctx.saved_tensors
-    grad_x, grad_grid, grad_table, grad_disp, slot_mean = _bwd_op(grad, x, grid, table_hwc, disp, order)
-    x_dtype, grid_dtype, table_dtype, disp_dtype, path_dtype = ctx.dtypes
-    # Surrogate for the sort: gradient mean at slot m minus that at token m (whose slot is inverse[m]).
-    grad_path = slot_mean - torch.gather(slot_mean, 1, inverse)
-    return (grad_x.permute(0, 3, 1, 2).to(x_dtype), grad_grid.to(grid_dtype), grad_table.to(table_dtype),
-            grad_disp.to(disp_dtype), grad_path.to(path_dtype), None, None)
+def _autograd_backward(backward: Callable) -> Callable:
+    """The op's backward, computing the gradients with ``backward`` (the custom op or its body)."""
+
+    def run(ctx, grad):
+        x, grid, table_hwc, disp, order, inverse = ctx.saved_tensors
+        grad_x, grad_grid, grad_table, grad_disp, slot_mean = backward(grad, x, grid, table_hwc, disp, order)
+        x_dtype, grid_dtype, table_dtype, disp_dtype, path_dtype = ctx.dtypes
+        # Surrogate for the sort: gradient mean at slot m minus that at token m (whose slot is inverse[m]).
+        grad_path = slot_mean - torch.gather(slot_mean, 1, inverse)
+        return (grad_x.permute(0, 3, 1, 2).to(x_dtype), grad_grid.to(grid_dtype), grad_table.to(table_dtype),
+                grad_disp.to(disp_dtype), grad_path.to(path_dtype), None, None)
+
+    return run
 
 
-_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_autograd_backward(_bwd_op), setup_context=_setup_context)
+# Eager mode calls the kernels without the custom-op dispatch (eager_dispatch.py).
+_fwd = compile_aware(_fwd_op, with_autograd(_forward_op_body, _setup_context, _autograd_backward(_backward)))
 
 
 def sample_in_path_order_triton(x: torch.Tensor, grid: torch.Tensor, table: torch.Tensor, disp: torch.Tensor,
@@ -295,4 +322,4 @@ def sample_in_path_order_triton(x: torch.Tensor, grid: torch.Tensor, table: torc
     :func:`defmamba.ops.deformable_sampling.sample_in_path_order` (checked there)."""
     _check(x)
     table_hwc = table.permute(1, 2, 0).contiguous()  # channels contiguous, like a channels-last map
-    return _fwd_op(x, grid.contiguous(), table_hwc, disp.contiguous(), path, order.contiguous(), inverse)
+    return _fwd(x, grid.contiguous(), table_hwc, disp.contiguous(), path, order.contiguous(), inverse)
