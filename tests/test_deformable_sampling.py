@@ -8,13 +8,10 @@ partial copies, with points reaching outside the map so that the zero padding is
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_helpers import needs_triton_gpu, run_under_interpreter
 
 from defmamba.ops import deformable_sampling as ds
 
@@ -68,11 +65,7 @@ def max_errors(inputs: dict, dtype: torch.dtype, device: str, seed: int) -> dict
 
 
 def test_triton_kernels_match_float64_reference_in_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    errors = run_under_interpreter(__file__)
     # The same kernels through the custom op; only the atomics' summation order may differ.
     assert errors.pop("compiled vs eager")["max abs difference"] <= 1e-6
     assert len(errors) == 2 * len(CASES)
@@ -82,22 +75,20 @@ def test_triton_kernels_match_float64_reference_in_interpreter():
 
 
 @pytest.mark.cuda
+@needs_triton_gpu
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_triton_kernels_match_float64_reference_gpu(case, channels_last):
-    if not ds._triton.is_available()[0]:
-        pytest.skip(ds._triton.is_available()[1])
     inputs = make_inputs(*case, seed=sum(case), channels_last=channels_last)
     for name, err in max_errors(inputs, torch.float32, "cuda", seed=sum(case)).items():
         assert err <= 1e-5, f"{name} off by {err:.2e} of its largest entry"
 
 
 @pytest.mark.cuda
+@needs_triton_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_maps_gpu(dtype):
     """A half-precision map (as under autocast): the sequence is rounded once, after float32 sums."""
-    if not ds._triton.is_available()[0]:
-        pytest.skip(ds._triton.is_available()[1])
     # The reference gets the same rounded inputs: what is compared is the arithmetic (float32 sums,
     # one rounding of the sequence and of each gradient), not the rounding of the inputs.
     inputs = {k: v.to(dtype).double() for k, v in make_inputs(4, 96, 14, 10, seed=3).items()}
@@ -107,9 +98,8 @@ def test_half_precision_maps_gpu(dtype):
 
 
 @pytest.mark.cuda
+@needs_triton_gpu
 def test_pytorch_formulation_is_forced_by_the_context_and_by_deterministic_mode_gpu(monkeypatch):
-    if not ds._triton.is_available()[0]:
-        pytest.skip(ds._triton.is_available()[1])
     x = torch.zeros(1, 1, 2, 2, device="cuda")
     assert ds._use_triton(x)
     with ds.pytorch_formulation():

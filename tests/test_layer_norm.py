@@ -3,14 +3,12 @@ subprocess; GPU: compiled), on fresh random rows of odd widths, plus the module'
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from triton_helpers import needs_triton_gpu, run_under_interpreter
 
 from defmamba.ops import layer_norm as ln
 
@@ -43,11 +41,7 @@ def max_errors(lead: tuple, cols: int, dtype: torch.dtype, device: str, seed: in
 
 
 def test_triton_layer_norm_matches_float64_in_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    errors = run_under_interpreter(__file__)
     assert errors.pop("compiled vs eager")["compiled"] == 0.0  # the same kernels, through the custom op
     assert len(errors) == len(CASES)
     for case, errs in errors.items():
@@ -56,20 +50,18 @@ def test_triton_layer_norm_matches_float64_in_interpreter():
 
 
 @pytest.mark.cuda
+@needs_triton_gpu
 @pytest.mark.parametrize("lead,cols", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_layer_norm_matches_float64_gpu(lead, cols, dtype):
-    if not ln._triton.is_available()[0]:
-        pytest.skip(ln._triton.is_available()[1])
     for name, err in max_errors(lead, cols, dtype, "cuda", seed=cols).items():
         assert err <= (1e-5 if dtype == torch.float32 else 2e-3), f"{name} off by {err:.2e}"
 
 
 @pytest.mark.cuda
+@needs_triton_gpu
 def test_module_follows_autocast_rule_gpu():
     """Under autocast: float32 output from a half input, as autocast's own layer_norm gives."""
-    if not ln._triton.is_available()[0]:
-        pytest.skip(ln._triton.is_available()[1])
     module = ln.LayerNorm(96).cuda()
     x = torch.randn(4, 7, 96, device="cuda", dtype=torch.float16)
     with torch.autocast("cuda", dtype=torch.float16):

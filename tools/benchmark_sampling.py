@@ -17,7 +17,7 @@ import torch
 
 import defmamba
 from defmamba.benchmark import measure_throughput
-from defmamba.ops import deformable_sampling
+from defmamba.ops import deformable_sampling, triton_support
 
 MODES = {"infer_fp32": ("infer", None), "infer_fp16": ("infer", torch.float16),
          "train_fp16": ("train", torch.float16), "train_bf16": ("train", torch.bfloat16)}
@@ -51,7 +51,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not torch.cuda.is_available():
         print("error: this comparison needs a CUDA GPU", file=sys.stderr)
         return 2
-    ok, why = deformable_sampling._triton.is_available()
+    ok, why = triton_support.is_available()
     if not ok:
         print(f"error: the Triton deformable-sampling kernels cannot run here: {why}", file=sys.stderr)
         return 2

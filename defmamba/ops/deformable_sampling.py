@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import deformable_sampling_triton as _triton
+from . import triton_support
 from .permute import gather_tokens, invert_permutation
 
 __all__ = ["path_order", "pytorch_formulation", "sample_in_path_order"]
@@ -101,7 +102,7 @@ def _use_triton(x: torch.Tensor) -> bool:
     # The kernels' atomics sum in no fixed order: under torch.use_deterministic_algorithms(True) the
     # PyTorch formulation runs instead, under PyTorch's own rules for grid_sample.
     return (not _force_pytorch and not torch.are_deterministic_algorithms_enabled() and x.is_cuda
-            and x.dtype != torch.float64 and _triton.ready())
+            and x.dtype != torch.float64 and triton_support.ready())
 
 
 def _check_shapes(x: torch.Tensor, grid: torch.Tensor, table: torch.Tensor, disp: torch.Tensor,

@@ -19,56 +19,18 @@ pixel = (g + 1) / 2 · (size − 1), corners outside the map read 0 and receive 
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
 
 from .eager_dispatch import compile_aware, with_autograd
+from .triton_support import IMPORT_ERROR, interpreting, tl, triton
 
-__all__ = ["is_available", "ready", "sample_in_path_order_triton"]
-
-try:  # Triton is optional: the module must import on machines without it.
-    import triton
-    import triton.language as tl
-
-    _IMPORT_ERROR = ""
-except Exception as err:  # noqa: BLE001  (ImportError, or a broken install raising anything)
-    triton = None
-    tl = None
-    _IMPORT_ERROR = f"triton could not be imported ({type(err).__name__}: {err})"
+__all__ = ["sample_in_path_order_triton"]
 
 _BLOCK_L_FWD, _BLOCK_C_FWD = 32, 64
 _BLOCK_L_BWD, _BLOCK_C_BWD = 16, 64
 _TABLE_PARTIALS = 8  # partial copies of the table gradient (images b, b + 8, ... share one)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def is_available() -> tuple[bool, str]:
-    """(True, "") when the kernels can run on CUDA tensors here, else (False, why not)."""
-    if triton is None:
-        return False, _IMPORT_ERROR
-    if _interpreting():
-        return False, "TRITON_INTERPRET=1 is set (the interpreter is for debugging on CPU tensors only)"
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible to PyTorch"
-    if torch.cuda.get_device_capability()[0] < 7:
-        return False, "Triton needs a GPU of compute capability 7.0 or newer"
-    return True, ""
-
-
-_ready: bool | None = None
-
-
-def ready() -> bool:
-    """``is_available()[0]``, asked once per process (the dispatch asks on every call)."""
-    global _ready
-    if _ready is None:
-        _ready = is_available()[0]
-    return _ready
 
 
 if triton is not None:
@@ -216,11 +178,11 @@ if triton is not None:
 
 def _check(x: torch.Tensor) -> None:
     if triton is None:
-        raise RuntimeError(f"the Triton deformable-sampling kernels are not available: {_IMPORT_ERROR}")
+        raise RuntimeError(f"the Triton deformable-sampling kernels are not available: {IMPORT_ERROR}")
     if x.dtype == torch.float64:
         raise TypeError("the Triton deformable-sampling kernels take float32/float16/bfloat16; use the PyTorch "
                         "formulation for float64")
-    if not x.is_cuda and not _interpreting():
+    if not x.is_cuda and not interpreting():
         raise RuntimeError(f"the Triton deformable-sampling kernels need CUDA tensors; x is on {x.device}")
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import layer_norm_triton as _triton
+from . import triton_support
 
 __all__ = ["LayerNorm", "layer_norm"]
 
@@ -20,7 +21,7 @@ __all__ = ["LayerNorm", "layer_norm"]
 def _use_triton(x: torch.Tensor, normalized_shape: tuple[int, ...], weight, bias) -> bool:
     return (x.is_cuda and len(normalized_shape) == 1 and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and x.is_contiguous() and weight is not None and bias is not None
-            and normalized_shape[0] <= _triton._MAX_COLUMNS and x.numel() > 0 and _triton.ready())
+            and normalized_shape[0] <= _triton._MAX_COLUMNS and x.numel() > 0 and triton_support.ready())
 
 
 def layer_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None = None,

@@ -11,56 +11,18 @@ each, then summed.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
 
 from .eager_dispatch import compile_aware, with_autograd
+from .triton_support import IMPORT_ERROR, tl, triton
 
-__all__ = ["is_available", "ready", "layer_norm_triton"]
-
-try:  # Triton is optional: the module must import on machines without it.
-    import triton
-    import triton.language as tl
-
-    _IMPORT_ERROR = ""
-except Exception as err:  # noqa: BLE001  (ImportError, or a broken install raising anything)
-    triton = None
-    tl = None
-    _IMPORT_ERROR = f"triton could not be imported ({type(err).__name__}: {err})"
+__all__ = ["layer_norm_triton"]
 
 _TILE = 4096  # values per program tile
 _MAX_COLUMNS = 8192  # wider rows fall back to PyTorch (one tile row would not fit in registers)
 _BWD_PROGRAMS = 1024  # programs of the backward, each with its own partial weight/bias gradient row
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def is_available() -> tuple[bool, str]:
-    """(True, "") when the kernels can run on CUDA tensors here, else (False, why not)."""
-    if triton is None:
-        return False, _IMPORT_ERROR
-    if _interpreting():
-        return False, "TRITON_INTERPRET=1 is set (the interpreter is for debugging on CPU tensors only)"
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible to PyTorch"
-    if torch.cuda.get_device_capability()[0] < 7:
-        return False, "Triton needs a GPU of compute capability 7.0 or newer"
-    return True, ""
-
-
-_ready: bool | None = None
-
-
-def ready() -> bool:
-    """``is_available()[0]``, asked once per process (the dispatch asks on every call)."""
-    global _ready
-    if _ready is None:
-        _ready = is_available()[0]
-    return _ready
 
 
 if triton is not None:
@@ -207,7 +169,7 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                       out_dtype: torch.dtype) -> torch.Tensor:
     """LayerNorm of a contiguous x over its last dim (statistics in float32), output in ``out_dtype``."""
     if triton is None:
-        raise RuntimeError(f"the Triton LayerNorm kernels are not available: {_IMPORT_ERROR}")
+        raise RuntimeError(f"the Triton LayerNorm kernels are not available: {IMPORT_ERROR}")
     if not x.is_contiguous():
         raise ValueError("the Triton LayerNorm takes contiguous inputs")
     return _fwd(x, weight, bias, float(eps), out_dtype)[0]

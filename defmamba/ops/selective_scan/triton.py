@@ -21,41 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Iterator, Optional
 
 import torch
 
+from ..triton_support import IMPORT_ERROR, interpreting, is_available, tl, triton
+
 __all__ = ["is_available", "selective_scan_triton"]
-
-try:  # Triton is optional: the module must import on machines without it.
-    import triton
-    import triton.language as tl
-
-    _IMPORT_ERROR = ""
-except Exception as err:  # noqa: BLE001  (ImportError, or a broken install raising anything)
-    triton = None
-    tl = None
-    _IMPORT_ERROR = f"triton could not be imported ({type(err).__name__}: {err})"
 
 _LOG2E = 1.4426950408889634
 _CL = 4  # positions per register tile (the kernels are written for exactly 4)
 _SEG = 64  # positions between stored forward states (multiple of _CL)
 _poison = False
-
-
-def is_available() -> tuple[bool, str]:
-    """(True, "") when the Triton kernels can run here, else (False, why not)."""
-    if triton is None:
-        return False, _IMPORT_ERROR
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return False, "TRITON_INTERPRET=1 is set (the interpreter is for debugging on CPU tensors only)"
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False)"
-    major, minor = torch.cuda.get_device_capability()
-    if major < 7:
-        return False, f"the GPU has compute capability {major}.{minor}; Triton needs 7.0 or newer"
-    return True, ""
 
 
 @contextlib.contextmanager
@@ -422,7 +399,7 @@ def _check_dtypes(u, delta, A, B, C, D, delta_bias) -> None:
         if t is not None and t.dtype == torch.float64:
             raise TypeError(f"the triton selective-scan backend takes float32/float16/bfloat16 inputs; {name} is float64 "
                             "(use backend='torch' for float64)")
-        if t is not None and not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if t is not None and not t.is_cuda and not interpreting():
             raise RuntimeError(f"the triton selective-scan backend needs CUDA tensors; {name} is on {t.device}")
 
 
@@ -560,7 +537,7 @@ def selective_scan_triton(
     read as float32; the state is float32. Differentiable in all tensor inputs.
     """
     if triton is None:
-        raise RuntimeError(f"the triton selective-scan backend is not available: {_IMPORT_ERROR}")
+        raise RuntimeError(f"the triton selective-scan backend is not available: {IMPORT_ERROR}")
     _check_dtypes(u, delta, A, B, C, D, delta_bias)
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, delta_bias))

@@ -1,0 +1,23 @@
+"""Shared by the tests of the Triton ops: the GPU skip condition and the interpreter run on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from defmamba.ops import triton_support
+
+needs_triton_gpu = pytest.mark.skipif(not triton_support.is_available()[0], reason=triton_support.is_available()[1])
+
+
+def run_under_interpreter(script: str) -> dict:
+    """Run ``script`` (a test module's ``__main__`` check) with TRITON_INTERPRET=1, which Triton
+    reads when kernels are defined, so in a fresh process; return the JSON it prints last."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
