@@ -112,6 +112,11 @@ CASES = [
     (4097, 1, 48, torch.float32, True, True, True, None),
     (4097, 1, 48, torch.bfloat16, False, True, False, None),
     (130, 3, 120, torch.float32, True, True, True, None),  # 40 channels per group: partial channel block
+    # The cuda forward saves a state every 64 steps (4 chunks of 16): last spans of 1 to 4 chunks.
+    (65, 2, 96, torch.float32, True, True, True, None),
+    (90, 1, 48, torch.float16, True, True, False, torch.float32),
+    (100, 2, 144, torch.float32, False, True, True, None),
+    (161, 2, 144, torch.bfloat16, True, True, True, None),
 ]
 
 
@@ -163,6 +168,26 @@ def test_non_contiguous_inputs(backend):
     xs = [u, delta, A, B, C, D, bias]
     assert not any(x.is_contiguous() for x in (u, delta, A, B, C, D))
     _run_and_compare(backend, xs, True, None, fwd_tol=1e-4, grad_tol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="the CUDA extension is not built")
+@pytest.mark.parametrize("length", [16, 64, 65, 3136])
+def test_cuda_forward_saves_a_state_every_64_steps(length):
+    """The backward's memory: the float32 states kept by the forward are one per 64 steps."""
+    from defmamba.ops.selective_scan.cuda import STATE_INTERVAL
+
+    torch.manual_seed(length)
+    batch, channels = 2, 96
+    xs = [x.requires_grad_() if x is not None else None for x in _inputs(batch, channels, length)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = selective_scan(*xs, delta_softplus=True, backend="cuda")
+    states = [t for t in saved if t.dtype == torch.float32 and t.dim() == 4 and t.shape[:2] == (batch, channels)]
+    assert STATE_INTERVAL == 64
+    assert [tuple(t.shape) for t in states] == [(batch, channels, -(-length // 64), 16)]
+    y.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in xs if x is not None)
 
 
 @pytest.mark.cuda

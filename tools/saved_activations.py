@@ -6,7 +6,7 @@ Runs training forwards of the first block of each stage (or one stage) on the CP
 distinct tensor storage that autograd saves for the backward (parameters excepted: they are
 resident anyway), attributed to the innermost submodule that was running. Two batch sizes separate the part that grows with the batch (reported
 per image) from the part that does not (autocast's weight copies, reported per block). The selective scan is replaced by a stand-in that keeps
-exactly what the GPU scan ops keep (their inputs and the float32 chunk states), so the numbers
+exactly what the GPU scan ops keep (their inputs and the float32 states saved every 64 steps), so the numbers
 are those of a GPU training step with the cuda scan backend; the peak GPU memory of a training step
 is about the sum over all blocks times the batch, plus weights, gradients and optimizer state.
 """
@@ -20,15 +20,14 @@ import torch
 
 import defmamba
 from defmamba.models import dssm
-
-CHUNK, STATES = 16, 16  # the cuda scan op's checkpoint interval and padded state count
+from defmamba.ops.selective_scan.cuda import STATE_INTERVAL, STATES  # the cuda scan's saved-state interval, padded states
 
 
 class _ScanThatSavesLikeTheGpuOps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, out_dtype):
         batch, channels, length = u.shape
-        states = torch.empty(batch, channels, -(-length // CHUNK), STATES)
+        states = torch.empty(batch, channels, -(-length // STATE_INTERVAL), STATES)
         ctx.save_for_backward(u, delta, A, B.contiguous(), C.contiguous(), D, delta_bias, states)
         return torch.zeros(u.shape, dtype=out_dtype)
 

@@ -19,7 +19,7 @@ from torch import Tensor
 __all__ = ["is_available", "selective_scan_cuda"]
 
 STATES = 16  # states per channel the kernels are compiled for; smaller N is zero-padded
-CHUNK = 16   # steps between the states the forward saves for the backward
+STATE_INTERVAL = 64  # steps between the states the forward saves for the backward
 
 try:
     import defmamba_scan_cuda as _ext
@@ -28,9 +28,11 @@ except ImportError as _err:
     _IMPORT_ERROR = f"the compiled extension defmamba_scan_cuda is not installed ({_err})"
 else:
     _IMPORT_ERROR = ""
-    if (_ext.STATES, _ext.CHUNK) != (STATES, CHUNK):
-        _IMPORT_ERROR = (f"the installed defmamba_scan_cuda was built from other sources (STATES={_ext.STATES}, "
-                         f"CHUNK={_ext.CHUNK}; expected {STATES}, {CHUNK}); rebuild it")
+    _built = (_ext.STATES, getattr(_ext, "STATE_INTERVAL", _ext.CHUNK))
+    if _built != (STATES, STATE_INTERVAL):
+        _IMPORT_ERROR = (f"the installed defmamba_scan_cuda was built from other sources (states, state interval "
+                         f"{_built}; expected {(STATES, STATE_INTERVAL)}); rebuild it with "
+                         "`pip install ./kernels/selective_scan`")
         _ext = None
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,7 +73,7 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
 def _scan_fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float32, save_states):
     y = u.new_empty(u.shape, dtype=torch.float32 if out_float32 else u.dtype)
     batch, channels, length = u.shape
-    shape = (batch, channels, (length + CHUNK - 1) // CHUNK, STATES) if save_states else (0,)
+    shape = (batch, channels, -(-length // STATE_INTERVAL), STATES) if save_states else (0,)
     return y, u.new_empty(shape, dtype=torch.float32)
 
 

@@ -88,8 +88,8 @@ bool aligned16(const at::Tensor &t) { return reinterpret_cast<uintptr_t>(t.data_
 
 }  // namespace
 
-// Returns (y, states). states (batch, channels, n_chunks, 16) float32 is filled when save_states,
-// else an empty tensor.
+// Returns (y, states). states (batch, channels, n_saved, 16) float32, the state at every
+// kChunksPerState * kChunk-th step, is filled when save_states, else an empty tensor.
 std::vector<at::Tensor> scan_fwd(const at::Tensor &u, const at::Tensor &delta, const at::Tensor &A,
                                  const at::Tensor &B, const at::Tensor &C, const std::optional<at::Tensor> &D,
                                  const std::optional<at::Tensor> &delta_bias, bool softplus, bool out_float32,
@@ -97,7 +97,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor &u, const at::Tensor &delta, c
   const c10::cuda::CUDAGuard guard(u.device());
   ds::ScanParams p = make_params(u, delta, A, B, C, D, delta_bias, softplus);
   at::Tensor y = at::empty_like(u, u.options().dtype(out_float32 ? at::kFloat : u.scalar_type()));
-  at::Tensor states = save_states ? at::empty({p.batch, p.channels, p.n_chunks, ds::kStates}, u.options().dtype(at::kFloat))
+  at::Tensor states = save_states ? at::empty({p.batch, p.channels, p.n_saved, ds::kStates}, u.options().dtype(at::kFloat))
                                   : at::empty({0}, u.options().dtype(at::kFloat));
   p.vec = p.vec && aligned16(u) && aligned16(delta) && aligned16(B) && aligned16(C) && aligned16(y);
   p.y = y.data_ptr();
@@ -120,9 +120,17 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor &u, const at::Tensor &delta, c
   TORCH_CHECK(dy.sizes() == u.sizes(), "dy must have u's shape ", u.sizes(), "; got ", dy.sizes());
   TORCH_CHECK(dy.scalar_type() == u.scalar_type() || dy.scalar_type() == at::kFloat,
               "dy must be float32 or u's dtype; got ", dy.scalar_type());
-  TORCH_CHECK(states.scalar_type() == at::kFloat && states.numel() == (int64_t)p.batch * p.channels * p.n_chunks * ds::kStates,
+  TORCH_CHECK(states.scalar_type() == at::kFloat && states.numel() == (int64_t)p.batch * p.channels * p.n_saved * ds::kStates,
               "states must be the float32 tensor saved by the forward with save_states=True");
   const auto f32 = u.options().dtype(at::kFloat);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  p.vec = p.vec && aligned16(u) && aligned16(delta) && aligned16(B) && aligned16(C) && aligned16(dy);
+  // The state at every chunk start, recomputed from the saved ones (freed when this call returns).
+  at::Tensor chunk_states = at::empty({p.batch, p.channels, p.n_chunks, ds::kStates}, f32);
+  p.states_in = states.data_ptr<float>();
+  p.states = chunk_states.data_ptr<float>();
+  cudaError_t err = ds::launch_scan_expand(p, to_dtype(u, "u"), stream);
+  TORCH_CHECK(err == cudaSuccess, "selective scan state recompute kernel failed: ", cudaGetErrorString(err));
   at::Tensor du = at::empty_like(u);
   at::Tensor ddelta = at::empty_like(u);
   at::Tensor dA = at::zeros({p.channels, ds::kStates}, f32);
@@ -130,9 +138,9 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor &u, const at::Tensor &delta, c
   at::Tensor dC = p.tiles > 1 ? at::zeros(C.sizes(), f32) : at::empty(C.sizes(), f32);
   at::Tensor dD = D ? at::zeros({p.channels}, f32) : at::empty({0}, f32);
   at::Tensor dbias = delta_bias ? at::zeros({p.channels}, f32) : at::empty({0}, f32);
-  p.vec = p.vec && aligned16(u) && aligned16(delta) && aligned16(B) && aligned16(C) && aligned16(dy);
   p.dy = dy.data_ptr();
-  p.states_in = states.data_ptr<float>();
+  p.states_in = chunk_states.data_ptr<float>();
+  p.states = nullptr;
   p.du = du.data_ptr();
   p.ddelta = ddelta.data_ptr();
   p.dA = dA.data_ptr<float>();
@@ -140,7 +148,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor &u, const at::Tensor &delta, c
   p.dC = dC.data_ptr<float>();
   p.dD = D ? dD.data_ptr<float>() : nullptr;
   p.dbias = delta_bias ? dbias.data_ptr<float>() : nullptr;
-  const cudaError_t err = ds::launch_scan_bwd(p, to_dtype(u, "u"), to_dtype(dy, "dy"), c10::cuda::getCurrentCUDAStream().stream());
+  err = ds::launch_scan_bwd(p, to_dtype(u, "u"), to_dtype(dy, "dy"), stream);
   TORCH_CHECK(err == cudaSuccess, "selective scan backward kernel failed: ", cudaGetErrorString(err));
   return {du, ddelta, dA, dB, dC, dD, dbias};
 }
@@ -149,6 +157,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "DefMamba selective scan (CUDA)";
   m.attr("STATES") = ds::kStates;
   m.attr("CHUNK") = ds::kChunk;
+  m.attr("STATE_INTERVAL") = ds::kChunk * ds::kChunksPerState;
   m.def("fwd", &scan_fwd, "selective scan forward -> (y, states)", py::arg("u"), py::arg("delta"), py::arg("A"),
         py::arg("B"), py::arg("C"), py::arg("D"), py::arg("delta_bias"), py::arg("softplus"),
         py::arg("out_float32"), py::arg("save_states"));

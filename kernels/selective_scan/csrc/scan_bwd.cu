@@ -1,6 +1,6 @@
 // Backward selective scan. Two threads own one (batch, channel), each with half of its states,
 // walk the chunks of kChunk steps in reverse and carry g = dL/dh backwards. For each chunk they
-// restart from the state the forward saved at the chunk's start: a first pass stores the state at
+// restart from the state at the chunk's start (recomputed by the expand kernel from the forward's): a first pass stores the state at
 // every kSub-th step in shared memory, then each sub-chunk of kSub steps (last first) is recomputed
 // into registers and walked in reverse. dB/dC (sums over the channels of a group) are reduced
 // across each warp through a shared-memory tile, across warps in shared memory, and written (or
@@ -25,14 +25,6 @@ static size_t bwd_smem_floats(int threads) {
          + (size_t)(kSubs - 1) * kHalfStates * threads   // states at the sub-chunk starts
          + warps * kChunk * kRedPitch                    // per-warp dB/dC rows
          + warps * 32 * kTPitch;                         // per-warp transpose tile
-}
-
-// Load a thread's half of a saved state (16-byte aligned).
-__device__ __forceinline__ void load_state(const float *src, float (&h)[kHalfStates]) {
-  const float4 a = reinterpret_cast<const float4 *>(src)[0];
-  const float4 b = reinterpret_cast<const float4 *>(src)[1];
-  h[0] = a.x; h[1] = a.y; h[2] = a.z; h[3] = a.w;
-  h[4] = b.x; h[5] = b.y; h[6] = b.z; h[7] = b.w;
 }
 
 // Sum over a warp's channels of the dB/dC contributions of one step. Lane r holds vb/vc for the

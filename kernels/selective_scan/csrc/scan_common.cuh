@@ -112,6 +112,19 @@ __device__ __forceinline__ void store_bc(const float (&stg)[kChunk], float *__re
   for (int l = 0; l < kChunk; ++l) dst[l * kStates] = stg[l];
 }
 
+// A thread's half of a state (kHalfStates floats, 16-byte aligned) from and to memory.
+__device__ __forceinline__ void load_state(const float *src, float (&h)[kHalfStates]) {
+  const float4 a = reinterpret_cast<const float4 *>(src)[0];
+  const float4 b = reinterpret_cast<const float4 *>(src)[1];
+  h[0] = a.x; h[1] = a.y; h[2] = a.z; h[3] = a.w;
+  h[4] = b.x; h[5] = b.y; h[6] = b.z; h[7] = b.w;
+}
+
+__device__ __forceinline__ void store_state(float *dst, const float (&h)[kHalfStates]) {
+  reinterpret_cast<float4 *>(dst)[0] = make_float4(h[0], h[1], h[2], h[3]);
+  reinterpret_cast<float4 *>(dst)[1] = make_float4(h[4], h[5], h[6], h[7]);
+}
+
 // Of a pair of values, the one for this thread's half (sel = 0 or 1) and the other one, with
 // selects instead of a run-time register index.
 __device__ __forceinline__ float pick(bool sel, float a, float b) { return sel ? b : a; }
