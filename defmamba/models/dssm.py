@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.scan_orders import merge_scan_orders
+from ..ops.scan_orders import merge_and_gate
 from ..ops.selective_scan import selective_scan
 from .deformable import DeformableLayer
 
@@ -74,9 +74,8 @@ class DSSM(nn.Module):
         xs = torch.stack((raster, raster.flip(-1), deformable.sequence.transpose(1, 2).to(raster.dtype)), dim=1)
         ys = self._scan(xs).view(batch, NUM_SCANS, self.d_inner, length)
 
-        y = merge_scan_orders(ys, deformable.order, deformable.inverse)
-        y = y.transpose(1, 2).reshape(batch, h, w, self.d_inner).to(z.dtype)
-        return self.out_proj(y * z)
+        # The three outputs averaged in raster order, channels-last, times the gate (ops/scan_orders.py).
+        return self.out_proj(merge_and_gate(ys, deformable.order, deformable.inverse, z))
 
     def _scan(self, xs: torch.Tensor) -> torch.Tensor:
         """Per-scan projections to (Δ, B, C), then one grouped selective scan over all K·D channels.

@@ -3,14 +3,22 @@
 The scan runs over (raster, reversed raster, deformable) sequences stacked as (B, 3, D, L). The
 merged output is the average of the three, each brought back to raster order: the reversed one
 flipped, the deformable one gathered through the inverse of its token order.
+
+:func:`merge_and_gate` also applies the DSSM's gate: the merged map, channels-last and in the
+gate's dtype, times the gate. For CUDA tensors it runs as one Triton kernel each way
+(``scan_orders_triton.py``) instead of the flip, gather, sums, transpose, cast and product.
 """
 from __future__ import annotations
 
 import torch
 
+from . import scan_orders_triton as _triton
+from . import triton_support
 from .permute import gather_tokens
 
-__all__ = ["merge_scan_orders"]
+__all__ = ["merge_and_gate", "merge_scan_orders"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 NUM_ORDERS = 3
 
@@ -46,3 +54,28 @@ def merge_scan_orders(ys: torch.Tensor, order: torch.Tensor, inverse: torch.Tens
     if torch.is_grad_enabled() and ys.requires_grad:
         return _MergeScanOrders.apply(ys, order, inverse)
     return _merge(ys, inverse)
+
+
+def _use_triton(ys: torch.Tensor, z: torch.Tensor) -> bool:
+    return ys.is_cuda and ys.dtype in _FLOATS and z.dtype in _FLOATS and ys.numel() > 0 and triton_support.ready()
+
+
+def merge_and_gate(ys: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``merge_scan_orders(ys, order, inverse)`` as a channels-last map in z's dtype, times z.
+
+    ys (B, 3, D, L), order/inverse (B, L) as in :func:`merge_scan_orders`, the gate z (B, h, w, D)
+    with h·w = L. Returns (B, h, w, D) in z's dtype; differentiable in ys and z.
+    """
+    if ys.dim() != 4 or ys.shape[1] != NUM_ORDERS:
+        raise ValueError(f"ys must be (batch, {NUM_ORDERS}, channels, L); got {tuple(ys.shape)}")
+    batch, _, channels, length = ys.shape
+    if z.dim() != 4 or z.shape[0] != batch or z.shape[3] != channels or z.shape[1] * z.shape[2] != length:
+        raise ValueError(f"z must be (batch={batch}, h, w, channels={channels}) with h·w = L = {length}; "
+                         f"got {tuple(z.shape)}")
+    for name, t in (("order", order), ("inverse", inverse)):
+        if t.shape != (batch, length):
+            raise ValueError(f"{name} must be (batch={batch}, L={length}); got {tuple(t.shape)}")
+    if _use_triton(ys, z):
+        return _triton.merge_and_gate_triton(ys, inverse, z)
+    merged = merge_scan_orders(ys, order, inverse)
+    return merged.transpose(1, 2).reshape(z.shape).to(z.dtype) * z

@@ -1,0 +1,163 @@
+"""Triton kernels of :func:`defmamba.ops.scan_orders.merge_and_gate`.
+
+The three scan outputs (B, 3, D, L) run along the sequence; the gate and the result are
+channels-last (B, L, D). One program takes a tile of tokens × channels: it reads the raster output,
+the reversed one backwards and the deformable one at each token's sequence slot, averages them in
+float32, rounds the mean to the gate's dtype (where PyTorch's ``.to(z.dtype)`` would) and writes the
+gated product, plus the rounded mean when the backward needs it for the gate's gradient.
+
+The backward writes the three slices of the scan-output gradient directly: the same value
+(grad · z) / 3 at token l of the raster slice, at L-1-l of the reversed one and at the token's slot
+of the deformable one, a permutation, so no atomics and no zero fill.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .eager_dispatch import compile_aware, with_autograd
+from .triton_support import IMPORT_ERROR, interpreting, tl, triton
+
+__all__ = ["merge_and_gate_triton"]
+
+_BLOCK_L = 64  # tokens per program tile
+_BLOCK_D = 32  # channels per program tile
+_ORDERS = 3
+
+
+if triton is not None:
+
+    @triton.jit
+    def _merge_gate_fwd_kernel(ys_ptr, inverse_ptr, z_ptr, out_ptr, mean_ptr, length, channels,
+                               BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SAVE_MEAN: tl.constexpr):
+        l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        b = tl.program_id(1).to(tl.int64)
+        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        l_ok = l < length
+        mask = l_ok[:, None] & (d < channels)[None, :]
+        rows = ys_ptr + ((b * 3 * channels + d) * length)[None, :]  # ys[b, 0, d, :]
+        order_stride = channels * length
+        slot = tl.load(inverse_ptr + b * length + l, mask=l_ok, other=0)
+        raster = tl.load(rows + l[:, None], mask=mask, other=0.0).to(tl.float32)
+        reverse = tl.load(rows + order_stride + (length - 1 - l)[:, None], mask=mask, other=0.0).to(tl.float32)
+        deform = tl.load(rows + 2 * order_stride + slot[:, None], mask=mask, other=0.0).to(tl.float32)
+        mean = ((raster + reverse + deform) / 3.0).to(z_ptr.dtype.element_ty)
+        tokens = (b * length + l)[:, None] * channels + d[None, :]
+        z = tl.load(z_ptr + tokens, mask=mask, other=0.0)
+        out = mean.to(tl.float32) * z.to(tl.float32)
+        tl.store(out_ptr + tokens, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if SAVE_MEAN:
+            tl.store(mean_ptr + tokens, mean, mask=mask)
+
+    @triton.jit
+    def _merge_gate_bwd_kernel(grad_ptr, z_ptr, mean_ptr, inverse_ptr, dys_ptr, dz_ptr, length, channels,
+                               BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        b = tl.program_id(1).to(tl.int64)
+        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        l_ok = l < length
+        mask = l_ok[:, None] & (d < channels)[None, :]
+        tokens = (b * length + l)[:, None] * channels + d[None, :]
+        grad = tl.load(grad_ptr + tokens, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + tokens, mask=mask, other=0.0)
+        mean = tl.load(mean_ptr + tokens, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dz_ptr + tokens, (grad * mean).to(dz_ptr.dtype.element_ty), mask=mask)
+        # The mean's gradient in the gate's dtype (the product's backward), then float32 / 3.
+        g = (grad * z.to(tl.float32)).to(z_ptr.dtype.element_ty).to(tl.float32) / 3.0
+        g = g.to(dys_ptr.dtype.element_ty)
+        rows = dys_ptr + ((b * 3 * channels + d) * length)[None, :]
+        order_stride = channels * length
+        slot = tl.load(inverse_ptr + b * length + l, mask=l_ok, other=0)
+        tl.store(rows + l[:, None], g, mask=mask)
+        tl.store(rows + order_stride + (length - 1 - l)[:, None], g, mask=mask)
+        tl.store(rows + 2 * order_stride + slot[:, None], g, mask=mask)
+
+
+def _launch_grid(batch: int, length: int, channels: int) -> tuple[int, int, int]:
+    return triton.cdiv(length, _BLOCK_L), batch, triton.cdiv(channels, _BLOCK_D)
+
+
+def _forward(ys: torch.Tensor, inverse: torch.Tensor, z: torch.Tensor, save_mean: bool):
+    batch, _, channels, length = ys.shape
+    out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    mean = torch.empty(z.shape if save_mean else (0,), dtype=z.dtype, device=z.device)
+    _merge_gate_fwd_kernel[_launch_grid(batch, length, channels)](
+        ys, inverse, z, out, mean if save_mean else out, length, channels,
+        BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, SAVE_MEAN=save_mean, num_warps=4)
+    return out, mean
+
+
+def _backward(grad: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor,
+              ys_dtype: torch.dtype):
+    batch, channels = z.shape[0], z.shape[-1]
+    length = z.numel() // (batch * channels)
+    grad = grad.contiguous()
+    dys = torch.empty((batch, _ORDERS, channels, length), dtype=ys_dtype, device=z.device)
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    _merge_gate_bwd_kernel[_launch_grid(batch, length, channels)](
+        grad, z, mean, inverse, dys, dz, length, channels, BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, num_warps=4)
+    return dys, dz
+
+
+# ---- torch custom ops: opaque to torch.compile, differentiable through register_autograd ----
+
+@torch.library.custom_op("defmamba::merge_and_gate_fwd", mutates_args=())
+def _fwd_op(ys: torch.Tensor, inverse: torch.Tensor, z: torch.Tensor,
+            save_mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(ys, inverse, z, save_mean)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(ys, inverse, z, save_mean):
+    return z.new_empty(z.shape), z.new_empty(z.shape if save_mean else (0,))
+
+
+@torch.library.custom_op("defmamba::merge_and_gate_bwd", mutates_args=())
+def _bwd_op(grad: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor,
+            ys_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(grad, z, mean, inverse, ys_dtype)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad, z, mean, inverse, ys_dtype):
+    batch, channels = z.shape[0], z.shape[-1]
+    return z.new_empty((batch, _ORDERS, channels, z.numel() // (batch * channels)), dtype=ys_dtype), z.new_empty(z.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ys, inverse, z, _save_mean = inputs
+    _out, mean = output
+    ctx.save_for_backward(z, mean, inverse)
+    ctx.ys_dtype = ys.dtype
+    ctx.mark_non_differentiable(mean)
+
+
+def _autograd_backward(backward: Callable) -> Callable:
+    """The op's backward, computing the gradients with ``backward`` (the custom op or its body)."""
+
+    def run(ctx, grad, _dmean):
+        z, mean, inverse = ctx.saved_tensors
+        if mean.numel() == 0 and z.numel() > 0:
+            raise RuntimeError("merge_and_gate: the forward ran without a gradient and kept no mean, "
+                               "so it cannot be differentiated")
+        dys, dz = backward(grad, z, mean, inverse, ctx.ys_dtype)
+        return dys, None, dz, None
+
+    return run
+
+
+_fwd_op.register_autograd(_autograd_backward(_bwd_op), setup_context=_setup_context)
+# Eager mode calls the kernels without the custom-op dispatch (eager_dispatch.py).
+_fwd = compile_aware(_fwd_op, with_autograd(_forward, _setup_context, _autograd_backward(_backward)))
+
+
+def merge_and_gate_triton(ys: torch.Tensor, inverse: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """:func:`defmamba.ops.scan_orders.merge_and_gate` through the Triton kernels (shapes checked there)."""
+    if triton is None:
+        raise RuntimeError(f"the Triton merge kernels are not available: {IMPORT_ERROR}")
+    if not ys.is_cuda and not interpreting():
+        raise RuntimeError(f"the Triton merge kernels need CUDA tensors; ys is on {ys.device}")
+    save_mean = torch.is_grad_enabled() and (ys.requires_grad or z.requires_grad)
+    out, _mean = _fwd(ys.contiguous(), inverse.contiguous(), z.contiguous(), save_mean)
+    return out
