@@ -117,6 +117,10 @@ CASES = [
     (90, 1, 48, torch.float16, True, True, False, torch.float32),
     (100, 2, 144, torch.float32, False, True, True, None),
     (161, 2, 144, torch.bfloat16, True, True, True, None),
+    # 8-byte row accesses: 16-bit rows with L % 4 == 0 but not % 8, float32 rows with L even, L % 4 != 0.
+    (100, 2, 96, torch.bfloat16, True, True, True, None),
+    (196, 2, 48, torch.float16, True, True, True, torch.float32),
+    (102, 2, 48, torch.float32, True, False, True, None),
 ]
 
 

@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <initializer_list>
 #include <optional>
 #include <vector>
 
@@ -71,8 +72,6 @@ ds::ScanParams make_params(const at::Tensor &u, const at::Tensor &delta, const a
   p.groups = (int)groups;
   p.group_channels = (int)(channels / groups);
   p.softplus = softplus;
-  const int64_t vec_elems = 16 / u.element_size();
-  p.vec = length % vec_elems == 0;
   ds::plan_blocks(p);
   p.u = u.data_ptr();
   p.delta = delta.data_ptr();
@@ -84,7 +83,17 @@ ds::ScanParams make_params(const at::Tensor &u, const at::Tensor &delta, const a
   return p;
 }
 
-bool aligned16(const at::Tensor &t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+// The widest vector access (16 or 8 bytes, else 0 for element-wise) that the start of every row
+// of these tensors allows: all rows hold `length` elements of the inputs' width (a float32 dy or y
+// has rows twice as long in bytes, so it is aligned whenever the 16-bit inputs are).
+int vector_bytes(int64_t length, int64_t element_size, std::initializer_list<const at::Tensor *> tensors) {
+  for (int bytes : {16, 8}) {
+    bool ok = (length * element_size) % bytes == 0;
+    for (const at::Tensor *t : tensors) ok = ok && reinterpret_cast<uintptr_t>(t->data_ptr()) % bytes == 0;
+    if (ok) return bytes;
+  }
+  return 0;
+}
 
 }  // namespace
 
@@ -99,7 +108,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor &u, const at::Tensor &delta, c
   at::Tensor y = at::empty_like(u, u.options().dtype(out_float32 ? at::kFloat : u.scalar_type()));
   at::Tensor states = save_states ? at::empty({p.batch, p.channels, p.n_saved, ds::kStates}, u.options().dtype(at::kFloat))
                                   : at::empty({0}, u.options().dtype(at::kFloat));
-  p.vec = p.vec && aligned16(u) && aligned16(delta) && aligned16(B) && aligned16(C) && aligned16(y);
+  p.vec_bytes = vector_bytes(p.length, u.element_size(), {&u, &delta, &B, &C, &y});
   p.y = y.data_ptr();
   p.states = save_states ? states.data_ptr<float>() : nullptr;
   const cudaError_t err = ds::launch_scan_fwd(p, to_dtype(u, "u"), to_dtype(y, "y"), c10::cuda::getCurrentCUDAStream().stream());
@@ -124,7 +133,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor &u, const at::Tensor &delta, c
               "states must be the float32 tensor saved by the forward with save_states=True");
   const auto f32 = u.options().dtype(at::kFloat);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  p.vec = p.vec && aligned16(u) && aligned16(delta) && aligned16(B) && aligned16(C) && aligned16(dy);
+  p.vec_bytes = vector_bytes(p.length, u.element_size(), {&u, &delta, &B, &C, &dy});
   // The state at every chunk start, recomputed from the saved ones (freed when this call returns).
   at::Tensor chunk_states = at::empty({p.batch, p.channels, p.n_chunks, ds::kStates}, f32);
   p.states_in = states.data_ptr<float>();

@@ -31,7 +31,7 @@ struct ScanParams {
   int n_chunks = 0;         // ceil(length / kChunk)
   int n_saved = 0;          // ceil(n_chunks / kChunksPerState): states the forward saves per row
   bool softplus = false;
-  bool vec = false;         // rows of u/delta/dy/outputs can use 16-byte accesses
+  int vec_bytes = 0;        // widest access (16, 8 or 0 bytes) every row start of u/delta/B/C/dy/outputs allows
   // Inputs (u, delta, B, C, dy in the input dtypes; the rest float32; D and delta_bias may be null).
   const void *u = nullptr, *delta = nullptr, *B = nullptr, *C = nullptr, *dy = nullptr;
   const float *A = nullptr, *D = nullptr, *delta_bias = nullptr;

@@ -102,14 +102,14 @@ __global__ void __launch_bounds__(kMaxThreads, kBwdBlocksPerSM) scan_bwd_kernel(
     __syncthreads();  // the previous chunk's readers of the shared buffers are done
     if (t < 32) {
       float stg[kChunk];
-      load_bc(Bg, Cg, L, l0, n, p.vec, stg);
+      load_bc(Bg, Cg, L, l0, n, p.vec_bytes, stg);
       store_bc(stg, sB, sC);
     }
     {
       // The lower thread of a pair handles u and dy, the upper one delta (softplus and its slope).
       float c0[kChunk];
       if (upper) {
-        load_chunk(delta + l0, n, p.vec, c0);
+        load_chunk(delta + l0, n, p.vec_bytes, c0);
 #pragma unroll
         for (int i = 0; i < kChunk; ++i) {
           const float x = c0[i] + bias;
@@ -118,8 +118,8 @@ __global__ void __launch_bounds__(kMaxThreads, kBwdBlocksPerSM) scan_bwd_kernel(
         }
       } else {
         float c1[kChunk];
-        load_chunk(u + l0, n, p.vec, c0);
-        load_chunk(dy + l0, n, p.vec, c1);
+        load_chunk(u + l0, n, p.vec_bytes, c0);
+        load_chunk(dy + l0, n, p.vec_bytes, c1);
         // Inactive threads (past the group's channels) contribute nothing: zero u and dy.
 #pragma unroll
         for (int i = 0; i < kChunk; ++i) {
@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(kMaxThreads, kBwdBlocksPerSM) scan_bwd_kernel(
       float o[kChunk];
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) o[i] = src[i * TC + slot];
-      store_chunk((upper ? ddelta : du) + l0, n, p.vec, o);
+      store_chunk((upper ? ddelta : du) + l0, n, p.vec_bytes, o);
     }
   }
 

@@ -54,19 +54,40 @@ __device__ __forceinline__ float softplus_grad(float x) {
   return __fdividef(x >= 0.f ? 1.f : e, 1.f + e);
 }
 
+// Vector loads and stores of a row's chunk: kChunk elements as sizeof(V)-byte words.
+template <typename T, typename V>
+__device__ __forceinline__ void load_words(const T *__restrict__ p, float (&out)[kChunk]) {
+  constexpr int kPer = sizeof(V) / sizeof(T);
+#pragma unroll
+  for (int v = 0; v < kChunk / kPer; ++v) {
+    const V raw = __ldg(reinterpret_cast<const V *>(p) + v);
+    const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) out[v * kPer + i] = to_float(e[i]);
+  }
+}
+
+template <typename T, typename V>
+__device__ __forceinline__ void store_words(T *__restrict__ p, const float (&in)[kChunk]) {
+  constexpr int kPer = sizeof(V) / sizeof(T);
+#pragma unroll
+  for (int v = 0; v < kChunk / kPer; ++v) {
+    V raw;
+    T *e = reinterpret_cast<T *>(&raw);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) e[i] = from_float<T>(in[v * kPer + i]);
+    reinterpret_cast<V *>(p)[v] = raw;
+  }
+}
+
 // Read kChunk consecutive elements of a row into floats. `n` valid elements (the rest are 0);
-// `vec` allows 16-byte loads (row start 16-byte aligned) when the chunk is full.
+// `vec_bytes` (16, 8 or 0) is the widest access every row start allows, used when the chunk is full.
 template <typename T>
-__device__ __forceinline__ void load_chunk(const T *__restrict__ p, int n, bool vec, float (&out)[kChunk]) {
-  if (vec && n == kChunk) {
-    constexpr int kPer = 16 / sizeof(T);
-#pragma unroll
-    for (int v = 0; v < kChunk / kPer; ++v) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4 *>(p) + v);
-      const T *e = reinterpret_cast<const T *>(&raw);
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) out[v * kPer + i] = to_float(e[i]);
-    }
+__device__ __forceinline__ void load_chunk(const T *__restrict__ p, int n, int vec_bytes, float (&out)[kChunk]) {
+  if (n == kChunk && vec_bytes == 16) {
+    load_words<T, uint4>(p, out);
+  } else if (n == kChunk && vec_bytes == 8) {
+    load_words<T, uint2>(p, out);
   } else {
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) out[i] = i < n ? to_float(p[i]) : 0.f;
@@ -75,17 +96,11 @@ __device__ __forceinline__ void load_chunk(const T *__restrict__ p, int n, bool 
 
 // Write the first `n` of kChunk floats to a row, converted to T.
 template <typename T>
-__device__ __forceinline__ void store_chunk(T *__restrict__ p, int n, bool vec, const float (&in)[kChunk]) {
-  if (vec && n == kChunk) {
-    constexpr int kPer = 16 / sizeof(T);
-#pragma unroll
-    for (int v = 0; v < kChunk / kPer; ++v) {
-      uint4 raw;
-      T *e = reinterpret_cast<T *>(&raw);
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) e[i] = from_float<T>(in[v * kPer + i]);
-      reinterpret_cast<uint4 *>(p)[v] = raw;
-    }
+__device__ __forceinline__ void store_chunk(T *__restrict__ p, int n, int vec_bytes, const float (&in)[kChunk]) {
+  if (n == kChunk && vec_bytes == 16) {
+    store_words<T, uint4>(p, in);
+  } else if (n == kChunk && vec_bytes == 8) {
+    store_words<T, uint2>(p, in);
   } else {
 #pragma unroll
     for (int i = 0; i < kChunk; ++i)
@@ -99,10 +114,10 @@ __device__ __forceinline__ void store_chunk(T *__restrict__ p, int n, bool vec, 
 // issued a chunk ahead. Zeros past the end.
 template <typename T>
 __device__ __forceinline__ void load_bc(const T *__restrict__ Bg, const T *__restrict__ Cg, int length, int l0,
-                                        int n, bool vec, float (&stg)[kChunk]) {
+                                        int n, int vec_bytes, float (&stg)[kChunk]) {
   const int lane = threadIdx.x;  // only called by threads < 32
   const T *src = (lane < kStates ? Bg : Cg) + (size_t)(lane % kStates) * length + l0;
-  load_chunk(src, n, vec, stg);
+  load_chunk(src, n, vec_bytes, stg);
 }
 
 __device__ __forceinline__ void store_bc(const float (&stg)[kChunk], float *__restrict__ sB, float *__restrict__ sC) {

@@ -45,11 +45,11 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdBlocksPerSM) scan_fwd_kernel(
   const in_t *mine_src = upper ? delta : u;
   float cm[kChunk];
   const int n0 = min(kChunk, L - j_begin * kChunk);
-  load_chunk(mine_src + j_begin * kChunk, n0, p.vec, cm);
+  load_chunk(mine_src + j_begin * kChunk, n0, p.vec_bytes, cm);
   const bool bc_loader = threadIdx.x < 32;
   if (bc_loader) {
     float stg[kChunk];
-    load_bc(Bg, Cg, L, j_begin * kChunk, n0, p.vec, stg);
+    load_bc(Bg, Cg, L, j_begin * kChunk, n0, p.vec_bytes, stg);
     store_bc(stg, s_bc[j_begin & 1][0], s_bc[j_begin & 1][1]);
   }
   __syncthreads();
@@ -67,8 +67,8 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdBlocksPerSM) scan_fwd_kernel(
     float nm[kChunk], nbc[kChunk];
     if (has_next) {
       const int nn = min(kChunk, L - l0 - kChunk);
-      load_chunk(mine_src + l0 + kChunk, nn, p.vec, nm);
-      if (bc_loader) load_bc(Bg, Cg, L, l0 + kChunk, nn, p.vec, nbc);
+      load_chunk(mine_src + l0 + kChunk, nn, p.vec_bytes, nm);
+      if (bc_loader) load_bc(Bg, Cg, L, l0 + kChunk, nn, p.vec_bytes, nbc);
     }
 
     float cu[kChunk], dts[kChunk];
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdBlocksPerSM) scan_fwd_kernel(
     }
     // Steps past the end (i >= n) read zero u/B/C; their outputs are not stored and the state
     // after them is never used.
-    if (!kExpand && bc.active && !upper) store_chunk(y + l0, n, p.vec, out);
+    if (!kExpand && bc.active && !upper) store_chunk(y + l0, n, p.vec_bytes, out);
 
     if (has_next) {
       if (bc_loader) store_bc(nbc, s_bc[(j + 1) & 1][0], s_bc[(j + 1) & 1][1]);
