@@ -57,6 +57,18 @@ def test_published_variants_at_224(name):
     assert total == pytest.approx(sum(by_op.values()), rel=1e-12)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_counts_a_model_on_the_gpu():
+    """main.py counts the model where it trains: on the GPU, where the Triton ops would run
+    outside the tracer, the count is the same as on the CPU."""
+    ref = REFERENCE["defmamba_tiny"]
+    total, by_op = count_flops(defmamba.build_model("defmamba_tiny").cuda(), input_size=(3, 224, 224))
+    assert total == pytest.approx(ref["total"], rel=TOTAL_RTOL)
+    for op, flops in ref["by_op"].items():
+        assert by_op[op] == pytest.approx(flops, rel=OP_RTOL), op
+
+
 def test_selective_scan_formula():
     """The scan's count: exact on a case too small for numpy's 4-digit rounding, and close to
     the closed form 3.5·B·D·L·N + 2·B·D·L (rounding aside) on the model's own shapes."""

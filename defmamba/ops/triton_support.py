@@ -45,8 +45,11 @@ _ready: bool | None = None
 
 
 def ready() -> bool:
-    """``is_available()[0]``, asked once per process (the op dispatch asks on every call)."""
+    """Whether the op dispatch may launch Triton kernels now: ``is_available()[0]`` (asked once per
+    process), and not while ``torch.jit`` traces or ONNX exports the model. Those must see the
+    PyTorch formulations: a traced graph (fvcore's FLOP count, ONNX) records aten operators, and a
+    Triton launch inside the tracer fails to compile."""
     global _ready
     if _ready is None:
         _ready = is_available()[0]
-    return _ready
+    return _ready and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
