@@ -151,3 +151,13 @@ def test_build_model_and_no_weight_decay():
     assert len(names) == 4 * sum(model.depths)
     with pytest.raises(ValueError, match="unknown model"):
         defmamba.build_model("defmamba_huge")
+
+
+def test_offset_scale_is_the_float32_rounding_of_the_grid_step():
+    """The offset scale is rounded to float32 in Python arithmetic (no tensor ``.item()``, which
+    splits compiled graphs); it must equal the float32 tensor the original code multiplies by."""
+    from defmamba.models.deformable import _offset_scale
+
+    for size in (1, 2, 3, 7, 14, 28, 56, 97, 224, 1000, 4097, 12345):
+        expected = torch.tensor(1.0 / (size - 1) if size > 1 else 0.0, dtype=torch.float32).item()
+        assert _offset_scale(size) == expected, size

@@ -8,6 +8,7 @@ grid along the axis are defined as 0 (the only point of a size-1 axis under
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -49,8 +50,12 @@ def _inverse_extent(size: int) -> float:
 
 
 def _offset_scale(size: int) -> float:
-    """Offset scale 1/(size−1), rounded to float32 as the original code's float32 factor tensor is."""
-    return torch.tensor(_inverse_extent(size), dtype=torch.float32).item()
+    """Offset scale 1/(size−1), rounded to float32 as the original code's float32 factor tensor is.
+
+    Rounded in Python arithmetic (24-bit mantissa, ties to even like IEEE), not through a tensor's
+    ``.item()``, which would split a torch.compile graph."""
+    mantissa, exponent = math.frexp(_inverse_extent(size))
+    return math.ldexp(round(mantissa * 2 ** 24) / 2 ** 24, exponent)
 
 
 def _reference_coords(size: int, like: torch.Tensor) -> torch.Tensor:
