@@ -1,7 +1,7 @@
 """Images/s and peak memory of DefMamba-T/S/B next to timm peers, in one run on one device.
 
     python tools/benchmark.py                              # T/S/B + ConvNeXt-T/S + Swin-T/S, batch 128, 224²
-    python tools/benchmark.py --backend triton --compile --json out.json
+    python tools/benchmark.py --backend triton --compile [reduce-overhead] --json out.json
     python tools/benchmark.py --device cpu --models defmamba_tiny --peers convnext_tiny \
         --batch-size 2 --image-size 64 --modes infer_fp32 train_bf16 --warmup 1 --repeats 2 --iters 1
 
@@ -41,7 +41,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"],
                         help="selective-scan backend of the DefMamba models")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model before measuring")
+    parser.add_argument("--compile", nargs="?", const="default", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile every model before measuring, in this mode (default: 'default'; "
+                             "'reduce-overhead' replays CUDA graphs, for host-bound models)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=10, help="untimed iterations")
     parser.add_argument("--repeats", type=int, default=10, help="timed windows (the median is reported)")
@@ -90,7 +93,11 @@ def measure_one(name: str, mode: str, args: argparse.Namespace, device: torch.de
     kind, dtype = MODES[mode]
     model = build(name, args.image_size, args.backend).to(device)
     if args.compile:
-        model = torch.compile(model)
+        # A fresh compile per model and mode: otherwise the blocks' code, recompiled for every
+        # model, dtype and stage shape in one process, reaches Dynamo's recompile limit and the
+        # later measurements run uncompiled.
+        torch._dynamo.reset()
+        model = torch.compile(model, mode=args.compile)
     try:
         return measure_throughput(model, args.batch_size, args.image_size, mode=kind, amp_dtype=dtype,
                                   warmup=args.warmup, repeats=args.repeats, iters_per_window=args.iters,
