@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Whole-model check on a GPU machine: every GPU test, then DefMamba-T/S/B next to the timm peers
-# (eager), compiled inference, the sampling-op A/B and a profile of DefMamba-S.
+# (eager), compiled inference with CUDA graphs, the sampling-op A/B and a profile of DefMamba-S.
 # Usage (from the repository root, the scan extension installed):
 #   bash tools/device/model_check.sh [OUT_DIR]
 # Writes env.log, tests.log, compile_workaround.log, eager.{log,json}, compiled.{log,json},
@@ -22,7 +22,7 @@ TORCHINDUCTOR_LOOP_REINDEXING_AFTER_FUSION=0 TORCHINDUCTOR_COALESCE_TILING_ANALY
 bench=(python3 tools/benchmark.py --warmup 3 --repeats 5 --iters 3)
 "${bench[@]}" --modes infer_fp32 infer_fp16 infer_bf16 train_fp16 train_bf16 --json "$out/eager.json" 2>&1 \
     | tee "$out/eager.log" | tail -12
-"${bench[@]}" --compile --peers --modes infer_fp32 infer_fp16 --json "$out/compiled.json" 2>&1 \
+"${bench[@]}" --compile reduce-overhead --peers --modes infer_fp32 infer_fp16 infer_bf16 --json "$out/compiled.json" 2>&1 \
     | tee "$out/compiled.log" | tail -6
 python3 tools/benchmark_sampling.py --models defmamba_small --json "$out/sampling.json" 2>&1 \
     | tee "$out/sampling.log" | tail -6

@@ -64,6 +64,10 @@ ds::ScanParams make_params(const at::Tensor &u, const at::Tensor &delta, const a
   check_param(D, u, channels, "D");
   check_param(delta_bias, u, channels, "delta_bias");
   TORCH_CHECK(batch * channels * length < (int64_t(1) << 40), "input too large");
+  // The state recompute before the backward launches one row of blocks per saved state (grid y <= 65535).
+  const int64_t max_length = int64_t(ds::kChunk) * ds::kChunksPerState * 65535;
+  TORCH_CHECK(length <= max_length, "the CUDA selective scan supports L <= ", max_length, "; got L=", length,
+              " (use backend='triton')");
 
   ds::ScanParams p;
   p.batch = (int)batch;
