@@ -51,6 +51,20 @@ if triton is not None:
         return ix0, iy0, wx0, wx1, wy0, wy1
 
     @triton.jit
+    def _slot_corners(order_ptr, grid_ptr, disp_ptr, b, slots, slot_ok, length, size_w, size_h):
+        """For each sequence slot: the offset of its token's point in grid/disp, and _corners of the
+        map point and of the table point."""
+        tok = tl.load(order_ptr + b * length + slots, mask=slot_ok, other=0)
+        point = b * length * 2 + tok * 2
+        px = tl.load(grid_ptr + point, mask=slot_ok, other=0.0).to(tl.float32)
+        py = tl.load(grid_ptr + point + 1, mask=slot_ok, other=0.0).to(tl.float32)
+        qx = tl.load(disp_ptr + point, mask=slot_ok, other=0.0).to(tl.float32)
+        qy = tl.load(disp_ptr + point + 1, mask=slot_ok, other=0.0).to(tl.float32)
+        ix0, iy0, wx0, wx1, wy0, wy1 = _corners(px, py, size_w, size_h)
+        jx0, jy0, vx0, vx1, vy0, vy1 = _corners(qx, qy, size_w, size_h)
+        return point, ix0, iy0, wx0, wx1, wy0, wy1, jx0, jy0, vx0, vx1, vy0, vy1
+
+    @triton.jit
     def _sampling_fwd_kernel(x_ptr, grid_ptr, table_ptr, disp_ptr, order_ptr, out_ptr,
                     length, channels, size_h, size_w,
                     sx_b, sx_c, sx_h, sx_w,
@@ -62,18 +76,12 @@ if triton is not None:
         chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         slot_ok = slots < length
         chan_ok = chans < channels
-        tok = tl.load(order_ptr + b * length + slots, mask=slot_ok, other=0)
-        point = b * length * 2 + tok * 2
-        px = tl.load(grid_ptr + point, mask=slot_ok, other=0.0).to(tl.float32)
-        py = tl.load(grid_ptr + point + 1, mask=slot_ok, other=0.0).to(tl.float32)
-        qx = tl.load(disp_ptr + point, mask=slot_ok, other=0.0).to(tl.float32)
-        qy = tl.load(disp_ptr + point + 1, mask=slot_ok, other=0.0).to(tl.float32)
         x_img = x_ptr + b * sx_b + (chans * sx_c)[None, :]
         table_ch = table_ptr + chans[None, :]
         acc = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
         # Map sample and table sample: the same bilinear rule on two (h, w) grids.
-        ix0, iy0, wx0, wx1, wy0, wy1 = _corners(px, py, size_w, size_h)
-        jx0, jy0, vx0, vx1, vy0, vy1 = _corners(qx, qy, size_w, size_h)
+        _point, ix0, iy0, wx0, wx1, wy0, wy1, jx0, jy0, vx0, vx1, vy0, vy1 = _slot_corners(
+            order_ptr, grid_ptr, disp_ptr, b, slots, slot_ok, length, size_w, size_h)
         for dy in tl.static_range(2):
             for dx in tl.static_range(2):
                 cx = ix0 + dx
@@ -103,14 +111,8 @@ if triton is not None:
         b = tl.program_id(1).to(tl.int64)
         slots = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
         slot_ok = slots < length
-        tok = tl.load(order_ptr + b * length + slots, mask=slot_ok, other=0)
-        point = b * length * 2 + tok * 2
-        px = tl.load(grid_ptr + point, mask=slot_ok, other=0.0).to(tl.float32)
-        py = tl.load(grid_ptr + point + 1, mask=slot_ok, other=0.0).to(tl.float32)
-        qx = tl.load(disp_ptr + point, mask=slot_ok, other=0.0).to(tl.float32)
-        qy = tl.load(disp_ptr + point + 1, mask=slot_ok, other=0.0).to(tl.float32)
-        ix0, iy0, wx0, wx1, wy0, wy1 = _corners(px, py, size_w, size_h)
-        jx0, jy0, vx0, vx1, vy0, vy1 = _corners(qx, qy, size_w, size_h)
+        point, ix0, iy0, wx0, wx1, wy0, wy1, jx0, jy0, vx0, vx1, vy0, vy1 = _slot_corners(
+            order_ptr, grid_ptr, disp_ptr, b, slots, slot_ok, length, size_w, size_h)
         # Offsets (without the channel) of the four corners in x, in the channels-last x gradient
         # and in the (h, w, C) table and its gradient; validity of each corner.
         ok_x0 = (ix0 >= 0) & (ix0 < size_w)
