@@ -65,6 +65,16 @@ if triton is not None:
         return point, ix0, iy0, wx0, wx1, wy0, wy1, jx0, jy0, vx0, vx1, vy0, vy1
 
     @triton.jit
+    def _corner_backward(g, value_ptrs, dest_ptrs, ok, chan_ok, wx, wy, sign_x, sign_y):
+        """One bilinear corner in the backward: atomically add g·wx·wy to its cell's gradient and
+        return this corner's part of the point's gradient (d weight / d pixel x = ±wy, y: ±wx)."""
+        m = ok[:, None] & chan_ok[None, :]
+        v = tl.load(value_ptrs, mask=m, other=0.0).to(tl.float32)
+        gv = tl.sum(g * v, axis=1)
+        tl.atomic_add(dest_ptrs, g * (wx * wy)[:, None], mask=m, sem="relaxed")
+        return gv * wy * sign_x, gv * wx * sign_y
+
+    @triton.jit
     def _sampling_fwd_kernel(x_ptr, grid_ptr, table_ptr, disp_ptr, order_ptr, out_ptr,
                     length, channels, size_h, size_w,
                     sx_b, sx_c, sx_h, sx_w,
@@ -139,35 +149,28 @@ if triton is not None:
             slot_sum += tl.sum(g, axis=1)
             for dy in tl.static_range(2):
                 for dx in tl.static_range(2):
-                    wxa = wx1 if dx else wx0
-                    wya = wy1 if dy else wy0
-                    cx = ix0 + dx
-                    cy = iy0 + dy
-                    ok = slot_ok & (ok_x1 if dx else ok_x0) & (ok_y1 if dy else ok_y0)
-                    m = ok[:, None] & chan_ok[None, :]
-                    v = tl.load(x_ptr + b * sx_b + (cy.to(tl.int64) * sx_h + cx.to(tl.int64) * sx_w)[:, None]
-                                + (chans * sx_c)[None, :], mask=m, other=0.0).to(tl.float32)
-                    gv = tl.sum(g * v, axis=1)
-                    # d(weight)/d(pixel x) = ±wy, d(weight)/d(pixel y) = ±wx
-                    grad_px += gv * wya * (1.0 if dx else -1.0)
-                    grad_py += gv * wxa * (1.0 if dy else -1.0)
-                    cell = ((b * size_h + cy.to(tl.int64)) * size_w + cx.to(tl.int64)) * channels
-                    tl.atomic_add(gx_ptr + cell[:, None] + chans[None, :], g * (wxa * wya)[:, None], mask=m,
-                                  sem="relaxed")
-
-                    wxb = vx1 if dx else vx0
-                    wyb = vy1 if dy else vy0
-                    ex = jx0 + dx
-                    ey = jy0 + dy
-                    ok_t = slot_ok & (ok_u1 if dx else ok_u0) & (ok_v1 if dy else ok_v0)
-                    mt = ok_t[:, None] & chan_ok[None, :]
-                    cell_t = (ey * size_w + ex).to(tl.int64) * channels
-                    t = tl.load(table_ptr + cell_t[:, None] + chans[None, :], mask=mt, other=0.0).to(tl.float32)
-                    gt = tl.sum(g * t, axis=1)
-                    grad_qx += gt * wyb * (1.0 if dx else -1.0)
-                    grad_qy += gt * wxb * (1.0 if dy else -1.0)
-                    tl.atomic_add(gtable_ptr + partial + cell_t[:, None] + chans[None, :], g * (wxb * wyb)[:, None],
-                                  mask=mt, sem="relaxed")
+                    sign_x = 1.0 if dx else -1.0
+                    sign_y = 1.0 if dy else -1.0
+                    # The map corner: x at its strides, its gradient channels-last.
+                    cx = (ix0 + dx).to(tl.int64)
+                    cy = (iy0 + dy).to(tl.int64)
+                    cell = ((b * size_h + cy) * size_w + cx) * channels
+                    part_x, part_y = _corner_backward(
+                        g, x_ptr + b * sx_b + (cy * sx_h + cx * sx_w)[:, None] + (chans * sx_c)[None, :],
+                        gx_ptr + cell[:, None] + chans[None, :],
+                        slot_ok & (ok_x1 if dx else ok_x0) & (ok_y1 if dy else ok_y0), chan_ok,
+                        wx1 if dx else wx0, wy1 if dy else wy0, sign_x, sign_y)
+                    grad_px += part_x
+                    grad_py += part_y
+                    # The table corner: table and its partial gradient, both (h, w, C).
+                    cell_t = ((jy0 + dy) * size_w + (jx0 + dx)).to(tl.int64) * channels
+                    part_x, part_y = _corner_backward(
+                        g, table_ptr + cell_t[:, None] + chans[None, :],
+                        gtable_ptr + partial + cell_t[:, None] + chans[None, :],
+                        slot_ok & (ok_u1 if dx else ok_u0) & (ok_v1 if dy else ok_v0), chan_ok,
+                        vx1 if dx else vx0, vy1 if dy else vy0, sign_x, sign_y)
+                    grad_qx += part_x
+                    grad_qy += part_y
         # pixel = (g + 1) / 2 · (size − 1): d pixel / d g = (size − 1) / 2
         scale_x = (size_w - 1) * 0.5
         scale_y = (size_h - 1) * 0.5
