@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from triton_helpers import needs_triton_gpu, run_under_interpreter
+from triton_helpers import max_relative_errors, needs_triton_gpu, run_under_interpreter
 
 from defmamba.ops import layer_norm as ln
 
@@ -34,10 +34,7 @@ def max_errors(lead: tuple, cols: int, dtype: torch.dtype, device: str, seed: in
     y.backward(dy.to(device=device, dtype=torch.float32))
     got = [y] + [t.grad for t in mine]
 
-    def rel(a, b):
-        return ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
-
-    return {name: rel(a, b) for name, a, b in zip(("y", "x", "weight", "bias"), got, ref)}
+    return max_relative_errors(("y", "x", "weight", "bias"), got, ref)
 
 
 def test_triton_layer_norm_matches_float64_in_interpreter():

@@ -21,3 +21,10 @@ def run_under_interpreter(script: str) -> dict:
     result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def max_relative_errors(names: tuple[str, ...], got: list, reference: list) -> dict[str, float]:
+    """Per name: the largest deviation of ``got`` (any device and dtype) from the float64 CPU
+    ``reference``, relative to the reference's largest entry."""
+    return {name: ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
+            for name, a, b in zip(names, got, reference)}

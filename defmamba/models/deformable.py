@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.deformable_sampling import sample_in_path_order
+from ..ops.depthwise_conv import DepthwiseConv2d
 from ..ops.layer_norm import LayerNorm
 
 __all__ = ["ConvOffset", "DeformableLayer", "DeformableOutput"]
@@ -32,7 +33,7 @@ class ConvOffset(nn.Module):
     def __init__(self, channels: int, kernel_size: int) -> None:
         super().__init__()
         hidden = channels // 16
-        self.conv1 = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+        self.conv1 = DepthwiseConv2d(channels, kernel_size)
         self.ca = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels), nn.Sigmoid())
         self.ln = LayerNorm(channels)
         self.conv2 = nn.Conv2d(channels, 3, 1, bias=False)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.depthwise_conv import DepthwiseConv2d
 from ..ops.scan_orders import merge_and_gate
 from ..ops.selective_scan import selective_scan
 from .deformable import DeformableLayer
@@ -52,7 +53,7 @@ class DSSM(nn.Module):
         self.Ds = nn.Parameter(torch.ones(NUM_SCANS * d_inner))
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
-        self.conv2d = nn.Conv2d(d_inner, d_inner, conv_kernel_size, padding=conv_kernel_size // 2, groups=d_inner)
+        self.conv2d = DepthwiseConv2d(d_inner, conv_kernel_size)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         self.DS = DeformableLayer(d_inner, deform_kernel_size)
 

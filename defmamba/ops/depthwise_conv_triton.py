@@ -1,0 +1,218 @@
+"""Triton kernels of :func:`defmamba.ops.depthwise_conv.depthwise_conv2d` (channels-last maps).
+
+A depthwise K×K convolution (stride 1, padding K//2, odd K) reads each input value K² times, so
+what matters is that those reads hit the cache and that the channels of a pixel, contiguous in a
+channels-last map, are read together. One forward program computes a tile of [BLOCK_W pixels of
+one row, BLOCK_C channels]: for each of the K² taps it loads the shifted input tile (masked at the
+borders), multiplies by the tap's weight per channel and accumulates in float32.
+
+The input gradient is the same convolution of the output gradient with the kernel flipped, so the
+forward kernel computes it (``FLIP``). The weight gradient sums, per channel and tap, the output
+gradient times the shifted input over every pixel: one program takes a band of rows, one kernel row
+``kh`` and a block of channels. Per tile it loads the output gradient once and the input shifted by
+each of the row's K taps as one [taps, pixels, channels] block (cache hits), and accumulates the
+products elementwise; they are summed over the pixels once, at the end, into one partial row per
+tap and program, summed afterwards (no atomics). The bias gradient comes from the ``kh = 0``
+programs the same way.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .eager_dispatch import compile_aware, with_autograd
+from .triton_support import IMPORT_ERROR, tl, triton
+
+__all__ = ["depthwise_conv2d_triton"]
+
+_BAND_ROWS = 32  # image rows (of all images, in order) per weight-gradient program
+_WGRAD_TILE = 64  # taps of a kernel row (padded to a power of two) × pixels per weight-gradient tile
+_WGRAD_BLOCK_C = 32  # channels per weight-gradient tile
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, height, width, channels,
+                           K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_W: tl.constexpr,
+                           BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # b * height + h
+        h = row % height
+        w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < channels
+        pad: tl.constexpr = K // 2
+        pixel_offsets = w[:, None] * channels + c[None, :]  # within a row
+        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        for kh in tl.static_range(K):
+            ih = h + kh - pad
+            row_ok = (ih >= 0) & (ih < height)
+            x_row = x_ptr + (row + kh - pad) * width * channels
+            for kw in tl.static_range(K):
+                iw = w + (kw - pad)
+                ok = row_ok & (iw >= 0) & (iw < width)
+                xv = tl.load(x_row + pixel_offsets + (kw - pad) * channels, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                tap = (K * K - 1 - (kh * K + kw)) if FLIP else (kh * K + kw)
+                wv = tl.load(w_ptr + tap * channels + c, mask=c_ok, other=0.0).to(tl.float32)
+                if ROUND_W:  # autocast: the weight as the input's dtype would hold it
+                    wv = wv.to(x_ptr.dtype.element_ty).to(tl.float32)
+                acc += xv.to(tl.float32) * wv[None, :]
+        if HAS_BIAS:
+            bv = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+            if ROUND_W:
+                bv = bv.to(x_ptr.dtype.element_ty).to(tl.float32)
+            acc += bv[None, :]
+        tl.store(y_ptr + row * width * channels + pixel_offsets, acc.to(y_ptr.dtype.element_ty),
+                 mask=(w < width)[:, None] & c_ok[None, :])
+
+    @triton.jit
+    def _dwconv_wgrad_kernel(g_ptr, x_ptr, wpart_ptr, bpart_ptr, rows, height, width, channels,
+                             K: tl.constexpr, K_POW2: tl.constexpr, BAND: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        band = tl.program_id(0).to(tl.int64)
+        kh = tl.program_id(1)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < channels
+        pad: tl.constexpr = K // 2
+        kw = tl.arange(0, K_POW2)
+        w_tile = tl.arange(0, BLOCK_W)
+        # acc[kw, pixel, channel]: the tap (kh, kw) products, summed over pixels only at the end.
+        acc = tl.zeros([K_POW2, BLOCK_W, BLOCK_C], dtype=tl.float32)
+        acc_bias = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        for row in range(band * BAND, tl.minimum(band * BAND + BAND, rows)):
+            h = row % height
+            ih = h + kh - pad
+            g_row = g_ptr + row * width * channels
+            x_row = x_ptr + (row + kh - pad) * width * channels
+            row_ok = (ih >= 0) & (ih < height)
+            for w0 in range(0, width, BLOCK_W):
+                w = w0 + w_tile
+                g = tl.load(g_row + w[:, None] * channels + c[None, :], mask=(w < width)[:, None] & c_ok[None, :],
+                            other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    acc_bias += g
+                iw = w[None, :] + kw[:, None] - pad  # [kw, pixel]
+                ok = row_ok & (kw[:, None] < K) & (iw >= 0) & (iw < width)
+                xv = tl.load(x_row + iw[:, :, None] * channels + c[None, None, :],
+                             mask=ok[:, :, None] & c_ok[None, None, :], other=0.0)
+                acc += xv.to(tl.float32) * g[None, :, :]
+        taps = kh * K + kw
+        tl.store(wpart_ptr + (band * channels + c[None, :]) * (K * K) + taps[:, None], tl.sum(acc, axis=1),
+                 mask=(kw < K)[:, None] & c_ok[None, :])
+        if HAS_BIAS:
+            tl.store(bpart_ptr + band * channels + c, tl.sum(acc_bias, axis=0), mask=c_ok & (kh == 0))
+
+
+def _tiles(width: int, channels: int) -> tuple[int, int, int]:
+    """(BLOCK_W, BLOCK_C, num_warps): a row tile of up to 64 pixels × 32 or 64 channels."""
+    block_w = min(64, triton.next_power_of_2(width))
+    block_c = 32 if channels <= 96 else 64
+    num_warps = max(1, min(4, block_w * block_c // 256))
+    return block_w, block_c, num_warps
+
+
+def _conv(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+          kernel_size: int, flip: bool, round_weights: bool) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
+    block_w, block_c, num_warps = _tiles(width, channels)
+    grid = (batch * height, triton.cdiv(width, block_w), triton.cdiv(channels, block_c))
+    _dwconv_fwd_kernel[grid](x, taps, bias if bias is not None else taps, y, height, width, channels,
+                             K=kernel_size, FLIP=flip, HAS_BIAS=bias is not None, ROUND_W=round_weights,
+                             BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
+    return y
+
+
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    """(C, 1, K, K) weight → (K·K, C): each tap's weights contiguous over the channels, as the tiles
+    read them (a load per tap instead of a gather across C rows of K·K values)."""
+    channels, _, k, _ = weight.shape
+    return weight.detach().reshape(channels, k * k).t().contiguous()
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    round_weights = out_dtype != torch.float32 and weight.dtype == torch.float32  # autocast
+    return _conv(x, _taps(weight), bias, out_dtype, weight.shape[-1], False, round_weights)
+
+
+def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+              has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, channels, height, width = x.shape
+    k = weight.shape[-1]
+    grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
+    round_weights = x.dtype != torch.float32 and weight.dtype == torch.float32
+    dx = _conv(grad, _taps(weight), None, x.dtype, k, True, round_weights)
+    k_pow2 = triton.next_power_of_2(k)
+    block_w = min(triton.next_power_of_2(width), max(1, _WGRAD_TILE // k_pow2))
+    block_c = _WGRAD_BLOCK_C
+    rows = batch * height
+    bands = triton.cdiv(rows, _BAND_ROWS)
+    wpart = torch.empty((bands, channels, k * k), dtype=torch.float32, device=x.device)
+    bpart = torch.empty((bands, channels) if has_bias else (1,), dtype=torch.float32, device=x.device)
+    grid = (bands, k, triton.cdiv(channels, block_c))
+    _dwconv_wgrad_kernel[grid](grad, x, wpart, bpart, rows, height, width, channels,
+                               K=k, K_POW2=k_pow2, BAND=_BAND_ROWS, HAS_BIAS=has_bias,
+                               BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
+    dweight = wpart.sum(0).view(weight.shape)
+    dbias = bpart.sum(0) if has_bias else bpart.new_empty((0,))
+    return dx, dweight, dbias
+
+
+# ---- torch custom ops: opaque to torch.compile, differentiable through register_autograd ----
+
+@torch.library.custom_op("defmamba::depthwise_conv2d_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    return _forward(x, weight, bias, out_dtype)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, weight, bias, out_dtype):
+    return torch.empty_like(x, dtype=out_dtype, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("defmamba::depthwise_conv2d_bwd", mutates_args=())
+def _bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+            has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad, x, weight, has_bias)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad, x, weight, has_bias):
+    return (torch.empty_like(x, memory_format=torch.channels_last), weight.new_empty(weight.shape, dtype=torch.float32),
+            weight.new_empty((weight.shape[0] if has_bias else 0,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, _out_dtype = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _autograd_backward(backward: Callable) -> Callable:
+    """The op's backward, computing the gradients with ``backward`` (the custom op or its body)."""
+
+    def run(ctx, grad):
+        x, weight = ctx.saved_tensors
+        has_bias = ctx.bias_dtype is not None
+        dx, dweight, dbias = backward(grad, x, weight, has_bias)
+        return dx, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype) if has_bias else None, None
+
+    return run
+
+
+_fwd_op.register_autograd(_autograd_backward(_bwd_op), setup_context=_setup_context)
+# Eager mode calls the kernels without the custom-op dispatch (eager_dispatch.py).
+_fwd = compile_aware(_fwd_op, with_autograd(_forward, _setup_context, _autograd_backward(_backward)))
+
+
+def depthwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            out_dtype: torch.dtype) -> torch.Tensor:
+    """Depthwise convolution of a channels-last x (B, C, H, W) with a (C, 1, K, K) weight (odd K,
+    padding K//2), accumulated in float32; the output (channels-last) in ``out_dtype``. A float32
+    weight with a half-precision x and output is rounded to x's dtype first (autocast's rule)."""
+    if triton is None:
+        raise RuntimeError(f"the Triton depthwise convolution kernels are not available: {IMPORT_ERROR}")
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("the Triton depthwise convolution takes channels-last inputs")
+    return _fwd(x, weight, bias, out_dtype)

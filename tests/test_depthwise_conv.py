@@ -1,0 +1,128 @@
+"""The Triton depthwise convolution against F.conv2d in float64 (CPU: Triton's interpreter in a
+subprocess; GPU: compiled), forward and all three gradients, on fresh random inputs of odd and
+non-square sizes, plus the module's drop-in contract and autocast rule."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from triton_helpers import max_relative_errors, needs_triton_gpu, run_under_interpreter
+
+from defmamba.ops import depthwise_conv as dw
+
+# (batch, channels, height, width, kernel): a kernel larger than the map, rows across several
+# weight-gradient bands (> 16 rows), rows wider than one 64-pixel tile, channels over 1–3 blocks.
+CASES = [(2, 5, 7, 9, 3), (1, 3, 5, 4, 9), (3, 20, 6, 5, 7), (1, 70, 3, 67, 5), (2, 130, 4, 3, 3), (1, 8, 1, 1, 5)]
+
+
+def max_errors(case: tuple, dtype: torch.dtype, device: str, seed: int, bias: bool = True) -> dict:
+    from defmamba.ops import depthwise_conv_triton as kernels
+
+    batch, channels, height, width, k = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, height, width, generator=g, dtype=torch.float64).to(dtype).double()
+    w = torch.randn(channels, 1, k, k, generator=g, dtype=torch.float64).to(dtype).double()
+    b = torch.randn(channels, generator=g, dtype=torch.float64).to(dtype).double() if bias else None
+    dy = torch.randn(batch, channels, height, width, generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+    F.conv2d(leaves[0], leaves[1], leaves[2] if bias else None, padding=k // 2, groups=channels).backward(dy)
+    ref = [F.conv2d(x, w, b, padding=k // 2, groups=channels)] + [t.grad for t in leaves]
+    mine = [t.to(device=device, dtype=dtype).requires_grad_() for t in (x, w, b) if t is not None]
+    x_cl = mine[0].contiguous(memory_format=torch.channels_last)
+    y = kernels.depthwise_conv2d_triton(x_cl, mine[1], mine[2] if bias else None, dtype)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.backward(dy.to(device=device, dtype=dtype))
+    got = [y] + [t.grad for t in mine]
+
+    return max_relative_errors(("y", "x", "weight", "bias"), got, ref)
+
+
+def test_triton_depthwise_conv_matches_float64_in_interpreter():
+    errors = run_under_interpreter(__file__)
+    assert errors.pop("compiled vs eager")["compiled"] == 0.0  # the same kernels, through the custom op
+    no_bias = errors.pop("no bias")
+    assert set(no_bias) == {"y", "x", "weight"} and max(no_bias.values()) <= 1e-5, no_bias
+    assert len(errors) == len(CASES)
+    for case, errs in errors.items():
+        assert set(errs) == {"y", "x", "weight", "bias"}
+        for name, err in errs.items():
+            assert err <= 1e-5, f"{case}: {name} off by {err:.2e} of its largest entry"
+
+
+GPU_CASES = [(case, torch.float32) for case in CASES] + [
+    (case, dtype) for case in [(2, 96, 20, 23, 9), (3, 64, 11, 29, 3)] for dtype in (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.cuda
+@needs_triton_gpu
+@pytest.mark.parametrize("case,dtype", GPU_CASES)
+def test_triton_depthwise_conv_matches_float64_gpu(case, dtype):
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for name, err in max_errors(case, dtype, "cuda", seed=sum(case)).items():
+        assert err <= tolerance, f"{name} off by {err:.2e}"
+
+
+@pytest.mark.cuda
+@needs_triton_gpu
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
+def test_module_follows_autocast_rule_gpu(amp):
+    """Under autocast: the output in the autocast dtype, equal to autocast's own convolution up to
+    the summation order of float32 accumulations; parameter gradients in float32."""
+    torch.manual_seed(0)
+    module = dw.DepthwiseConv2d(48, 7).cuda()
+    x = torch.randn(2, 48, 13, 10, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=amp):
+        got = module(x)
+        expected = nn.Conv2d.forward(module, x)
+    assert got.dtype == expected.dtype == amp
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    got.float().sum().backward()
+    assert module.weight.grad.dtype == module.bias.grad.dtype == torch.float32
+
+
+def test_module_is_a_drop_in_conv2d():
+    torch.manual_seed(0)
+    module = dw.DepthwiseConv2d(6, 5)
+    assert isinstance(module, nn.Conv2d) and list(module.state_dict()) == ["weight", "bias"]
+    assert module.weight.shape == (6, 1, 5, 5) and module.padding == (2, 2) and module.groups == 6
+    x = torch.randn(2, 6, 7, 4)
+    torch.testing.assert_close(module(x), F.conv2d(x, module.weight, module.bias, padding=2, groups=6), rtol=0, atol=0)
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="odd kernel size"):
+        dw.DepthwiseConv2d(4, 4)
+    with pytest.raises(ValueError, match=r"\(channels, 1, K, K\)"):
+        dw.depthwise_conv2d(torch.randn(1, 4, 5, 5), torch.randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match="x must be"):
+        dw.depthwise_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 1, 3, 3))
+
+
+def compiled_matches_eager() -> dict:
+    """The custom-op route (taken under torch.compile) against the eager route, outputs and grads."""
+    from defmamba.ops import depthwise_conv_triton as kernels
+
+    x = torch.randn(2, 7, 5, 6).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(7, 1, 3, 3), torch.randn(7)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = fn(*leaves)
+        (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+        return [y] + [t.grad for t in leaves]
+
+    def conv(x, w, b):
+        return kernels.depthwise_conv2d_triton(x, w, b, torch.float32)
+
+    eager, compiled = run(conv), run(torch.compile(conv, backend="aot_eager", fullgraph=True))
+    return {"compiled": max((a - e).abs().max().item() for a, e in zip(compiled, eager))}
+
+
+if __name__ == "__main__":  # the interpreter check (run by the test above in a subprocess)
+    results = {"x".join(map(str, case)): max_errors(case, torch.float32, "cpu", seed=i) for i, case in enumerate(CASES)}
+    results["no bias"] = max_errors(CASES[0], torch.float32, "cpu", seed=99, bias=False)
+    results["compiled vs eager"] = compiled_matches_eager()
+    print(json.dumps(results))
