@@ -9,12 +9,12 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import nullcontext
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
-__all__ = ["measure_throughput"]
+__all__ = ["cuda_time_ms", "measure_throughput"]
 
 
 def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -91,13 +91,7 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
     rates = []
     for _ in range(repeats):
         if on_gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters_per_window):
-                step()
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1000.0
+            seconds = _event_time_ms(lambda: [step() for _ in range(iters_per_window)]) / 1000.0
         else:
             t0 = time.perf_counter()
             for _ in range(iters_per_window):
@@ -116,3 +110,20 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
         "ms_per_iter": 1000.0 * batch_size / median,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if on_gpu else None,
     }
+
+
+def _event_time_ms(fn: Callable[[], object]) -> float:
+    """CUDA time of one call of ``fn`` on the current stream, from events around it."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 20) -> float:
+    """Median CUDA-event time (ms) of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(_event_time_ms(fn) for _ in range(repeats))
