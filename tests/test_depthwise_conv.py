@@ -83,6 +83,17 @@ def test_module_follows_autocast_rule_gpu(amp):
     assert module.weight.grad.dtype == module.bias.grad.dtype == torch.float32
 
 
+@pytest.mark.cuda
+@needs_triton_gpu
+def test_cudnn_formulation_is_forced_by_the_context_gpu():
+    x = torch.randn(1, 4, 5, 5, device="cuda").contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 1, 3, 3, device="cuda")
+    assert dw._use_triton(x, w)
+    with dw.cudnn_formulation():
+        assert not dw._use_triton(x, w)
+    assert dw._use_triton(x, w)
+
+
 def test_module_is_a_drop_in_conv2d():
     torch.manual_seed(0)
     module = dw.DepthwiseConv2d(6, 5)

@@ -7,10 +7,17 @@ warm-up, both in the same process. ``calls`` says how often one forward of each 
 ``calls × (cuDNN − Triton)`` is the time one pass of that model saves. Needs a CUDA GPU and Triton.
 
     python tools/benchmark_depthwise_conv.py --models defmamba_small --json dwconv.json
+
+``--whole-model MODE ...`` measures the models instead, with cuDNN and with the Triton kernels one
+after the other in the same process (the protocol of ``tools/benchmark.py``: median of timed windows
+after warm-up):
+
+    python tools/benchmark_depthwise_conv.py --models defmamba_small --whole-model train_bf16 infer_fp16
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections import Counter
@@ -20,11 +27,14 @@ import torch
 import torch.nn.functional as F
 
 import defmamba
-from defmamba.benchmark import cuda_time_ms
+from defmamba.benchmark import cuda_time_ms, measure_throughput
 from defmamba.ops import triton_support
-from defmamba.ops.depthwise_conv import DepthwiseConv2d, depthwise_conv2d
+from defmamba.ops.depthwise_conv import DepthwiseConv2d, cudnn_formulation, depthwise_conv2d
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # None: no autocast
+MODEL_MODES = {"infer_fp32": ("infer", None), "infer_fp16": ("infer", torch.float16),
+               "infer_bf16": ("infer", torch.bfloat16), "train_fp16": ("train", torch.float16),
+               "train_bf16": ("train", torch.bfloat16)}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -34,6 +44,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--whole-model", nargs="+", choices=list(MODEL_MODES), metavar="MODE",
+                        help=f"A/B the whole models in these modes ({', '.join(MODEL_MODES)}) instead of the shapes")
+    parser.add_argument("--iters", type=int, default=3, help="iterations per timed window (--whole-model)")
     parser.add_argument("--json", type=str, default=None, help="write all results to this file")
     return parser.parse_args(argv)
 
@@ -78,15 +91,32 @@ def cudnn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Te
     return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    ok, why = triton_support.is_available()  # also false without a CUDA GPU
-    if not ok:
-        print(f"error: the Triton depthwise convolution cannot run here: {why}", file=sys.stderr)
-        return 2
-    torch.backends.cudnn.benchmark = True
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch_size}, CUDA events, "
-          f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
+def compare_models(args: argparse.Namespace) -> list[dict]:
+    """Each model and mode with cuDNN, then with the Triton kernels (--whole-model)."""
+    results = []
+    print("| model | mode | cuDNN img/s | Triton img/s | change | peak GiB (cuDNN / Triton) |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        for mode in args.whole_model:
+            kind, amp = MODEL_MODES[mode]
+            row = {"model": name, "mode": mode}
+            for tag, context in (("cudnn", cudnn_formulation), ("triton", contextlib.nullcontext)):
+                model = defmamba.build_model(name).cuda()
+                with context():
+                    row[tag] = measure_throughput(model, args.batch_size, 224, mode=kind, amp_dtype=amp,
+                                                  warmup=args.warmup, repeats=args.repeats, iters_per_window=args.iters)
+                del model
+                torch.cuda.empty_cache()
+            base, mine = row["cudnn"], row["triton"]
+            peaks = "/".join(f"{r['peak_memory_gib']:.2f}" if r.get("peak_memory_gib") else "-" for r in (base, mine))
+            print(f"| {name} | {mode} | {base['images_per_s']:.1f} | {mine['images_per_s']:.1f} | "
+                  f"{mine['images_per_s'] / base['images_per_s'] - 1:+.1%} | {peaks} |", flush=True)
+            results.append(row)
+    return results
+
+
+def compare_shapes(args: argparse.Namespace) -> list[dict]:
+    """Every depthwise conv shape of the models, cuDNN against the Triton kernels."""
     calls: dict[tuple, dict[str, int]] = {}
     for name in args.models:
         for shape, n in model_shapes(name).items():
@@ -103,6 +133,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"| {shape[0]} × {shape[1]} × {shape[2]}, {shape[3]} | {per_model} | {dtype} | "
                   f"{base['fwd_ms']:.3f} | {mine['fwd_ms']:.3f} | {base['fwd_bwd_ms']:.3f} | {mine['fwd_bwd_ms']:.3f} |",
                   flush=True)
+    return results
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    ok, why = triton_support.is_available()  # also false without a CUDA GPU
+    if not ok:
+        print(f"error: the Triton depthwise convolution cannot run here: {why}", file=sys.stderr)
+        return 2
+    torch.backends.cudnn.benchmark = True
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch_size}, "
+          f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
+    results = compare_models(args) if args.whole_model else compare_shapes(args)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

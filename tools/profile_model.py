@@ -50,6 +50,14 @@ def kernel_times(prof) -> dict[str, float]:
     return times
 
 
+def ops_by_shape(prof, top: int) -> list[tuple[str, str, int, float]]:
+    """(aten op, input shapes, calls, CUDA ms including the op's callees), the largest first."""
+    rows = [(e.key, str(e.input_shapes), e.count, e.device_time_total / 1000)
+            for e in prof.key_averages(group_by_input_shape=True)
+            if e.key.startswith("aten::") and e.device_time_total > 0]
+    return sorted(rows, key=lambda row: -row[3])[:top]
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -79,7 +87,8 @@ def run(args: argparse.Namespace) -> dict:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.ops_by_shape else [])
+        with profile(activities=activities, record_shapes=args.ops_by_shape) as prof:
             step()
             torch.cuda.synchronize()
         kernels = kernel_times(prof)
@@ -96,6 +105,11 @@ def run(args: argparse.Namespace) -> dict:
         print("  top kernels:")
         for kernel, ms in top:
             print(f"    {ms:8.2f} ms  {kernel[:110]}")
+        if args.ops_by_shape:
+            report[name]["ops_by_shape"] = ops_by_shape(prof, args.top)
+            print("  top operators by input shape (CUDA time including the operators they call):")
+            for op, shapes, calls, ms in report[name]["ops_by_shape"]:
+                print(f"    {ms:8.2f} ms  {calls:4d}×  {op}  {shapes[:120]}")
     report["device"] = torch.cuda.get_device_name()
     report["torch"] = torch.__version__
     return report
@@ -111,6 +125,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
                         help="keep cuDNN's heuristic algorithm choice (training enables autotuning)")
+    parser.add_argument("--ops-by-shape", action="store_true",
+                        help="also list the aten operators by input shape (which layer a kernel's time belongs to)")
     parser.add_argument("--out", help="write the report as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

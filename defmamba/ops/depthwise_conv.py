@@ -12,7 +12,8 @@ in the autocast dtype (products exact in float32, accumulated in float32), the o
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -21,9 +22,22 @@ import torch.nn.functional as F
 from . import depthwise_conv_triton as _triton
 from . import triton_support
 
-__all__ = ["DepthwiseConv2d", "depthwise_conv2d"]
+__all__ = ["DepthwiseConv2d", "cudnn_formulation", "depthwise_conv2d"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_force_cudnn = False
+
+
+@contextlib.contextmanager
+def cudnn_formulation() -> Iterator[None]:
+    """Use ``F.conv2d`` (cuDNN) even for channels-last CUDA inputs inside this block (A/B
+    measurements, debugging)."""
+    global _force_cudnn
+    previous, _force_cudnn = _force_cudnn, True
+    try:
+        yield
+    finally:
+        _force_cudnn = previous
 
 
 def _check_shapes(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -35,7 +49,7 @@ def _check_shapes(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.is_cuda and x.dtype in _FLOATS and x.numel() > 0
+    return (not _force_cudnn and x.is_cuda and x.dtype in _FLOATS and x.numel() > 0
             and x.is_contiguous(memory_format=torch.channels_last) and triton_support.ready())
 
 

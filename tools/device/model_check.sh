@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Whole-model check on a GPU machine: every GPU test, then DefMamba-T/S/B next to the timm peers
-# (eager), compiled inference with CUDA graphs, the sampling-op A/B and a profile of DefMamba-S.
+# (eager), compiled inference with CUDA graphs, the sampling-op and depthwise-conv A/Bs and a
+# profile of DefMamba-S.
 # Usage (from the repository root, the scan extension installed):
 #   bash tools/device/model_check.sh [OUT_DIR]
 # Writes env.log, tests.log, compile_workaround.log, eager.{log,json}, compiled.{log,json},
-# sampling.{log,json} (the sampling op against its PyTorch formulation) and profile_small.{log,json}
+# sampling.{log,json} (the sampling op against its PyTorch formulation), dwconv.{log,json} (the
+# Triton depthwise convs against cuDNN) and profile_small.{log,json}
 # into OUT_DIR (default: $OUT, else ./output/model).
 set -o pipefail
 out="${1:-${OUT:-output/model}}"
@@ -26,6 +28,8 @@ bench=(python3 tools/benchmark.py --warmup 3 --repeats 5 --iters 3)
     | tee "$out/compiled.log" | tail -6
 python3 tools/benchmark_sampling.py --models defmamba_small --json "$out/sampling.json" 2>&1 \
     | tee "$out/sampling.log" | tail -6
+python3 tools/benchmark_depthwise_conv.py --models defmamba_small --whole-model train_bf16 infer_fp16 \
+    --warmup 3 --repeats 5 --iters 3 --json "$out/dwconv.json" 2>&1 | tee "$out/dwconv.log" | tail -4
 python3 tools/profile_model.py --model defmamba_small --batch-size 128 --amp float16 --out "$out/profile_small.json" \
     > "$out/profile_small.log" 2>&1
 echo "tests rc=$tests_rc"
