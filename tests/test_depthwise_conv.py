@@ -88,10 +88,10 @@ def test_module_follows_autocast_rule_gpu(amp):
 def test_cudnn_formulation_is_forced_by_the_context_gpu():
     x = torch.randn(1, 4, 5, 5, device="cuda").contiguous(memory_format=torch.channels_last)
     w = torch.randn(4, 1, 3, 3, device="cuda")
-    assert dw._use_triton(x, w)
+    assert dw._use_triton(x, w, None)
     with dw.cudnn_formulation():
-        assert not dw._use_triton(x, w)
-    assert dw._use_triton(x, w)
+        assert not dw._use_triton(x, w, None)
+    assert dw._use_triton(x, w, None)
 
 
 def test_module_is_a_drop_in_conv2d():

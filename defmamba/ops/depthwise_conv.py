@@ -48,8 +48,9 @@ def _check_shapes(x: torch.Tensor, weight: torch.Tensor) -> None:
                          f"{weight.shape[0]} channels; got {tuple(x.shape)}")
 
 
-def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (not _force_cudnn and x.is_cuda and x.dtype in _FLOATS and x.numel() > 0
+def _use_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    same_device = weight.device == x.device and (bias is None or bias.device == x.device)
+    return (not _force_cudnn and x.is_cuda and same_device and x.dtype in _FLOATS and x.numel() > 0
             and x.is_contiguous(memory_format=torch.channels_last) and triton_support.ready())
 
 
@@ -57,13 +58,13 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """``F.conv2d(x, weight, bias, padding=K // 2, groups=C)`` for x (B, C, H, W) and a (C, 1, K, K)
     weight with K odd; through the Triton kernels for channels-last CUDA inputs."""
     _check_shapes(x, weight)
-    if _use_triton(x, weight):
+    if _use_triton(x, weight, bias):
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
             return _triton.depthwise_conv2d_triton(x.to(dtype), weight, bias, dtype)
         if weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
             return _triton.depthwise_conv2d_triton(x, weight, bias, x.dtype)
-        # Mixed dtypes outside autocast: F.conv2d names the mismatch.
+        # Mixed dtypes outside autocast: F.conv2d names the mismatch (and that of mixed devices).
     return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
 
 
