@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from triton_helpers import needs_triton_gpu, run_under_interpreter
+from triton_helpers import assert_cases_within, needs_triton_gpu, run_under_interpreter
 
 from defmamba.ops import deformable_sampling as ds
 
@@ -68,10 +68,7 @@ def test_triton_kernels_match_float64_reference_in_interpreter():
     errors = run_under_interpreter(__file__)
     # The same kernels through the custom op; only the atomics' summation order may differ.
     assert errors.pop("compiled vs eager")["max abs difference"] <= 1e-6
-    assert len(errors) == 2 * len(CASES)
-    for case, errs in errors.items():
-        for name, err in errs.items():
-            assert err <= 1e-5, f"{case}: {name} off by {err:.2e} of its largest entry"
+    assert_cases_within(errors, 1e-5, cases=2 * len(CASES))
 
 
 @pytest.mark.cuda

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from triton_helpers import max_relative_errors, needs_triton_gpu, run_under_interpreter
+from triton_helpers import assert_cases_within, compiled_vs_eager, max_relative_errors, needs_triton_gpu, run_under_interpreter
 
 from defmamba.ops import layer_norm as ln
 
@@ -40,10 +40,7 @@ def max_errors(lead: tuple, cols: int, dtype: torch.dtype, device: str, seed: in
 def test_triton_layer_norm_matches_float64_in_interpreter():
     errors = run_under_interpreter(__file__)
     assert errors.pop("compiled vs eager")["compiled"] == 0.0  # the same kernels, through the custom op
-    assert len(errors) == len(CASES)
-    for case, errs in errors.items():
-        for name, err in errs.items():
-            assert err <= 1e-5, f"{case}: {name} off by {err:.2e} of its largest entry"
+    assert_cases_within(errors, 1e-5, cases=len(CASES))
 
 
 @pytest.mark.cuda
@@ -83,20 +80,10 @@ def compiled_matches_eager() -> dict:
     """The custom-op route (taken under torch.compile) against the eager route, outputs and grads."""
     from defmamba.ops import layer_norm_triton as kernels
 
-    x = torch.randn(3, 5, 96)
-    w, b = torch.randn(96), torch.randn(96)
-
-    def run(fn):
-        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-        y = fn(*leaves)
-        (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
-        return [y] + [t.grad for t in leaves]
-
     def norm(x, w, b):
         return kernels.layer_norm_triton(x, w, b, 1e-5, torch.float32)
 
-    eager, compiled = run(norm), run(torch.compile(norm, backend="aot_eager", fullgraph=True))
-    return {"compiled": max((a - e).abs().max().item() for a, e in zip(compiled, eager))}
+    return {"compiled": compiled_vs_eager(norm, torch.randn(3, 5, 96), torch.randn(96), torch.randn(96))}
 
 
 if __name__ == "__main__":  # the interpreter check (run by the test above in a subprocess)

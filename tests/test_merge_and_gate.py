@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from triton_helpers import needs_triton_gpu, run_under_interpreter
+from triton_helpers import assert_cases_within, needs_triton_gpu, run_under_interpreter
 
 from defmamba.ops import scan_orders
 from defmamba.ops.permute import invert_permutation
@@ -72,10 +72,7 @@ def compiled_matches_eager() -> float:
 def test_triton_kernels_match_float64_reference_in_interpreter():
     errors = run_under_interpreter(__file__)
     assert errors.pop("compiled vs eager") == 0.0
-    assert len(errors) == len(CASES)
-    for case, errs in errors.items():
-        for name, err in errs.items():
-            assert err <= 1e-6, f"{case}: {name} off by {err:.2e} of its largest entry"
+    assert_cases_within(errors, 1e-6, cases=len(CASES))
 
 
 @pytest.mark.cuda

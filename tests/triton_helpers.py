@@ -28,3 +28,28 @@ def max_relative_errors(names: tuple[str, ...], got: list, reference: list) -> d
     ``reference``, relative to the reference's largest entry."""
     return {name: ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
             for name, a, b in zip(names, got, reference)}
+
+
+def assert_cases_within(errors: dict[str, dict[str, float]], tolerance: float, cases: int) -> None:
+    """``errors`` (case → output name → relative error, as the interpreter checks print them) has
+    ``cases`` entries, and every error is at most ``tolerance``."""
+    assert len(errors) == cases, f"expected {cases} cases, got {sorted(errors)}"
+    for case, errs in errors.items():
+        for name, err in errs.items():
+            assert err <= tolerance, f"{case}: {name} off by {err:.2e} of its largest entry"
+
+
+def compiled_vs_eager(fn, *inputs) -> float:
+    """Largest difference between ``fn`` and ``torch.compile(fn)`` (aot_eager, full graph, so a
+    custom op's route) in the output and the gradients of every input, under a fixed weighting."""
+    import torch
+
+    def outputs_and_grads(f):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y = f(*leaves)
+        (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+        return [y] + [t.grad for t in leaves]
+
+    eager = outputs_and_grads(fn)
+    compiled = outputs_and_grads(torch.compile(fn, backend="aot_eager", fullgraph=True))
+    return max((a - e).abs().max().item() for a, e in zip(compiled, eager))

@@ -23,10 +23,8 @@ from typing import Optional
 
 import torch
 
-MODES = {
-    "infer_fp32": ("infer", None), "infer_fp16": ("infer", torch.float16), "infer_bf16": ("infer", torch.bfloat16),
-    "train_fp32": ("train", None), "train_fp16": ("train", torch.float16), "train_bf16": ("train", torch.bfloat16),
-}
+from defmamba.benchmark import MODES
+
 DEFAULT_MODELS = ["defmamba_tiny", "defmamba_small", "defmamba_base"]
 DEFAULT_PEERS = ["convnext_tiny", "convnext_small", "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224"]
 

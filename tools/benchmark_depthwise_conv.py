@@ -27,14 +27,11 @@ import torch
 import torch.nn.functional as F
 
 import defmamba
-from defmamba.benchmark import cuda_time_ms, measure_throughput
+from defmamba.benchmark import MODES, ab_table_row, cuda_time_ms, measure_model
 from defmamba.ops import triton_support
 from defmamba.ops.depthwise_conv import DepthwiseConv2d, cudnn_formulation, depthwise_conv2d
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # None: no autocast
-MODEL_MODES = {"infer_fp32": ("infer", None), "infer_fp16": ("infer", torch.float16),
-               "infer_bf16": ("infer", torch.bfloat16), "train_fp16": ("train", torch.float16),
-               "train_bf16": ("train", torch.bfloat16)}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -44,8 +41,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--whole-model", nargs="+", choices=list(MODEL_MODES), metavar="MODE",
-                        help=f"A/B the whole models in these modes ({', '.join(MODEL_MODES)}) instead of the shapes")
+    parser.add_argument("--whole-model", nargs="+", choices=sorted(MODES), metavar="MODE",
+                        help=f"A/B the whole models in these modes ({', '.join(MODES)}) instead of the shapes")
     parser.add_argument("--iters", type=int, default=3, help="iterations per timed window (--whole-model)")
     parser.add_argument("--json", type=str, default=None, help="write all results to this file")
     return parser.parse_args(argv)
@@ -98,19 +95,11 @@ def compare_models(args: argparse.Namespace) -> list[dict]:
     print("|---|---|---|---|---|---|")
     for name in args.models:
         for mode in args.whole_model:
-            kind, amp = MODEL_MODES[mode]
             row = {"model": name, "mode": mode}
             for tag, context in (("cudnn", cudnn_formulation), ("triton", contextlib.nullcontext)):
-                model = defmamba.build_model(name).cuda()
                 with context():
-                    row[tag] = measure_throughput(model, args.batch_size, 224, mode=kind, amp_dtype=amp,
-                                                  warmup=args.warmup, repeats=args.repeats, iters_per_window=args.iters)
-                del model
-                torch.cuda.empty_cache()
-            base, mine = row["cudnn"], row["triton"]
-            peaks = "/".join(f"{r['peak_memory_gib']:.2f}" if r.get("peak_memory_gib") else "-" for r in (base, mine))
-            print(f"| {name} | {mode} | {base['images_per_s']:.1f} | {mine['images_per_s']:.1f} | "
-                  f"{mine['images_per_s'] / base['images_per_s'] - 1:+.1%} | {peaks} |", flush=True)
+                    row[tag] = measure_model(name, mode, args.batch_size, args.warmup, args.repeats, args.iters)
+            print(ab_table_row(name, mode, row["cudnn"], row["triton"]), flush=True)
             results.append(row)
     return results
 

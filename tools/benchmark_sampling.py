@@ -15,35 +15,22 @@ from typing import Optional
 
 import torch
 
-import defmamba
-from defmamba.benchmark import measure_throughput
+from defmamba.benchmark import MODES, ab_table_row, measure_model
 from defmamba.ops import deformable_sampling, triton_support
 
-MODES = {"infer_fp32": ("infer", None), "infer_fp16": ("infer", torch.float16),
-         "train_fp16": ("train", torch.float16), "train_bf16": ("train", torch.bfloat16)}
+DEFAULT_MODES = ["infer_fp32", "infer_fp16", "train_fp16", "train_bf16"]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["defmamba_tiny", "defmamba_small", "defmamba_base"])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=sorted(MODES))
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--json", type=str, default=None, help="write all results to this file")
     return parser.parse_args(argv)
-
-
-def measure(name: str, mode: str, args: argparse.Namespace) -> dict:
-    kind, dtype = MODES[mode]
-    model = defmamba.build_model(name).cuda()
-    try:
-        return measure_throughput(model, args.batch_size, 224, mode=kind, amp_dtype=dtype, warmup=args.warmup,
-                                  repeats=args.repeats, iters_per_window=args.iters)
-    finally:
-        del model
-        torch.cuda.empty_cache()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -64,12 +51,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in args.models:
         for mode in args.modes:
             with deformable_sampling.pytorch_formulation():
-                base = measure(name, mode, args)
-            fused = measure(name, mode, args)
+                base = measure_model(name, mode, args.batch_size, args.warmup, args.repeats, args.iters)
+            fused = measure_model(name, mode, args.batch_size, args.warmup, args.repeats, args.iters)
             results[f"{name} {mode}"] = {"pytorch": base, "triton": fused}
-            peaks = "/".join(f"{r['peak_memory_gib']:.2f}" if r.get("peak_memory_gib") else "-" for r in (base, fused))
-            print(f"| {name} | {mode} | {base['images_per_s']:.1f} | {fused['images_per_s']:.1f} | "
-                  f"{fused['images_per_s'] / base['images_per_s'] - 1:+.1%} | {peaks} |", flush=True)
+            print(ab_table_row(name, mode, base, fused), flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1, default=str)
