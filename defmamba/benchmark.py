@@ -16,7 +16,7 @@ from torch import nn
 
 from .models.registry import build_model
 
-__all__ = ["MODES", "ab_table_row", "cuda_time_ms", "measure_model", "measure_throughput"]
+__all__ = ["MODES", "ab_table_row", "capture_cuda_graph", "cuda_time_ms", "measure_model", "measure_throughput"]
 
 # Benchmark mode name → (measure_throughput's mode, autocast dtype or None).
 MODES = {
@@ -25,16 +25,48 @@ MODES = {
 }
 
 
-def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype], cache_enabled: bool = True):
     if amp_dtype is None:
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=cache_enabled)
+
+
+def _require_cuda_for_graphs(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got {device}; measure without CUDA graphs there")
+
+
+def capture_cuda_graph(step: Callable[[], object], device: Union[str, torch.device],
+                       warmup: int = 3) -> Callable[[], None]:
+    """Record one call of ``step`` into a CUDA graph and return a function that replays it.
+
+    ``step`` first runs ``warmup`` times on a side stream, so that cuDNN autotuning, Triton
+    compilation, optimizer state and the allocator settle outside the graph. The step must keep
+    to what a graph can replay: fixed shapes, inputs read from tensors that outlive it, no
+    host synchronisation (``.item()``, printing a tensor), and an optimizer built with
+    ``capturable=True`` (or ``fused=True``) if it steps one. Each replay then repeats the recorded
+    kernels with no Python or launch cost, on the same memory.
+    """
+    device = torch.device(device)
+    _require_cuda_for_graphs(device)
+    if warmup < 1:
+        raise ValueError(f"warmup must be ≥ 1 (state the graph relies on is created there), got {warmup}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int, tuple[int, int]] = 224,
                        mode: str = "infer", amp_dtype: Optional[torch.dtype] = None, warmup: int = 5,
                        repeats: int = 5, iters_per_window: int = 5, device: Union[str, torch.device, None] = None,
-                       in_chans: int = 3, num_classes: Optional[int] = None) -> dict:
+                       in_chans: int = 3, num_classes: Optional[int] = None, cuda_graphs: bool = False) -> dict:
     """Images/s of ``model`` on random inputs.
 
     Args:
@@ -47,10 +79,13 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
         repeats: timed windows; the result is their median. iters_per_window: iterations per window.
         device: where to run (default: the model's device).
         num_classes: logits of the model, for the training targets (default: inferred from one forward).
+        cuda_graphs: record the whole step (in training: forward, loss, backward and a fused,
+            capturable AdamW step) into one CUDA graph and time its replays, which takes the host's
+            launch cost out of the number (GPU only; see :func:`capture_cuda_graph`).
 
     Returns:
         dict with images_per_s (median), window_images_per_s, ms_per_iter, batch_size, image_size,
-        mode, amp_dtype, device, and peak_memory_gib (GPU; None on CPU).
+        mode, amp_dtype, device, cuda_graphs, and peak_memory_gib (GPU; None on CPU).
     """
     if mode not in ("infer", "train"):
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
@@ -62,6 +97,8 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
+    if cuda_graphs:
+        _require_cuda_for_graphs(device)
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     model = model.to(device)
     images = torch.randn(batch_size, in_chans, height, width, device=device)
@@ -71,7 +108,7 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
         model.eval()
 
         def step() -> None:
-            with torch.inference_mode(), _autocast(device, amp_dtype):
+            with torch.inference_mode(), _autocast(device, amp_dtype, cache_enabled=not cuda_graphs):
                 model(images)
     else:
         model.train()
@@ -79,23 +116,32 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
             with torch.no_grad(), _autocast(device, amp_dtype):
                 num_classes = model(images[:1]).shape[-1]
         targets = torch.randint(0, num_classes, (batch_size,), device=device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        # A graph replays the optimizer too, so its step count and the GradScaler's checks must
+        # live on the GPU: the fused AdamW reads both there.
+        optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=True) if cuda_graphs
+                     else torch.optim.AdamW(model.parameters(), lr=1e-5))
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         criterion = nn.CrossEntropyLoss()
 
         def step() -> None:
-            with _autocast(device, amp_dtype):
+            with _autocast(device, amp_dtype, cache_enabled=not cuda_graphs):
                 loss = criterion(model(images), targets)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
+    if cuda_graphs:
+        # Replays allocate nothing, so the peak is taken over the side-stream warm-up and the capture.
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step = capture_cuda_graph(step, device)
     for _ in range(warmup):
         step()
     if on_gpu:
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        if not cuda_graphs:
+            torch.cuda.reset_peak_memory_stats(device)
     rates = []
     for _ in range(repeats):
         if on_gpu:
@@ -113,6 +159,7 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
         "batch_size": batch_size,
         "image_size": [height, width],
         "device": str(device),
+        "cuda_graphs": cuda_graphs,
         "images_per_s": median,
         "window_images_per_s": rates,
         "ms_per_iter": 1000.0 * batch_size / median,

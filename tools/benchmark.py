@@ -2,6 +2,7 @@
 
     python tools/benchmark.py                              # T/S/B + ConvNeXt-T/S + Swin-T/S, batch 128, 224²
     python tools/benchmark.py --backend triton --compile [reduce-overhead] --json out.json
+    python tools/benchmark.py --cuda-graphs --modes infer_fp16 train_bf16   # host launch cost taken out
     python tools/benchmark.py --device cpu --models defmamba_tiny --peers convnext_tiny \
         --batch-size 2 --image-size 64 --modes infer_fp32 train_bf16 --warmup 1 --repeats 2 --iters 1
 
@@ -9,7 +10,9 @@ Modes: infer_fp32, infer_fp16, infer_bf16 (forward under inference_mode, autocas
 types) and train_fp16, train_bf16, train_fp32 (forward + cross-entropy + backward + AdamW step;
 fp16 with a GradScaler). Every number is the median of --repeats timed windows of --iters
 iterations after --warmup iterations (defmamba.benchmark.measure_throughput, the same function
-as `classification/main.py --throughput`).
+as `classification/main.py --throughput`). With --cuda-graphs each step (in training: forward,
+loss, backward and a fused, capturable AdamW step) is recorded once into a CUDA graph and
+replayed, so the numbers show the GPU's own time without the host's Python and launch cost.
 """
 from __future__ import annotations
 
@@ -43,12 +46,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile every model before measuring, in this mode (default: 'default'; "
                              "'reduce-overhead' replays CUDA graphs, for host-bound models)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="record each step into one CUDA graph and time its replays (GPU; eager models)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=10, help="untimed iterations")
     parser.add_argument("--repeats", type=int, default=10, help="timed windows (the median is reported)")
     parser.add_argument("--iters", type=int, default=10, help="iterations per timed window")
     parser.add_argument("--json", type=str, default=None, help="write all results to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.cuda_graphs and args.compile == "reduce-overhead":
+        parser.error("--cuda-graphs and --compile reduce-overhead both replay CUDA graphs; choose one")
+    return args
 
 
 def environment(device: torch.device) -> dict:
@@ -99,7 +107,7 @@ def measure_one(name: str, mode: str, args: argparse.Namespace, device: torch.de
     try:
         return measure_throughput(model, args.batch_size, args.image_size, mode=kind, amp_dtype=dtype,
                                   warmup=args.warmup, repeats=args.repeats, iters_per_window=args.iters,
-                                  device=device)
+                                  device=device, cuda_graphs=args.cuda_graphs)
     except torch.cuda.OutOfMemoryError:
         return {"error": "out of memory"}
     finally:
@@ -133,11 +141,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible; pass --device cpu", file=sys.stderr)
         return 2
+    if args.cuda_graphs and device.type != "cuda":
+        print(f"error: --cuda-graphs needs a CUDA device, got --device {device}; drop --cuda-graphs", file=sys.stderr)
+        return 2
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as in training: cuDNN autotunes the fixed-size convs
     env = environment(device)
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     print(f"batch {args.batch_size}, {args.image_size}², scan backend {args.backend}, compile {args.compile}, "
+          f"CUDA graphs {'on' if args.cuda_graphs else 'off'}, "
           f"median of {args.repeats} windows × {args.iters} iterations after {args.warmup} warm-up", flush=True)
     results: dict = {}
     for name in list(args.models) + list(args.peers):
