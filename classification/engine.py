@@ -56,12 +56,53 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class _PendingStats:
+    """Per-step losses and gradient norms held as device tensors until the next check, so that the
+    training loop does not wait for the GPU at every step (one transfer per check instead)."""
+
+    def __init__(self) -> None:
+        self.losses: list[tuple[int, int, torch.Tensor]] = []
+        self.norms: list[torch.Tensor] = []
+
+    def add_loss(self, idx: int, loss: torch.Tensor, count: int) -> None:
+        self.losses.append((idx, count, loss.detach().float().reshape(1)))
+
+    def add_norm(self, norm: torch.Tensor) -> None:
+        self.norms.append(norm.detach().float().reshape(1))
+
+    def flush(self, loss_meter: AverageMeter, norm_meter: AverageMeter, epoch: int) -> None:
+        """Move the held values to the meters; a non-finite loss stops training with the step it came from."""
+        if not self.losses and not self.norms:
+            return
+        values = torch.cat([loss for _, _, loss in self.losses] + self.norms).tolist()
+        losses, norms = values[:len(self.losses)], values[len(self.losses):]
+        for (idx, count, _), value in zip(self.losses, losses):
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"training loss is {value} at epoch {epoch} iteration {idx}; lower TRAIN.BASE_LR, keep "
+                    "TRAIN.CLIP_GRAD > 0, or train in float32 with --disable_amp")
+            loss_meter.update(value, count)
+        for value in norms:
+            if math.isfinite(value):  # an fp16 step the GradScaler skipped has an infinite norm
+                norm_meter.update(value)
+        self.losses, self.norms = [], []
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, optimizer: torch.optim.Optimizer,
                     epoch: int, mixup_fn, lr_scheduler, scaler: torch.amp.GradScaler, model_ema, amp: AmpSettings,
                     device: torch.device, logger: logging.Logger, tb_writer=None,
                     ema_source: Optional[nn.Module] = None) -> dict:
     """Train ``epoch``; the optimizer steps every ACCUMULATION_STEPS batches and the learning rate is
-    set per optimizer step. Returns the epoch's mean loss, mean gradient norm and last learning rate."""
+    set per optimizer step. Returns the epoch's mean loss, mean gradient norm and last learning rate.
+
+    The loop reads losses and gradient norms back from the GPU only every few steps (at most
+    PRINT_FREQ), so the host keeps queueing work instead of waiting for each step to finish; a
+    non-finite loss is reported with the iteration it came from when it is read."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     accum = config.TRAIN.ACCUMULATION_STEPS
@@ -74,9 +115,13 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, opti
                     f"cycle of {accum} and are skipped")
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else math.inf
-    loss_meter, norm_meter, time_meter = AverageMeter(), AverageMeter(), AverageMeter()
+    check_every = max(1, min(config.PRINT_FREQ, 50))
+    loss_meter, norm_meter = AverageMeter(), AverageMeter()
+    pending = _PendingStats()
     warmup_batches = min(10, used_batches // 5)  # excluded from the images/s figure (compilation, autotuning)
-    start = end = steady_start = time.time()
+    start = time.time()
+    steady_start = window_start = start
+    window_first = 0
     for idx, (samples, targets) in enumerate(loader):
         if idx >= used_batches:
             break
@@ -90,15 +135,11 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, opti
             with amp.autocast(device):
                 outputs = model(samples)
             loss = criterion(outputs.float(), targets)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"training loss is {loss_value} at epoch {epoch} iteration {idx}; lower TRAIN.BASE_LR, keep "
-                    "TRAIN.CLIP_GRAD > 0, or train in float32 with --disable_amp")
+            pending.add_loss(idx, loss, targets.size(0))
             scaler.scale(loss / accum).backward()
         if last_micro:
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            pending.add_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -106,20 +147,24 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, opti
                 model_ema.update(ema_source if ema_source is not None else model)
             step = first_step + (idx + 1) // accum
             lr_scheduler.step_update(step)
-            if math.isfinite(grad_norm):
-                norm_meter.update(grad_norm)
-        loss_meter.update(loss_value, targets.size(0))
-        time_meter.update(time.time() - end)
-        end = time.time()
+        last = idx == used_batches - 1
+        printing = idx % config.PRINT_FREQ == 0 or last
+        if printing or (idx + 1) % check_every == 0 or idx + 1 == warmup_batches:
+            pending.flush(loss_meter, norm_meter, epoch)
         if idx + 1 == warmup_batches:
-            steady_start = end
-        if idx % config.PRINT_FREQ == 0 or idx == used_batches - 1:
+            _synchronize(device)
+            steady_start = time.time()
+        if printing:
+            now = time.time()
+            window_time = (now - window_start) / (idx + 1 - window_first)
+            mean_time = (now - start) / (idx + 1)
+            window_start, window_first = now, idx + 1
             lr = optimizer.param_groups[0]["lr"]
-            eta = datetime.timedelta(seconds=int(time_meter.avg * (used_batches - idx - 1)))
+            eta = datetime.timedelta(seconds=int(mean_time * (used_batches - idx - 1)))
             scale = f"loss_scale {scaler.get_scale():.0f}\t" if amp.uses_scaler else ""
             logger.info(
                 f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{used_batches}]\t"
-                f"eta {eta} lr {lr:.6f}\ttime {time_meter.val:.4f} ({time_meter.avg:.4f})\t"
+                f"eta {eta} lr {lr:.6f}\ttime {window_time:.4f} ({mean_time:.4f})\t"
                 f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
                 f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t{scale}mem {memory_mb(device):.0f}MB")
             if tb_writer is not None:
@@ -127,9 +172,11 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, opti
                 tb_writer.add_scalar("train/loss", loss_meter.val, global_iter)
                 tb_writer.add_scalar("train/lr", lr, global_iter)
                 tb_writer.add_scalar("train/grad_norm", norm_meter.val, global_iter)
+    _synchronize(device)
+    end = time.time()
     steady_images = (used_batches - warmup_batches) * config.DATA.BATCH_SIZE * world_size()
     images_per_s = steady_images / max(end - steady_start, 1e-9)
-    logger.info(f"EPOCH {epoch} training took {datetime.timedelta(seconds=int(time.time() - start))}, "
+    logger.info(f"EPOCH {epoch} training took {datetime.timedelta(seconds=int(end - start))}, "
                 f"{images_per_s:.1f} images/s over all processes (after the first {warmup_batches} batches)")
     return {"loss": loss_meter.avg, "grad_norm": norm_meter.avg, "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": images_per_s}

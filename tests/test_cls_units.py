@@ -26,7 +26,7 @@ def app():
     try:
         mods = {name: importlib.import_module(name) for name in
                 ("config", "utils.lr_scheduler", "utils.optimizer", "utils.ema", "utils.checkpoint", "data.digits",
-                 "data.synthetic", "main")}
+                 "data.synthetic", "engine", "main")}
         yield mods
     finally:
         sys.path.remove(str(APP))
@@ -137,6 +137,92 @@ def test_ema_update_is_the_exponential_average(app):
     expected = 0.75 * before["weight"] + 0.25 * model.weight
     torch.testing.assert_close(ema.state_dict()["weight"], expected)
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_averages_float_state_copies_integer_buffers_and_follows_moved_tensors(app):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight  # one tensor under two names: averaged once
+            self.norm = nn.BatchNorm1d(4)
+            self.register_buffer("scratch", torch.zeros(3), persistent=False)
+
+    torch.manual_seed(0)
+    model = Tied()
+    ema = app["utils.ema"].ModelEma(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.norm.running_mean = torch.randn(4)  # a new buffer object, as .to() makes
+    model.norm.num_batches_tracked.fill_(7)
+    model.scratch.fill_(5.0)
+    ema.update(model)
+    current, after = model.state_dict(), ema.state_dict()
+    for key, value in current.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(after[key], 0.9 * before[key] + 0.1 * value, rtol=1e-6, atol=1e-6,
+                                       msg=lambda m, key=key: f"{key}: {m}")
+    assert after["norm.num_batches_tracked"].item() == 7
+    assert ema.module.scratch.abs().sum() == 0  # not state: left alone
+    with pytest.raises(ValueError, match="build ModelEma from this model"):
+        ema.update(nn.Linear(4, 4))
+
+
+# ---------------------------------------------------------------- training loop
+class _ScriptedLoss(nn.Module):
+    """A linear model whose loss at given iterations is replaced by a chosen value."""
+
+    def __init__(self, replace: dict[int, float]):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.replace, self.calls, self.seen = replace, 0, []
+
+    def forward(self, outputs, targets):
+        loss = nn.functional.cross_entropy(outputs, targets)
+        if self.calls in self.replace:
+            loss = loss * 0 + self.replace[self.calls]
+        self.seen.append(loss.item())
+        self.calls += 1
+        return loss
+
+
+class _NoSchedule:
+    def step_update(self, step: int) -> None:
+        pass
+
+
+def _run_epoch(app, replace: dict[int, float], batches: int = 12, print_freq: int = 10):
+    import logging
+
+    config = app["config"].get_config(opts=["PRINT_FREQ", str(print_freq), "DATA.BATCH_SIZE", "4"])
+    engine = app["engine"]
+    torch.manual_seed(0)
+    model, criterion = nn.Linear(3, 2), _ScriptedLoss(replace)
+    loader = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(batches)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = engine.train_one_epoch(config, model, criterion, loader, optimizer, 0, None, _NoSchedule(),
+                                   torch.amp.GradScaler("cpu", enabled=False), None,
+                                   engine.AmpSettings(False, torch.float32), torch.device("cpu"),
+                                   logging.getLogger("test"))
+    return stats, criterion.seen
+
+
+def test_training_loop_reads_losses_back_in_batches_and_keeps_their_mean(app):
+    stats, seen = _run_epoch(app, {})
+    assert len(seen) == 12
+    assert stats["loss"] == pytest.approx(sum(seen) / len(seen), rel=1e-6)
+    assert stats["grad_norm"] > 0 and stats["images_per_s"] > 0
+
+
+def test_a_non_finite_loss_stops_training_naming_its_iteration(app):
+    # Iteration 3 is read back at the check after iteration 9 (PRINT_FREQ 10): the error still
+    # names iteration 3, not the iteration where it was noticed.
+    with pytest.raises(FloatingPointError, match="training loss is nan at epoch 0 iteration 3; lower TRAIN.BASE_LR"):
+        _run_epoch(app, {3: float("nan")})
+    with pytest.raises(FloatingPointError, match="loss is inf at epoch 0 iteration 11"):
+        _run_epoch(app, {11: float("inf")})
 
 
 # ---------------------------------------------------------------- checkpoint files
