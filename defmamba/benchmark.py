@@ -73,13 +73,13 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
         model: the network; in "train" mode its weights are updated by AdamW (pass a copy to keep them).
         batch_size, image_size: input shape (B, in_chans, H, W); an int means a square image.
         mode: "infer" (forward under ``torch.inference_mode``) or "train" (forward, cross-entropy,
-            backward, AdamW step; fp16 uses a GradScaler).
+            backward, AdamW step (fused on the GPU); fp16 uses a GradScaler).
         amp_dtype: None (float32), torch.float16 or torch.bfloat16 autocast.
         warmup: untimed iterations first (also absorbs compilation and autotuning).
         repeats: timed windows; the result is their median. iters_per_window: iterations per window.
         device: where to run (default: the model's device).
         num_classes: logits of the model, for the training targets (default: inferred from one forward).
-        cuda_graphs: record the whole step (in training: forward, loss, backward and a fused,
+        cuda_graphs: record the whole step (in training: forward, loss, backward and a
             capturable AdamW step) into one CUDA graph and time its replays, which takes the host's
             launch cost out of the number (GPU only; see :func:`capture_cuda_graph`).
 
@@ -116,10 +116,10 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
             with torch.no_grad(), _autocast(device, amp_dtype):
                 num_classes = model(images[:1]).shape[-1]
         targets = torch.randint(0, num_classes, (batch_size,), device=device)
-        # A graph replays the optimizer too, so its step count and the GradScaler's checks must
-        # live on the GPU: the fused AdamW reads both there.
-        optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=True) if cuda_graphs
-                     else torch.optim.AdamW(model.parameters(), lr=1e-5))
+        # On the GPU the fused AdamW, as classification/main.py builds it; a graph replays the
+        # optimizer too, so its step count must then live on the GPU (capturable).
+        fused = on_gpu or None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused, capturable=cuda_graphs)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         criterion = nn.CrossEntropyLoss()
 

@@ -127,6 +127,14 @@ def test_weight_decay_groups_on_the_real_model(app):
     assert "classifier.head.weight" in decay and "classifier.head.bias" in no_decay
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_adamw_is_fused_on_the_gpu_only(app, device):
+    config = app["config"].get_config()
+    optimizer = app["utils.optimizer"].build_optimizer(config, nn.Linear(3, 2).to(device))
+    assert optimizer.defaults["fused"] is (True if device == "cuda" else None)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [config.TRAIN.WEIGHT_DECAY, 0.0]
+
+
 def test_ema_update_is_the_exponential_average(app):
     model = nn.Linear(3, 2)
     ema = app["utils.ema"].ModelEma(model, decay=0.75)

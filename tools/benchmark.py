@@ -7,8 +7,8 @@
         --batch-size 2 --image-size 64 --modes infer_fp32 train_bf16 --warmup 1 --repeats 2 --iters 1
 
 Modes: infer_fp32, infer_fp16, infer_bf16 (forward under inference_mode, autocast for the half
-types) and train_fp16, train_bf16, train_fp32 (forward + cross-entropy + backward + AdamW step;
-fp16 with a GradScaler). Every number is the median of --repeats timed windows of --iters
+types) and train_fp16, train_bf16, train_fp32 (forward + cross-entropy + backward + AdamW step,
+fused on the GPU as classification/main.py builds it; fp16 with a GradScaler). Every number is the median of --repeats timed windows of --iters
 iterations after --warmup iterations (defmamba.benchmark.measure_throughput, the same function
 as `classification/main.py --throughput`). With --cuda-graphs each step (in training: forward,
 loss, backward and a fused, capturable AdamW step) is recorded once into a CUDA graph and
