@@ -68,6 +68,7 @@ _C.TRAIN.CLIP_GRAD = 5.0          # 0 disables clipping (the norm is still logge
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False   # activation checkpointing in the model
+_C.TRAIN.CUDA_GRAPHS = False      # replay each training step from a CUDA graph (one GPU process, no accumulation)
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = "cosine"
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30   # "step" only
@@ -220,6 +221,11 @@ def _check_choices(config: CN) -> None:
         raise ConfigError(f"AUG.CUTMIX_MINMAX must be empty or [min, max], got {list(config.AUG.CUTMIX_MINMAX)}")
     if len(config.AUG.SCALE) != 2:
         raise ConfigError(f"AUG.SCALE must be [min, max], got {list(config.AUG.SCALE)}")
+    if config.TRAIN.CUDA_GRAPHS and config.TRAIN.ACCUMULATION_STEPS != 1:
+        raise ConfigError("TRAIN.CUDA_GRAPHS records one micro-batch per optimizer step: set "
+                          f"TRAIN.ACCUMULATION_STEPS 1 (got {config.TRAIN.ACCUMULATION_STEPS}) or turn the graphs off")
+    if config.TRAIN.CUDA_GRAPHS and config.COMPILE:
+        raise ConfigError("TRAIN.CUDA_GRAPHS and --compile cannot be combined; choose one")
     if not 0 <= config.TRAIN.WARMUP_EPOCHS <= config.TRAIN.EPOCHS:
         raise ConfigError(f"TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be within [0, TRAIN.EPOCHS={config.TRAIN.EPOCHS}]")
 

@@ -8,7 +8,6 @@ import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -24,8 +23,10 @@ class AmpSettings:
     enabled: bool
     dtype: torch.dtype
 
-    def autocast(self, device: torch.device):
-        return torch.autocast(device_type=device.type, dtype=self.dtype) if self.enabled else nullcontext()
+    def autocast(self, device: torch.device, cache_enabled: bool = True):
+        if not self.enabled:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype, cache_enabled=cache_enabled)
 
     @property
     def uses_scaler(self) -> bool:
@@ -93,17 +94,17 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, optimizer: torch.optim.Optimizer,
-                    epoch: int, mixup_fn, lr_scheduler, scaler: torch.amp.GradScaler, model_ema, amp: AmpSettings,
-                    device: torch.device, logger: logging.Logger, tb_writer=None,
-                    ema_source: Optional[nn.Module] = None) -> dict:
-    """Train ``epoch``; the optimizer steps every ACCUMULATION_STEPS batches and the learning rate is
-    set per optimizer step. Returns the epoch's mean loss, mean gradient norm and last learning rate.
+def train_one_epoch(config, train_step, loader, epoch: int, mixup_fn, lr_scheduler, device: torch.device,
+                    logger: logging.Logger, tb_writer=None) -> dict:
+    """Train ``epoch`` with ``train_step`` (a ``TrainStep`` or ``CudaGraphTrainStep``); the optimizer
+    steps every ACCUMULATION_STEPS batches and the learning rate is set per optimizer step. Returns
+    the epoch's mean loss, mean gradient norm, last learning rate and images/s.
 
     The loop reads losses and gradient norms back from the GPU only every few steps (at most
     PRINT_FREQ), so the host keeps queueing work instead of waiting for each step to finish; a
     non-finite loss is reported with the iteration it came from when it is read."""
-    model.train()
+    optimizer, scaler = train_step.optimizer, train_step.scaler
+    train_step.model.train()
     optimizer.zero_grad(set_to_none=True)
     accum = config.TRAIN.ACCUMULATION_STEPS
     steps_per_epoch = len(loader) // accum
@@ -113,8 +114,6 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, opti
     if used_batches < len(loader):
         logger.info(f"the last {len(loader) - used_batches} batch(es) of the epoch do not fill an accumulation "
                     f"cycle of {accum} and are skipped")
-    params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else math.inf
     check_every = max(1, min(config.PRINT_FREQ, 50))
     loss_meter, norm_meter = AverageMeter(), AverageMeter()
     pending = _PendingStats()
@@ -129,24 +128,11 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, opti
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-        last_micro = (idx + 1) % accum == 0
-        sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with amp.autocast(device):
-                outputs = model(samples)
-            loss = criterion(outputs.float(), targets)
-            pending.add_loss(idx, loss, targets.size(0))
-            scaler.scale(loss / accum).backward()
-        if last_micro:
-            scaler.unscale_(optimizer)
-            pending.add_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if model_ema is not None:
-                model_ema.update(ema_source if ema_source is not None else model)
-            step = first_step + (idx + 1) // accum
-            lr_scheduler.step_update(step)
+        loss, norm = train_step(samples, targets, update=(idx + 1) % accum == 0)
+        pending.add_loss(idx, loss, targets.size(0))
+        if norm is not None:
+            pending.add_norm(norm)
+            lr_scheduler.step_update(first_step + (idx + 1) // accum)
         last = idx == used_batches - 1
         printing = idx % config.PRINT_FREQ == 0 or last
         if printing or (idx + 1) % check_every == 0 or idx + 1 == warmup_batches:
@@ -161,7 +147,7 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader, opti
             window_start, window_first = now, idx + 1
             lr = optimizer.param_groups[0]["lr"]
             eta = datetime.timedelta(seconds=int(mean_time * (used_batches - idx - 1)))
-            scale = f"loss_scale {scaler.get_scale():.0f}\t" if amp.uses_scaler else ""
+            scale = f"loss_scale {scaler.get_scale():.0f}\t" if scaler.is_enabled() else ""
             logger.info(
                 f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{used_batches}]\t"
                 f"eta {eta} lr {lr:.6f}\ttime {window_time:.4f} ({mean_time:.4f})\t"

@@ -29,6 +29,7 @@ from defmamba.benchmark import measure_throughput
 from defmamba.checkpoint import CheckpointError, load_checkpoint, safe_load
 from engine import AmpSettings, train_one_epoch, validate
 from modeling import build_model, load_pretrained
+from train_step import CudaGraphTrainStep, TrainStep
 from utils.checkpoint import find_resume_checkpoint, remove_stale_temporaries, save_checkpoint
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed
 from utils.ema import ModelEma
@@ -221,6 +222,9 @@ def _train(config, data, model: nn.Module, run_model: nn.Module, model_ema, chec
     if config.TRAIN.ACCUMULATION_STEPS > len(data.loader_train):
         raise UsageError(f"TRAIN.ACCUMULATION_STEPS ({config.TRAIN.ACCUMULATION_STEPS}) is larger than the "
                          f"{len(data.loader_train)} batches of an epoch; lower --accumulation-steps")
+    if config.TRAIN.CUDA_GRAPHS and (device.type != "cuda" or info.world_size > 1):
+        raise UsageError("TRAIN.CUDA_GRAPHS replays the training step on one GPU in one process; "
+                         f"this run has device {device} and {info.world_size} process(es): turn the graphs off")
     optimizer = build_optimizer(config, model)
     steps_per_epoch = len(data.loader_train) // config.TRAIN.ACCUMULATION_STEPS
     global_batch = config.DATA.BATCH_SIZE * info.world_size * config.TRAIN.ACCUMULATION_STEPS
@@ -248,6 +252,11 @@ def _train(config, data, model: nn.Module, run_model: nn.Module, model_ema, chec
     if info.world_size > 1:
         train_model = DistributedDataParallel(run_model, device_ids=[info.local_rank] if device.type == "cuda" else None,
                                               broadcast_buffers=False)
+    train_step = TrainStep(train_model, criterion, optimizer, scaler, amp, clip_grad=config.TRAIN.CLIP_GRAD,
+                           accumulation=config.TRAIN.ACCUMULATION_STEPS, model_ema=model_ema, ema_source=model)
+    if config.TRAIN.CUDA_GRAPHS:
+        train_step = CudaGraphTrainStep(train_step)
+        logger.info("training steps are replayed from a CUDA graph after 3 eager warm-up steps")
     tb_writer = _tensorboard(output_dir, logger) if info.is_main else None
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
     if info.is_main:
@@ -258,9 +267,8 @@ def _train(config, data, model: nn.Module, run_model: nn.Module, model_ema, chec
             seed_everything(epoch_seed(config.SEED, epoch, info.rank))
             data.sampler_train.set_epoch(epoch)
             data.loader_train.generator.manual_seed(epoch_seed(config.SEED, epoch, info.rank))
-            stats = train_one_epoch(config, train_model, criterion, data.loader_train, optimizer, epoch,
-                                    data.mixup_fn, lr_scheduler, scaler, model_ema, amp, device, logger, tb_writer,
-                                    ema_source=model)
+            stats = train_one_epoch(config, train_step, data.loader_train, epoch, data.mixup_fn, lr_scheduler,
+                                    device, logger, tb_writer)
             val = validate(data.loader_val, run_model, amp, device, logger, "model", config.PRINT_FREQ)
             val_ema = validate(data.loader_val, model_ema.module, amp, device, logger, "EMA", config.PRINT_FREQ) \
                 if model_ema is not None else None

@@ -28,7 +28,7 @@ APP = ROOT / "classification"
 PY = sys.executable
 # CPU runs (the deterministic ones) even on a GPU machine, with the in-process runs' thread count.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-_APP_MODULES = ("main", "config", "engine", "modeling", "data", "utils")
+_APP_MODULES = ("main", "config", "engine", "train_step", "modeling", "data", "utils")
 CLASSES = ("cat", "dog", "fox")
 N_TRAIN, N_VAL = 4, 2      # images per class
 
@@ -418,6 +418,27 @@ def test_gpu_mixed_precision_training_and_throughput(work, dtype):
     assert proc.returncode == 0 and "peak memory" in (run_dir(out) / "log_rank0.txt").read_text()
 
 
+@pytest.mark.cuda
+def test_gpu_training_with_cuda_graphs(work):
+    """main.py end to end with the graphs: recorded in the first epoch after 3 eager steps, replayed
+    through three epochs with validation in between; finite losses, and a checkpoint whose optimizer
+    state keeps plain float learning rates. (That the replays follow the schedule is checked in
+    tests/test_cls_units.py.)"""
+    out = work / "out_gpu_graphs"
+    gpu_env = {k: v for k, v in ENV.items() if k != "CUDA_VISIBLE_DEVICES"}
+    args = [PY, str(APP / "main.py"), *base_args(work, out), "--amp-dtype", "bfloat16", "--opts", "AMP_ENABLE", "True",
+            "TRAIN.EPOCHS", "3", "TRAIN.CUDA_GRAPHS", "True", "DATA.IMG_SIZE", "64", "DATA.BATCH_SIZE", "2"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=gpu_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (run_dir(out) / "log_rank0.txt").read_text()
+    assert "replayed from a CUDA graph" in log
+    records = metrics(run_dir(out))
+    assert len(records) == 3
+    assert all(np.isfinite([r["train_loss"], r["val_loss"], r["ema_loss"]]).all() for r in records)
+    ckpt = load(run_dir(out) / "last.pth")
+    assert isinstance(ckpt["optimizer"]["param_groups"][0]["lr"], float)
+
+
 # ---------------------------------------------------------------- official checkpoint format
 def test_official_format_checkpoint_evaluates_model_and_ema(app, work):
     """The authors' layout, with a pickled yacs CfgNode and their key spelling `max_accuray_ema`."""
@@ -490,6 +511,10 @@ def test_bad_inputs_fail_with_a_clear_message(app, work, reference_run, capsys, 
         (["--cfg", work / "tiny.yaml"] + data + ["--resume", truncated, "--eval"], str(truncated)),
         (["--cfg", work / "tiny.yaml"] + data + ["--batch-size", "64"], "larger than the 12 training images"),
         (["--cfg", work / "tiny.yaml"] + data + ["--eval"], "--eval needs weights"),
+        (["--cfg", work / "tiny.yaml"] + data + ["--opts", "TRAIN.CUDA_GRAPHS", "True"],
+         "TRAIN.CUDA_GRAPHS replays the training step on one GPU in one process; this run has device cpu"),
+        (["--cfg", work / "tiny.yaml"] + data + ["--opts", "TRAIN.CUDA_GRAPHS", "True", "TRAIN.ACCUMULATION_STEPS", "2"],
+         "set TRAIN.ACCUMULATION_STEPS 1"),
     ]
     for argv, message in cases:
         status, err = call(app, argv + ["--output", out], capsys)

@@ -13,7 +13,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "classification"
-_APP_MODULES = ("main", "config", "engine", "modeling", "data", "utils")
+_APP_MODULES = ("main", "config", "engine", "train_step", "modeling", "data", "utils")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def app():
     try:
         mods = {name: importlib.import_module(name) for name in
                 ("config", "utils.lr_scheduler", "utils.optimizer", "utils.ema", "utils.checkpoint", "data.digits",
-                 "data.synthetic", "engine", "main")}
+                 "data.synthetic", "engine", "train_step", "main")}
         yield mods
     finally:
         sys.path.remove(str(APP))
@@ -210,9 +210,9 @@ def _run_epoch(app, replace: dict[int, float], batches: int = 12, print_freq: in
     model, criterion = nn.Linear(3, 2), _ScriptedLoss(replace)
     loader = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(batches)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = engine.train_one_epoch(config, model, criterion, loader, optimizer, 0, None, _NoSchedule(),
-                                   torch.amp.GradScaler("cpu", enabled=False), None,
-                                   engine.AmpSettings(False, torch.float32), torch.device("cpu"),
+    step = app["train_step"].TrainStep(model, criterion, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                       engine.AmpSettings(False, torch.float32), clip_grad=1.0)
+    stats = engine.train_one_epoch(config, step, loader, 0, None, _NoSchedule(), torch.device("cpu"),
                                    logging.getLogger("test"))
     return stats, criterion.seen
 
@@ -231,6 +231,67 @@ def test_a_non_finite_loss_stops_training_naming_its_iteration(app):
         _run_epoch(app, {3: float("nan")})
     with pytest.raises(FloatingPointError, match="loss is inf at epoch 0 iteration 11"):
         _run_epoch(app, {11: float("inf")})
+
+
+def test_cuda_graph_train_step_refuses_what_it_cannot_replay(app):
+    ts, engine = app["train_step"], app["engine"]
+    model = nn.Linear(3, 2)
+    amp = engine.AmpSettings(False, torch.float32)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    plain = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="capturable=True"):
+        ts.CudaGraphTrainStep(ts.TrainStep(model, nn.CrossEntropyLoss(), plain, scaler, amp))
+    capturable = torch.optim.AdamW(model.parameters(), capturable=True)
+    with pytest.raises(ValueError, match="TRAIN.ACCUMULATION_STEPS 1"):
+        ts.CudaGraphTrainStep(ts.TrainStep(model, nn.CrossEntropyLoss(), capturable, scaler, amp, accumulation=2))
+    graphed = ts.CudaGraphTrainStep(ts.TrainStep(model, nn.CrossEntropyLoss(), capturable, scaler, amp))
+    with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors"):
+        graphed(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16, torch.float16])
+def test_cuda_graph_train_step_follows_the_eager_steps(app, amp_dtype):
+    """Seven steps with a new batch and a new learning rate each: 3 eager warm-up steps, then the
+    recording and 4 replays give the losses, gradient norms, weights and EMA of 7 eager steps."""
+    import copy
+
+    import defmamba
+
+    ts, engine, ema_module = app["train_step"], app["engine"], app["utils.ema"]
+    torch.manual_seed(0)
+    model = defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=5, drop_path_rate=0.0).cuda()
+    twin = copy.deepcopy(model)
+    amp = engine.AmpSettings(amp_dtype is not None, amp_dtype or torch.float32)
+    batches = [(torch.randn(2, 3, 64, 96, device="cuda"), torch.randint(0, 5, (2,), device="cuda"))
+               for _ in range(7)]
+    lrs = [2e-3 * 0.6 ** i for i in range(7)]
+
+    def train(net, graphed):
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lrs[0], fused=True, capturable=True)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        ema = ema_module.ModelEma(net, 0.8)
+        step = ts.TrainStep(net, nn.CrossEntropyLoss(), optimizer, scaler, amp, clip_grad=1.0, model_ema=ema)
+        if graphed:
+            step = ts.CudaGraphTrainStep(step, warmup=3)
+        losses, norms = [], []
+        for (images, targets), lr in zip(batches, lrs):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, norm = step(images, targets)
+            losses.append(loss.item())
+            norms.append(norm.item())
+        return losses, norms, ema
+
+    eager_losses, eager_norms, eager_ema = train(model, graphed=False)
+    graphed_losses, graphed_norms, graphed_ema = train(twin, graphed=True)
+    tol = 1e-4 if amp_dtype is None else 3e-3
+    assert graphed_losses == pytest.approx(eager_losses, rel=tol)
+    assert graphed_norms == pytest.approx(eager_norms, rel=tol)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    for (name, a), b in zip(eager_ema.state_dict().items(), graphed_ema.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"EMA {name}: {m}")
 
 
 # ---------------------------------------------------------------- checkpoint files

@@ -39,9 +39,10 @@ def build_optimizer(config, model: nn.Module) -> torch.optim.Optimizer:
     if opt.NAME == "adamw":
         # On the GPU the fused AdamW updates every tensor in a few kernels (and reads the GradScaler's
         # inf check on the device); elsewhere torch picks its own implementation.
+        # TRAIN.CUDA_GRAPHS records the update into a graph: the step counts then live on the GPU.
         fused = bool(params) and all(p.is_cuda for p in params.values())
         return torch.optim.AdamW(groups, lr=config.TRAIN.BASE_LR, betas=tuple(opt.BETAS), eps=opt.EPS,
-                                 fused=fused or None)
+                                 fused=fused or None, capturable=config.TRAIN.CUDA_GRAPHS)
     if opt.NAME == "sgd":
         return torch.optim.SGD(groups, lr=config.TRAIN.BASE_LR, momentum=opt.MOMENTUM, nesterov=True)
     raise ValueError(f"unknown optimizer {opt.NAME!r}; use 'adamw' or 'sgd'")
