@@ -146,7 +146,8 @@ class CudaGraphTrainStep:
         graph = torch.cuda.CUDAGraph()
         try:
             torch.cuda.synchronize(samples.device)
-            with torch.cuda.graph(graph):
+            # thread_local: the data loader's pin-memory thread may allocate host memory meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._loss, self._norm = self.step(self._samples, self._targets)
         finally:
             self.step.autocast_cache = True
