@@ -29,7 +29,7 @@ from defmamba.benchmark import measure_throughput
 from defmamba.checkpoint import CheckpointError, load_checkpoint, safe_load
 from engine import AmpSettings, train_one_epoch, validate
 from modeling import build_model, load_pretrained
-from train_step import CudaGraphTrainStep, TrainStep
+from train_step import CudaGraphError, CudaGraphTrainStep, TrainStep
 from utils.checkpoint import find_resume_checkpoint, remove_stale_temporaries, save_checkpoint
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed
 from utils.ema import ModelEma
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, DataError, CheckpointError, UsageError, FloatingPointError) as err:
+    except (ConfigError, DataError, CheckpointError, UsageError, FloatingPointError, CudaGraphError) as err:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {_clean_message(err)}", file=sys.stderr, flush=True)

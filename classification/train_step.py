@@ -14,7 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["TrainStep", "CudaGraphTrainStep"]
+from defmamba.cuda_graphs import CudaGraphError
+
+__all__ = ["CudaGraphError", "CudaGraphTrainStep", "TrainStep"]
 
 
 class TrainStep:
@@ -149,6 +151,9 @@ class CudaGraphTrainStep:
             # thread_local: the data loader's pin-memory thread may allocate host memory meanwhile
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._loss, self._norm = self.step(self._samples, self._targets)
+        except RuntimeError as err:
+            raise CudaGraphError(f"recording the training step into a CUDA graph failed ({err}); "
+                                 "train without TRAIN.CUDA_GRAPHS") from err
         finally:
             self.step.autocast_cache = True
             for group, value in zip(groups, scheduled):

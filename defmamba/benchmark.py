@@ -14,9 +14,10 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from .cuda_graphs import capture_cuda_graph, require_cuda_for_graphs
 from .models.registry import build_model
 
-__all__ = ["MODES", "ab_table_row", "capture_cuda_graph", "cuda_time_ms", "measure_model", "measure_throughput"]
+__all__ = ["MODES", "ab_table_row", "cuda_time_ms", "measure_model", "measure_throughput"]
 
 # Benchmark mode name → (measure_throughput's mode, autocast dtype or None).
 MODES = {
@@ -29,38 +30,6 @@ def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype], cache_enab
     if amp_dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=cache_enabled)
-
-
-def _require_cuda_for_graphs(device: torch.device) -> None:
-    if device.type != "cuda":
-        raise ValueError(f"CUDA graphs need a CUDA device, got {device}; measure without CUDA graphs there")
-
-
-def capture_cuda_graph(step: Callable[[], object], device: Union[str, torch.device],
-                       warmup: int = 3) -> Callable[[], None]:
-    """Record one call of ``step`` into a CUDA graph and return a function that replays it.
-
-    ``step`` first runs ``warmup`` times on a side stream, so that cuDNN autotuning, Triton
-    compilation, optimizer state and the allocator settle outside the graph. The step must keep
-    to what a graph can replay: fixed shapes, inputs read from tensors that outlive it, no
-    host synchronisation (``.item()``, printing a tensor), and an optimizer built with
-    ``capturable=True`` (or ``fused=True``) if it steps one. Each replay then repeats the recorded
-    kernels with no Python or launch cost, on the same memory.
-    """
-    device = torch.device(device)
-    _require_cuda_for_graphs(device)
-    if warmup < 1:
-        raise ValueError(f"warmup must be ≥ 1 (state the graph relies on is created there), got {warmup}")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int, tuple[int, int]] = 224,
@@ -81,7 +50,7 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
         num_classes: logits of the model, for the training targets (default: inferred from one forward).
         cuda_graphs: record the whole step (in training: forward, loss, backward and a
             capturable AdamW step) into one CUDA graph and time its replays, which takes the host's
-            launch cost out of the number (GPU only; see :func:`capture_cuda_graph`).
+            launch cost out of the number (GPU only; see :func:`defmamba.cuda_graphs.capture_cuda_graph`).
 
     Returns:
         dict with images_per_s (median), window_images_per_s, ms_per_iter, batch_size, image_size,
@@ -98,7 +67,7 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
     if cuda_graphs:
-        _require_cuda_for_graphs(device)
+        require_cuda_for_graphs(device)
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     model = model.to(device)
     images = torch.randn(batch_size, in_chans, height, width, device=device)

@@ -59,7 +59,8 @@ def test_benchmark_cuda_graphs_need_a_gpu_and_exclude_reduce_overhead(bench, cap
 
 
 def test_measure_throughput_rejects_cuda_graphs_on_cpu():
-    from defmamba.benchmark import capture_cuda_graph, measure_throughput
+    from defmamba.benchmark import measure_throughput
+    from defmamba.cuda_graphs import capture_cuda_graph
 
     model = torch.nn.Linear(4, 2)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
@@ -81,7 +82,7 @@ def test_graphed_training_step_follows_the_eager_steps(amp_dtype):
     """Three warm-up steps, the capture and three replays give the losses of six eager steps."""
     import copy
 
-    from defmamba.benchmark import capture_cuda_graph
+    from defmamba.cuda_graphs import capture_cuda_graph
 
     eager_model = _small_model(0)
     graphed_model = copy.deepcopy(eager_model)
@@ -134,3 +135,17 @@ def test_measure_throughput_with_cuda_graphs(mode, amp_dtype):
                                 iters_per_window=2, cuda_graphs=True)
     assert result["cuda_graphs"] is True and result["images_per_s"] > 0
     assert result["peak_memory_gib"] > 0
+
+
+def test_a_model_that_a_graph_cannot_hold_becomes_an_error_row(bench, monkeypatch, capsys):
+    import defmamba.benchmark
+    from defmamba.cuda_graphs import CudaGraphError
+
+    def fail(*args, **kwargs):
+        raise CudaGraphError("recording the step into a CUDA graph failed (operation not permitted)")
+
+    monkeypatch.setattr(defmamba.benchmark, "measure_throughput", fail)
+    args = bench.parse_args(["--device", "cpu", "--image-size", "32", "--cuda-graphs"])
+    assert bench.measure_one("convnext_tiny", "train_bf16", args, torch.device("cpu")) == {
+        "error": "CUDA graph capture failed"}
+    assert "operation not permitted" in capsys.readouterr().err

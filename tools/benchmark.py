@@ -95,6 +95,7 @@ def build(name: str, image_size: int, backend: str) -> torch.nn.Module:
 
 def measure_one(name: str, mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     from defmamba.benchmark import measure_throughput
+    from defmamba.cuda_graphs import CudaGraphError
 
     kind, dtype = MODES[mode]
     model = build(name, args.image_size, args.backend).to(device)
@@ -110,6 +111,9 @@ def measure_one(name: str, mode: str, args: argparse.Namespace, device: torch.de
                                   device=device, cuda_graphs=args.cuda_graphs)
     except torch.cuda.OutOfMemoryError:
         return {"error": "out of memory"}
+    except CudaGraphError as err:  # one model that a graph cannot hold does not end the run
+        print(f"  {name} {mode}: {err}", file=sys.stderr, flush=True)
+        return {"error": "CUDA graph capture failed"}
     finally:
         del model
         gc.collect()
