@@ -37,9 +37,16 @@ def max_errors(lead: tuple, cols: int, dtype: torch.dtype, device: str, seed: in
     return max_relative_errors(("y", "x", "weight", "bias"), got, ref)
 
 
-def test_triton_layer_norm_matches_float64_in_interpreter():
-    errors = run_under_interpreter(__file__)
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    """The interpreter checks of this module's ``__main__``, run once for the tests that read them."""
+    return run_under_interpreter(__file__)
+
+
+def test_triton_layer_norm_matches_float64_in_interpreter(interpreted):
+    errors = dict(interpreted)
     assert errors.pop("compiled vs eager")["compiled"] == 0.0  # the same kernels, through the custom op
+    errors.pop("half output")  # its own test below
     assert_cases_within(errors, 1e-5, cases=len(CASES))
 
 
@@ -65,6 +72,34 @@ def test_module_follows_autocast_rule_gpu():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
+@needs_triton_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_norm_feeding_a_matmul_gives_the_same_linear_output_and_gradients_gpu(dtype):
+    """``feeds_matmul``: the norm's output is in the autocast dtype, and a linear layer after it
+    computes bit for bit what it computes after the float32 output (which autocast rounds)."""
+    torch.manual_seed(0)
+    plain = ln.LayerNorm(96).cuda()
+    nn.init.normal_(plain.weight)
+    fed = ln.LayerNorm(96, feeds_matmul=True).cuda()
+    fed.load_state_dict(plain.state_dict())
+    linear = nn.Linear(96, 40).cuda()
+    x = torch.randn(3, 7, 96, device="cuda")
+    results = []
+    for norm in (plain, fed):
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype):
+            hidden = norm(leaf)
+            out = linear(hidden)
+        assert hidden.dtype == (dtype if norm is fed else torch.float32)
+        out.float().square().sum().backward()
+        results.append([out, leaf.grad, norm.weight.grad, norm.bias.grad])
+        linear.zero_grad()
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert "feeds_matmul=True" in repr(fed) and "feeds_matmul" not in repr(plain)
+
+
 def test_module_is_a_drop_in_layer_norm():
     torch.manual_seed(0)
     module = ln.LayerNorm(20)
@@ -86,8 +121,33 @@ def compiled_matches_eager() -> dict:
     return {"compiled": compiled_vs_eager(norm, torch.randn(3, 5, 96), torch.randn(96), torch.randn(96))}
 
 
-if __name__ == "__main__":  # the interpreter check (run by the test above in a subprocess)
+def half_output_differences(lead: tuple, cols: int, seed: int) -> dict:
+    """A float32 input normalised straight to float16 (what ``feeds_matmul`` norms give under
+    autocast) against the float32 output rounded afterwards (what a linear layer's autocast cast
+    did), and the backward from the float16 gradient against the backward from it in float32."""
+    from defmamba.ops import layer_norm_triton as kernels
+
+    g = torch.Generator().manual_seed(seed)
+    x, w, b = (torch.randn(*lead, cols, generator=g), torch.randn(cols, generator=g), torch.randn(cols, generator=g))
+    dy = torch.randn(*lead, cols, generator=g).half()
+    results = {}
+    for name, out_dtype, grad in (("half", torch.float16, dy), ("float32", torch.float32, dy.float())):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = kernels.layer_norm_triton(*leaves, 1e-5, out_dtype)
+        y.backward(grad)
+        results[name] = [y.half()] + [t.grad for t in leaves]
+    return {key: (a.float() - r.float()).abs().max().item()
+            for key, a, r in zip(("y", "x", "weight", "bias"), results["half"], results["float32"])}
+
+
+def test_half_output_is_the_rounded_float32_output_in_interpreter(interpreted):
+    for name, diff in interpreted["half output"].items():
+        assert diff == 0.0, f"{name}: {diff}"
+
+
+if __name__ == "__main__":  # the interpreter check (run by the tests above in a subprocess)
     results = {f"{lead}x{cols}": max_errors(lead, cols, torch.float32, "cpu", seed=i)
                for i, (lead, cols) in enumerate(CASES)}
     results["compiled vs eager"] = compiled_matches_eager()
+    results["half output"] = half_output_differences((5, 9), 96, seed=7)
     print(json.dumps(results))

@@ -71,10 +71,11 @@ class DMBlock(nn.Module):
     def __init__(self, dim: int, deform_kernel_size: int, drop_path: float = 0.0, d_state: int = 16,
                  ssm_ratio: float = 1.0, mlp_ratio: float = 4.0, scan_backend: str = "auto") -> None:
         super().__init__()
-        self.norm = LayerNorm(dim)
+        # Both norms feed only linear layers (in_proj, fc1): under autocast they emit the autocast dtype.
+        self.norm = LayerNorm(dim, feeds_matmul=True)
         self.op = DSSM(dim, deform_kernel_size, d_state=d_state, ssm_ratio=ssm_ratio, scan_backend=scan_backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim, feeds_matmul=True)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,22 +25,40 @@ def _use_triton(x: torch.Tensor, normalized_shape: tuple[int, ...], weight, bias
 
 
 def layer_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """``F.layer_norm`` (same arguments), through the Triton kernels where they apply."""
+               bias: torch.Tensor | None = None, eps: float = 1e-5,
+               autocast_dtype_output: bool = False) -> torch.Tensor:
+    """``F.layer_norm`` (same arguments), through the Triton kernels where they apply.
+
+    Under CUDA autocast the output is float32, autocast's rule for layer_norm; with
+    ``autocast_dtype_output`` the Triton kernels write it in the autocast dtype instead. For a
+    norm whose output only enters matmuls, which autocast rounds to that dtype anyway, that is the
+    same result without the float32 tensor and the cast (and their backward)."""
     if not _use_triton(x, normalized_shape, weight, bias):
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     if tuple(x.shape[-1:]) != tuple(normalized_shape):
         raise ValueError(f"layer_norm: normalized_shape {tuple(normalized_shape)} does not match the last dim of "
                          f"an input of shape {tuple(x.shape)}")
     if torch.is_autocast_enabled("cuda"):
-        return _triton.layer_norm_triton(x, weight.float(), bias.float(), eps, torch.float32)
+        out_dtype = torch.get_autocast_dtype("cuda") if autocast_dtype_output else torch.float32
+        return _triton.layer_norm_triton(x, weight.float(), bias.float(), eps, out_dtype)
     if weight.dtype != bias.dtype or weight.dtype not in (x.dtype, torch.float32):
         return F.layer_norm(x, normalized_shape, weight, bias, eps)  # dtype mixes as PyTorch handles them
     return _triton.layer_norm_triton(x, weight, bias, eps, x.dtype)  # PyTorch's rule: the output has x's dtype
 
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm``, computed by :func:`layer_norm`."""
+    """``nn.LayerNorm``, computed by :func:`layer_norm`.
+
+    ``feeds_matmul=True`` declares that the output only enters matmuls (linear layers): under CUDA
+    autocast it then comes out in the autocast dtype (see :func:`layer_norm`)."""
+
+    def __init__(self, *args, feeds_matmul: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.feeds_matmul = feeds_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps,
+                          autocast_dtype_output=self.feeds_matmul)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", feeds_matmul=True" if self.feeds_matmul else "")
