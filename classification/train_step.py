@@ -162,7 +162,7 @@ class CudaGraphTrainStep:
 
     def _load(self, samples, targets):
         if samples.shape != self._samples.shape or targets.shape != self._targets.shape:
-            raise ValueError(f"a CUDA graph replays one batch shape: recorded {tuple(self._samples.shape)} / "
+            raise CudaGraphError(f"a CUDA graph replays one batch shape: recorded {tuple(self._samples.shape)} / "
                              f"{tuple(self._targets.shape)}, got {tuple(samples.shape)} / {tuple(targets.shape)} "
                              "(keep drop_last and a fixed batch size)")
         self._samples.copy_(samples)
