@@ -16,8 +16,13 @@ from defmamba.ops import layer_norm as ln
 CASES = [((3, 5, 7), 96), ((2, 13), 48), ((37,), 130), ((4, 3), 768), ((5,), 3)]
 
 
-def max_errors(lead: tuple, cols: int, dtype: torch.dtype, device: str, seed: int) -> dict:
+def max_errors(lead: tuple, cols: int, dtype: torch.dtype, device: str, seed: int, gelu: bool = False) -> dict:
+    """Largest relative errors of the Triton norm (``gelu``: GELU(norm)) and its gradients against float64."""
     from defmamba.ops import layer_norm_triton as kernels
+
+    def reference(*args):
+        y = F.layer_norm(*args)
+        return F.gelu(y) if gelu else y
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, cols, generator=g, dtype=torch.float64) * 3 + 1
@@ -26,11 +31,11 @@ def max_errors(lead: tuple, cols: int, dtype: torch.dtype, device: str, seed: in
     dy = torch.randn(*lead, cols, generator=g, dtype=torch.float64)
     x = x.to(dtype).double()  # the reference sees the same rounded input
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    F.layer_norm(leaves[0], (cols,), leaves[1], leaves[2], 1e-5).backward(dy)
-    ref = [F.layer_norm(x, (cols,), w, b, 1e-5)] + [t.grad for t in leaves]
+    reference(leaves[0], (cols,), leaves[1], leaves[2], 1e-5).backward(dy)
+    ref = [reference(x, (cols,), w, b, 1e-5)] + [t.grad for t in leaves]
     mine = [t.to(device=device, dtype=dtype if i == 0 else torch.float32).requires_grad_()
             for i, t in enumerate((x, w, b))]
-    y = kernels.layer_norm_triton(mine[0], mine[1], mine[2], 1e-5, torch.float32)
+    y = kernels.layer_norm_triton(mine[0], mine[1], mine[2], 1e-5, torch.float32, gelu)
     y.backward(dy.to(device=device, dtype=torch.float32))
     got = [y] + [t.grad for t in mine]
 
@@ -45,17 +50,18 @@ def interpreted() -> dict:
 
 def test_triton_layer_norm_matches_float64_in_interpreter(interpreted):
     errors = dict(interpreted)
-    assert errors.pop("compiled vs eager")["compiled"] == 0.0  # the same kernels, through the custom op
+    assert errors.pop("compiled vs eager") == {"compiled": 0.0, "compiled gelu": 0.0}  # the same kernels, via the op
     errors.pop("half output")  # its own test below
-    assert_cases_within(errors, 1e-5, cases=len(CASES))
+    assert_cases_within(errors, 1e-5, cases=2 * len(CASES))
 
 
 @pytest.mark.cuda
 @needs_triton_gpu
 @pytest.mark.parametrize("lead,cols", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_layer_norm_matches_float64_gpu(lead, cols, dtype):
-    for name, err in max_errors(lead, cols, dtype, "cuda", seed=cols).items():
+@pytest.mark.parametrize("gelu", [False, True])
+def test_triton_layer_norm_matches_float64_gpu(lead, cols, dtype, gelu):
+    for name, err in max_errors(lead, cols, dtype, "cuda", seed=cols, gelu=gelu).items():
         assert err <= (1e-5 if dtype == torch.float32 else 2e-3), f"{name} off by {err:.2e}"
 
 
@@ -100,6 +106,25 @@ def test_norm_feeding_a_matmul_gives_the_same_linear_output_and_gradients_gpu(dt
     assert "feeds_matmul=True" in repr(fed) and "feeds_matmul" not in repr(plain)
 
 
+@pytest.mark.cuda
+@needs_triton_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_norm_gelu_under_autocast_matches_pytorch_gpu(dtype):
+    """layer_norm_gelu in the autocast dtype against F.gelu(F.layer_norm(.)) in float32 rounded to it
+    (what conv2's autocast cast made of it): at most one unit in the last place apart."""
+    torch.manual_seed(0)
+    norm = ln.LayerNorm(96).cuda()
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = (torch.randn(4, 9, 11, 96, device="cuda") * 2).to(dtype)
+    with torch.autocast("cuda", dtype=dtype):
+        got = ln.layer_norm_gelu(x, norm, autocast_dtype_output=True)
+    expected = F.gelu(F.layer_norm(x.float(), (96,), norm.weight, norm.bias, norm.eps)).to(dtype)
+    assert got.dtype == dtype
+    ulp = torch.finfo(dtype).eps * expected.float().abs().clamp(min=torch.finfo(dtype).tiny)
+    assert ((got.float() - expected.float()).abs() <= ulp + 1e-30).all()
+
+
 def test_module_is_a_drop_in_layer_norm():
     torch.manual_seed(0)
     module = ln.LayerNorm(20)
@@ -118,7 +143,11 @@ def compiled_matches_eager() -> dict:
     def norm(x, w, b):
         return kernels.layer_norm_triton(x, w, b, 1e-5, torch.float32)
 
-    return {"compiled": compiled_vs_eager(norm, torch.randn(3, 5, 96), torch.randn(96), torch.randn(96))}
+    def norm_gelu(x, w, b):
+        return kernels.layer_norm_triton(x, w, b, 1e-5, torch.float32, True)
+
+    inputs = (torch.randn(3, 5, 96), torch.randn(96), torch.randn(96))
+    return {"compiled": compiled_vs_eager(norm, *inputs), "compiled gelu": compiled_vs_eager(norm_gelu, *inputs)}
 
 
 def half_output_differences(lead: tuple, cols: int, seed: int) -> dict:
@@ -146,8 +175,8 @@ def test_half_output_is_the_rounded_float32_output_in_interpreter(interpreted):
 
 
 if __name__ == "__main__":  # the interpreter check (run by the tests above in a subprocess)
-    results = {f"{lead}x{cols}": max_errors(lead, cols, torch.float32, "cpu", seed=i)
-               for i, (lead, cols) in enumerate(CASES)}
+    results = {f"{lead}x{cols}{' gelu' if gelu else ''}": max_errors(lead, cols, torch.float32, "cpu", seed=i, gelu=gelu)
+               for i, (lead, cols) in enumerate(CASES) for gelu in (False, True)}
     results["compiled vs eager"] = compiled_matches_eager()
     results["half output"] = half_output_differences((5, 9), 96, seed=7)
     print(json.dumps(results))

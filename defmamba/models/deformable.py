@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..ops.deformable_sampling import sample_in_path_order
 from ..ops.depthwise_conv import DepthwiseConv2d
-from ..ops.layer_norm import LayerNorm
+from ..ops.layer_norm import LayerNorm, layer_norm_gelu
 
 __all__ = ["ConvOffset", "DeformableLayer", "DeformableOutput"]
 
@@ -41,7 +41,9 @@ class ConvOffset(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attention = self.ca(x.mean(dim=(2, 3)))  # from the input, not from conv1's output
         t = self.conv1(x) * attention[:, :, None, None]
-        t = F.gelu(self.ln(t.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        # GELU(LN(t)) in one pass; it feeds only the 1×1 conv2, so under autocast it comes out in the
+        # autocast dtype that conv2 would round it to.
+        t = layer_norm_gelu(t.permute(0, 2, 3, 1), self.ln, autocast_dtype_output=True).permute(0, 3, 1, 2)
         return self.conv2(t)
 
 

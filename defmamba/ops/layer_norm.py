@@ -4,7 +4,7 @@ A drop-in ``nn.LayerNorm`` (same parameters and state-dict keys, same result): c
 inputs of float32/float16/bfloat16 with an elementwise affine run the Triton kernels, everything
 else ``F.layer_norm``. Under autocast it follows autocast's rule for ``layer_norm``: float32
 statistics and a float32 output, whatever the input dtype (a half-precision input is read as it is,
-not copied to float32 first).
+not copied to float32 first). ``layer_norm_gelu`` adds the exact GELU in the same kernels.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from . import layer_norm_triton as _triton
 from . import triton_support
 
-__all__ = ["LayerNorm", "layer_norm"]
+__all__ = ["LayerNorm", "layer_norm", "layer_norm_gelu"]
 
 
 def _use_triton(x: torch.Tensor, normalized_shape: tuple[int, ...], weight, bias) -> bool:
@@ -33,17 +33,34 @@ def layer_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch
     ``autocast_dtype_output`` the Triton kernels write it in the autocast dtype instead. For a
     norm whose output only enters matmuls, which autocast rounds to that dtype anyway, that is the
     same result without the float32 tensor and the cast (and their backward)."""
+    return _normalize(x, tuple(normalized_shape), weight, bias, eps, autocast_dtype_output, gelu=False)
+
+
+def layer_norm_gelu(x: torch.Tensor, norm: nn.LayerNorm, autocast_dtype_output: bool = False) -> torch.Tensor:
+    """``F.gelu(norm(x))`` (exact GELU) in one pass through the Triton kernels where they apply.
+
+    The GELU is computed in float32 on the normalised values, before the output is rounded, and
+    its backward recomputes them: no float32 copy is kept for GELU's backward. Output dtype as for
+    :func:`layer_norm` (``autocast_dtype_output`` when the result only enters matmuls)."""
+    return _normalize(x, tuple(norm.normalized_shape), norm.weight, norm.bias, norm.eps, autocast_dtype_output,
+                      gelu=True)
+
+
+def _normalize(x: torch.Tensor, normalized_shape: tuple[int, ...], weight, bias, eps: float,
+               autocast_dtype_output: bool, gelu: bool) -> torch.Tensor:
     if not _use_triton(x, normalized_shape, weight, bias):
-        return F.layer_norm(x, normalized_shape, weight, bias, eps)
-    if tuple(x.shape[-1:]) != tuple(normalized_shape):
-        raise ValueError(f"layer_norm: normalized_shape {tuple(normalized_shape)} does not match the last dim of "
+        y = F.layer_norm(x, normalized_shape, weight, bias, eps)
+        return F.gelu(y) if gelu else y
+    if tuple(x.shape[-1:]) != normalized_shape:
+        raise ValueError(f"layer_norm: normalized_shape {normalized_shape} does not match the last dim of "
                          f"an input of shape {tuple(x.shape)}")
     if torch.is_autocast_enabled("cuda"):
         out_dtype = torch.get_autocast_dtype("cuda") if autocast_dtype_output else torch.float32
-        return _triton.layer_norm_triton(x, weight.float(), bias.float(), eps, out_dtype)
+        return _triton.layer_norm_triton(x, weight.float(), bias.float(), eps, out_dtype, gelu)
     if weight.dtype != bias.dtype or weight.dtype not in (x.dtype, torch.float32):
-        return F.layer_norm(x, normalized_shape, weight, bias, eps)  # dtype mixes as PyTorch handles them
-    return _triton.layer_norm_triton(x, weight, bias, eps, x.dtype)  # PyTorch's rule: the output has x's dtype
+        y = F.layer_norm(x, normalized_shape, weight, bias, eps)  # dtype mixes as PyTorch handles them
+        return F.gelu(y) if gelu else y
+    return _triton.layer_norm_triton(x, weight, bias, eps, x.dtype, gelu)  # PyTorch's rule: the output has x's dtype
 
 
 class LayerNorm(nn.LayerNorm):

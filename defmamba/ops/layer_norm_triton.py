@@ -5,6 +5,10 @@ PyTorch's kernel gives each row its own thread block, so most of its threads idl
 short; here one program normalises a [ROWS, next_pow2(C)] tile, with ROWS chosen so that a tile
 holds about 4096 values, and the statistics are float32 whatever the input dtype.
 
+With ``gelu`` the forward applies the exact GELU to the normalised values before rounding them to
+the output dtype, and the backward recomputes the normalised values to take GELU's derivative:
+nothing more is stored than for the plain norm.
+
 Backward: one program per tile as well; the weight and bias gradients (sums over all rows) are
 accumulated per program in registers over a strided set of tiles and written as one partial row
 each, then summed.
@@ -28,8 +32,20 @@ _BWD_PROGRAMS = 1024  # programs of the backward, each with its own partial weig
 if triton is not None:
 
     @triton.jit
+    def _gelu(y):
+        """Exact (erf) GELU in float32, in the order of PyTorch's CUDA kernel."""
+        return y * 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
+
+    @triton.jit
+    def _gelu_grad(y):
+        """d GELU(y) / dy = Φ(y) + y·φ(y)."""
+        cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * y * y) * 0.3989422804014327
+        return cdf + y * pdf
+
+    @triton.jit
     def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, eps,
-                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, GELU: tl.constexpr):
         r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         c = tl.arange(0, BLOCK_N)
         row_ok = r < rows
@@ -44,18 +60,22 @@ if triton is not None:
         w = tl.load(w_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
         y = xc * rstd[:, None] * w[None, :] + b[None, :]
+        if GELU:
+            y = _gelu(y)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(mean_ptr + r, mean, mask=row_ok)
         tl.store(rstd_ptr + r, rstd, mask=row_ok)
 
     @triton.jit
-    def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, rows, cols,
-                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, rows, cols,
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, GELU: tl.constexpr):
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
         c = tl.arange(0, BLOCK_N)
         col_ok = c < cols
         w = tl.load(w_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
+        if GELU:
+            b = tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
         db = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(pid * ROWS, rows, n_prog * ROWS):
@@ -68,6 +88,8 @@ if triton is not None:
             mean = tl.load(mean_ptr + r, mask=row_ok, other=0.0)
             rstd = tl.load(rstd_ptr + r, mask=row_ok, other=0.0)
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if GELU:  # the normalised value is recomputed, not stored: dy is the gradient at GELU's input
+                dy = dy * _gelu_grad(xhat * w[None, :] + b[None, :])
             wdy = dy * w[None, :]
             c1 = tl.sum(xhat * wdy, axis=1) / cols
             c2 = tl.sum(wdy, axis=1) / cols
@@ -86,7 +108,8 @@ def _tile(cols: int) -> tuple[int, int, int]:
     return rows_per_tile, block_n, num_warps
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype):
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype,
+             gelu: bool):
     cols = x.shape[-1]
     rows = x.numel() // cols
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -94,11 +117,13 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     rows_per_tile, block_n, num_warps = _tile(cols)
     _ln_fwd_kernel[(triton.cdiv(rows, rows_per_tile),)](x, weight, bias, y, mean, rstd, rows, cols, eps,
-                                                          ROWS=rows_per_tile, BLOCK_N=block_n, num_warps=num_warps)
+                                                          ROWS=rows_per_tile, BLOCK_N=block_n, GELU=gelu,
+                                                          num_warps=num_warps)
     return y, mean, rstd
 
 
-def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
+def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+              rstd: torch.Tensor, gelu: bool):
     cols = x.shape[-1]
     rows = x.numel() // cols
     dy = dy.contiguous()
@@ -107,8 +132,8 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: tor
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw_part = torch.empty((programs, cols), dtype=torch.float32, device=x.device)
     db_part = torch.empty((programs, cols), dtype=torch.float32, device=x.device)
-    _ln_bwd_kernel[(programs,)](dy, x, weight, mean, rstd, dx, dw_part, db_part, rows, cols,
-                                ROWS=rows_per_tile, BLOCK_N=block_n, num_warps=num_warps)
+    _ln_bwd_kernel[(programs,)](dy, x, weight, bias, mean, rstd, dx, dw_part, db_part, rows, cols,
+                                ROWS=rows_per_tile, BLOCK_N=block_n, GELU=gelu, num_warps=num_warps)
     return dx, dw_part.sum(0), db_part.sum(0)
 
 
@@ -116,35 +141,36 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: tor
 
 @torch.library.custom_op("defmamba::layer_norm_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, weight, bias, eps, out_dtype)
+            out_dtype: torch.dtype, gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, eps, out_dtype, gelu)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(x, weight, bias, eps, out_dtype):
+def _fwd_fake(x, weight, bias, eps, out_dtype, gelu):
     rows = x.numel() // x.shape[-1]
     return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty((rows,), dtype=torch.float32),
             x.new_empty((rows,), dtype=torch.float32))
 
 
 @torch.library.custom_op("defmamba::layer_norm_bwd", mutates_args=())
-def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-            rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dy, x, weight, mean, rstd)
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+            rstd: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dy, x, weight, bias, mean, rstd, gelu)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dy, x, weight, mean, rstd):
+def _bwd_fake(dy, x, weight, bias, mean, rstd, gelu):
     cols = x.shape[-1]
     return (x.new_empty(x.shape), x.new_empty((cols,), dtype=torch.float32),
             x.new_empty((cols,), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _eps, _out_dtype = inputs
+    x, weight, bias, _eps, _out_dtype, gelu = inputs
     _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.param_dtypes = (weight.dtype, bias.dtype)
+    ctx.gelu = gelu
     ctx.mark_non_differentiable(mean, rstd)
 
 
@@ -152,10 +178,10 @@ def _autograd_backward(backward: Callable) -> Callable:
     """The op's backward, computing the gradients with ``backward`` (the custom op or its body)."""
 
     def run(ctx, dy, _dmean, _drstd):
-        x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = backward(dy, x, weight, mean, rstd)
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = backward(dy, x, weight, bias, mean, rstd, ctx.gelu)
         w_dtype, b_dtype = ctx.param_dtypes
-        return dx, dw.to(w_dtype), db.to(b_dtype), None, None
+        return dx, dw.to(w_dtype), db.to(b_dtype), None, None, None
 
     return run
 
@@ -166,10 +192,11 @@ _fwd = compile_aware(_fwd_op, with_autograd(_forward, _setup_context, _autograd_
 
 
 def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                      out_dtype: torch.dtype) -> torch.Tensor:
-    """LayerNorm of a contiguous x over its last dim (statistics in float32), output in ``out_dtype``."""
+                      out_dtype: torch.dtype, gelu: bool = False) -> torch.Tensor:
+    """LayerNorm of a contiguous x over its last dim (statistics in float32), output in ``out_dtype``;
+    with ``gelu``, the exact GELU of it (computed in float32 before the output is rounded)."""
     if triton is None:
         raise RuntimeError(f"the Triton LayerNorm kernels are not available: {IMPORT_ERROR}")
     if not x.is_contiguous():
         raise ValueError("the Triton LayerNorm takes contiguous inputs")
-    return _fwd(x, weight, bias, float(eps), out_dtype)[0]
+    return _fwd(x, weight, bias, float(eps), out_dtype, bool(gelu))[0]
