@@ -18,7 +18,10 @@ from defmamba.ops import depthwise_conv as dw
 CASES = [(2, 5, 7, 9, 3), (1, 3, 5, 4, 9), (3, 20, 6, 5, 7), (1, 70, 3, 67, 5), (2, 130, 4, 3, 3), (1, 8, 1, 1, 5)]
 
 
-def max_errors(case: tuple, dtype: torch.dtype, device: str, seed: int, bias: bool = True) -> dict:
+def max_errors(case: tuple, dtype: torch.dtype, device: str, seed: int, bias: bool = True,
+               sliced: bool = False) -> dict:
+    """Largest relative errors against float64. ``sliced``: x is read in place as the first C
+    channels of a wider channels-last tensor (as DefMamba's DSSM reads one half of in_proj's output)."""
     from defmamba.ops import depthwise_conv_triton as kernels
 
     batch, channels, height, width, k = case
@@ -31,8 +34,13 @@ def max_errors(case: tuple, dtype: torch.dtype, device: str, seed: int, bias: bo
     F.conv2d(leaves[0], leaves[1], leaves[2] if bias else None, padding=k // 2, groups=channels).backward(dy)
     ref = [F.conv2d(x, w, b, padding=k // 2, groups=channels)] + [t.grad for t in leaves]
     mine = [t.to(device=device, dtype=dtype).requires_grad_() for t in (x, w, b) if t is not None]
-    x_cl = mine[0].contiguous(memory_format=torch.channels_last)
-    y = kernels.depthwise_conv2d_triton(x_cl, mine[1], mine[2] if bias else None, dtype)
+    if sliced:
+        wide = torch.cat([mine[0].permute(0, 2, 3, 1), torch.full_like(mine[0].permute(0, 2, 3, 1)[..., :3], 1e4)], -1)
+        x_in = wide[..., :channels].permute(0, 3, 1, 2)
+        assert kernels.pixel_stride(x_in) == channels + 3
+    else:
+        x_in = mine[0].contiguous(memory_format=torch.channels_last)
+    y = kernels.depthwise_conv2d_triton(x_in, mine[1], mine[2] if bias else None, dtype)
     assert y.is_contiguous(memory_format=torch.channels_last)
     y.backward(dy.to(device=device, dtype=dtype))
     got = [y] + [t.grad for t in mine]
@@ -45,6 +53,8 @@ def test_triton_depthwise_conv_matches_float64_in_interpreter():
     assert errors.pop("compiled vs eager")["compiled"] == 0.0  # the same kernels, through the custom op
     no_bias = errors.pop("no bias")
     assert set(no_bias) == {"y", "x", "weight"} and max(no_bias.values()) <= 1e-5, no_bias
+    sliced = errors.pop("sliced input")
+    assert max(sliced.values()) <= 1e-5, sliced
     assert all(set(errs) == {"y", "x", "weight", "bias"} for errs in errors.values())
     assert_cases_within(errors, 1e-5, cases=len(CASES))
 
@@ -59,6 +69,15 @@ GPU_CASES = [(case, torch.float32) for case in CASES] + [
 def test_triton_depthwise_conv_matches_float64_gpu(case, dtype):
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     for name, err in max_errors(case, dtype, "cuda", seed=sum(case)).items():
+        assert err <= tolerance, f"{name} off by {err:.2e}"
+
+
+@pytest.mark.cuda
+@needs_triton_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_depthwise_conv_reads_a_channel_slice_in_place_gpu(dtype):
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
+    for name, err in max_errors((2, 96, 20, 23, 3), dtype, "cuda", seed=5, sliced=True).items():
         assert err <= tolerance, f"{name} off by {err:.2e}"
 
 
@@ -123,5 +142,6 @@ def compiled_matches_eager() -> dict:
 if __name__ == "__main__":  # the interpreter check (run by the test above in a subprocess)
     results = {"x".join(map(str, case)): max_errors(case, torch.float32, "cpu", seed=i) for i, case in enumerate(CASES)}
     results["no bias"] = max_errors(CASES[0], torch.float32, "cpu", seed=99, bias=False)
+    results["sliced input"] = max_errors((2, 20, 6, 9, 5), torch.float32, "cpu", seed=7, sliced=True)
     results["compiled vs eager"] = compiled_matches_eager()
     print(json.dumps(results))

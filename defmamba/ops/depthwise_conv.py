@@ -51,12 +51,13 @@ def _check_shapes(x: torch.Tensor, weight: torch.Tensor) -> None:
 def _use_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     same_device = weight.device == x.device and (bias is None or bias.device == x.device)
     return (not _force_cudnn and x.is_cuda and same_device and x.dtype in _FLOATS and x.numel() > 0
-            and x.is_contiguous(memory_format=torch.channels_last) and triton_support.ready())
+            and _triton.pixel_stride(x) is not None and triton_support.ready())
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=K // 2, groups=C)`` for x (B, C, H, W) and a (C, 1, K, K)
-    weight with K odd; through the Triton kernels for channels-last CUDA inputs."""
+    weight with K odd; through the Triton kernels for channels-last CUDA inputs (also the channel
+    slice of a wider channels-last tensor, read in place)."""
     _check_shapes(x, weight)
     if _use_triton(x, weight, bias):
         if torch.is_autocast_enabled("cuda"):

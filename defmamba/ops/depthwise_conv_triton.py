@@ -24,7 +24,7 @@ import torch
 from .eager_dispatch import compile_aware, with_autograd
 from .triton_support import IMPORT_ERROR, tl, triton
 
-__all__ = ["depthwise_conv2d_triton"]
+__all__ = ["depthwise_conv2d_triton", "pixel_stride"]
 
 _BAND_ROWS = 32  # image rows (of all images, in order) per weight-gradient program
 _WGRAD_TILE = 64  # taps of a kernel row (padded to a power of two) × pixels per weight-gradient tile
@@ -34,7 +34,7 @@ _WGRAD_BLOCK_C = 32  # channels per weight-gradient tile
 if triton is not None:
 
     @triton.jit
-    def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, height, width, channels,
+    def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, height, width, channels, x_pixel_stride,
                            K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_W: tl.constexpr,
                            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # b * height + h
@@ -43,16 +43,18 @@ if triton is not None:
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < channels
         pad: tl.constexpr = K // 2
-        pixel_offsets = w[:, None] * channels + c[None, :]  # within a row
+        pixel_offsets = w[:, None] * channels + c[None, :]  # within an output row
+        x_offsets = w[:, None] * x_pixel_stride + c[None, :]  # within an input row
         acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
         for kh in tl.static_range(K):
             ih = h + kh - pad
             row_ok = (ih >= 0) & (ih < height)
-            x_row = x_ptr + (row + kh - pad) * width * channels
+            x_row = x_ptr + (row + kh - pad) * width * x_pixel_stride
             for kw in tl.static_range(K):
                 iw = w + (kw - pad)
                 ok = row_ok & (iw >= 0) & (iw < width)
-                xv = tl.load(x_row + pixel_offsets + (kw - pad) * channels, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                xv = tl.load(x_row + x_offsets + (kw - pad) * x_pixel_stride, mask=ok[:, None] & c_ok[None, :],
+                             other=0.0)
                 tap = (K * K - 1 - (kh * K + kw)) if FLIP else (kh * K + kw)
                 wv = tl.load(w_ptr + tap * channels + c, mask=c_ok, other=0.0).to(tl.float32)
                 if ROUND_W:  # autocast: the weight as the input's dtype would hold it
@@ -67,7 +69,7 @@ if triton is not None:
                  mask=(w < width)[:, None] & c_ok[None, :])
 
     @triton.jit
-    def _dwconv_wgrad_kernel(g_ptr, x_ptr, wpart_ptr, bpart_ptr, rows, height, width, channels,
+    def _dwconv_wgrad_kernel(g_ptr, x_ptr, wpart_ptr, bpart_ptr, rows, height, width, channels, x_pixel_stride,
                              K: tl.constexpr, K_POW2: tl.constexpr, BAND: tl.constexpr, HAS_BIAS: tl.constexpr,
                              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         band = tl.program_id(0).to(tl.int64)
@@ -84,7 +86,7 @@ if triton is not None:
             h = row % height
             ih = h + kh - pad
             g_row = g_ptr + row * width * channels
-            x_row = x_ptr + (row + kh - pad) * width * channels
+            x_row = x_ptr + (row + kh - pad) * width * x_pixel_stride
             row_ok = (ih >= 0) & (ih < height)
             for w0 in range(0, width, BLOCK_W):
                 w = w0 + w_tile
@@ -94,7 +96,7 @@ if triton is not None:
                     acc_bias += g
                 iw = w[None, :] + kw[:, None] - pad  # [kw, pixel]
                 ok = row_ok & (kw[:, None] < K) & (iw >= 0) & (iw < width)
-                xv = tl.load(x_row + iw[:, :, None] * channels + c[None, None, :],
+                xv = tl.load(x_row + iw[:, :, None] * x_pixel_stride + c[None, None, :],
                              mask=ok[:, :, None] & c_ok[None, None, :], other=0.0)
                 acc += xv.to(tl.float32) * g[None, :, :]
         taps = kh * K + kw
@@ -102,6 +104,20 @@ if triton is not None:
                  mask=(kw < K)[:, None] & c_ok[None, :])
         if HAS_BIAS:
             tl.store(bpart_ptr + band * channels + c, tl.sum(acc_bias, axis=0), mask=c_ok & (kh == 0))
+
+
+def pixel_stride(x: torch.Tensor) -> Optional[int]:
+    """For x (B, C, H, W) stored as channels-last pixels: the distance P between neighbouring pixels
+    (C for a dense channels-last map; more for the channel slice of a wider channels-last tensor,
+    such as one half of a linear layer's output). None for any other layout."""
+    batch, channels, height, width = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return channels
+    s_batch, s_channel, s_row, s_pixel = x.stride()
+    if (min(channels, height, width) > 1 and s_channel == 1 and s_pixel >= channels and s_row == width * s_pixel
+            and (batch == 1 or s_batch == height * width * s_pixel)):
+        return s_pixel
+    return None
 
 
 def _tiles(width: int, channels: int) -> tuple[int, int, int]:
@@ -118,7 +134,7 @@ def _conv(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], out
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
     block_w, block_c, num_warps = _tiles(width, channels)
     grid = (batch * height, triton.cdiv(width, block_w), triton.cdiv(channels, block_c))
-    _dwconv_fwd_kernel[grid](x, taps, bias if bias is not None else taps, y, height, width, channels,
+    _dwconv_fwd_kernel[grid](x, taps, bias if bias is not None else taps, y, height, width, channels, pixel_stride(x),
                              K=kernel_size, FLIP=flip, HAS_BIAS=bias is not None, ROUND_W=round_weights,
                              BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
     return y
@@ -151,7 +167,7 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     wpart = torch.empty((bands, channels, k * k), dtype=torch.float32, device=x.device)
     bpart = torch.empty((bands, channels) if has_bias else (1,), dtype=torch.float32, device=x.device)
     grid = (bands, k, triton.cdiv(channels, block_c))
-    _dwconv_wgrad_kernel[grid](grad, x, wpart, bpart, rows, height, width, channels,
+    _dwconv_wgrad_kernel[grid](grad, x, wpart, bpart, rows, height, width, channels, pixel_stride(x),
                                K=k, K_POW2=k_pow2, BAND=_BAND_ROWS, HAS_BIAS=has_bias,
                                BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
     dweight = wpart.sum(0).view(weight.shape)
@@ -209,10 +225,12 @@ _fwd = compile_aware(_fwd_op, with_autograd(_forward, _setup_context, _autograd_
 def depthwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                             out_dtype: torch.dtype) -> torch.Tensor:
     """Depthwise convolution of a channels-last x (B, C, H, W) with a (C, 1, K, K) weight (odd K,
-    padding K//2), accumulated in float32; the output (channels-last) in ``out_dtype``. A float32
+    padding K//2), accumulated in float32; the output (dense channels-last) in ``out_dtype``. x may
+    be the channel slice of a wider channels-last tensor (see :func:`pixel_stride`). A float32
     weight with a half-precision x and output is rounded to x's dtype first (autocast's rule)."""
     if triton is None:
         raise RuntimeError(f"the Triton depthwise convolution kernels are not available: {IMPORT_ERROR}")
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError("the Triton depthwise convolution takes channels-last inputs")
+    if pixel_stride(x) is None:
+        raise ValueError("the Triton depthwise convolution takes channels-last inputs (channels contiguous, "
+                         f"pixels evenly spaced); got strides {x.stride()} for shape {tuple(x.shape)}")
     return _fwd(x, weight, bias, out_dtype)
