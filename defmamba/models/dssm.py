@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.depthwise_conv import DepthwiseConv2d
-from ..ops.scan_orders import merge_and_gate
+from ..ops.scan_orders import merge_and_gate, stack_scan_orders
 from ..ops.selective_scan import selective_scan
 from .deformable import DeformableLayer
 
@@ -68,11 +68,11 @@ class DSSM(nn.Module):
         z = F.silu(z)
         x_in = F.silu(self.conv2d(x_in.permute(0, 3, 1, 2)))  # (B, D, h, w), dense channels-last
 
-        raster = x_in.flatten(2)
         deformable = self.DS(x_in)
-        # The sampled sequence comes out of grid_sample in float32 under autocast; keeping all three
-        # sequences in the activation dtype halves the scan's input bytes (the state stays float32).
-        xs = torch.stack((raster, raster.flip(-1), deformable.sequence.transpose(1, 2).to(raster.dtype)), dim=1)
+        # Raster, reversed raster and deformable order as one (B, 3, D, L) scan input, all three in
+        # the activation dtype (the PyTorch sampling gives float32 under autocast; the state stays
+        # float32 in the scan).
+        xs = stack_scan_orders(x_in, deformable.sequence)
         ys = self._scan(xs).view(batch, NUM_SCANS, self.d_inner, length)
 
         # The three outputs averaged in raster order, channels-last, times the gate (ops/scan_orders.py).

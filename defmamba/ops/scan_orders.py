@@ -1,4 +1,9 @@
-"""Merging the three scan orders of a DSSM back into raster order.
+"""The three scan orders of a DSSM: stacked into the scan's input, merged back into raster order.
+
+:func:`stack_scan_orders` builds the (B, 3, D, L) scan input from the raster map and the deformable
+sequence: raster order, reversed raster order and the deformable order. For CUDA tensors it is one
+Triton kernel each way instead of the flip, the transposing copies and the stack (and, backward,
+the flip, the add and the transposing copies of the gradients).
 
 The scan runs over (raster, reversed raster, deformable) sequences stacked as (B, 3, D, L). The
 merged output is the average of the three, each brought back to raster order: the reversed one
@@ -16,7 +21,7 @@ from . import scan_orders_triton as _triton
 from . import triton_support
 from .permute import gather_tokens
 
-__all__ = ["merge_and_gate", "merge_scan_orders"]
+__all__ = ["merge_and_gate", "merge_scan_orders", "stack_scan_orders"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -41,6 +46,26 @@ class _MergeScanOrders(torch.autograd.Function):
         (order,) = ctx.saved_tensors
         g = grad / NUM_ORDERS
         return torch.stack((g, g.flip(-1), gather_tokens(g, order)), dim=1), None, None
+
+
+def stack_scan_orders(x_map: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+    """The scan input (B, 3, D, L) in ``x_map``'s dtype: the map (B, D, h, w) in raster order, in
+    reversed raster order, and ``sequence`` (B, L, D), the deformable order, with L = h·w.
+
+    Differentiable in both. A dense channels-last CUDA map and a sequence of a float dtype run the
+    Triton kernels (the same values, and gradients exactly as PyTorch's formulation gives them)."""
+    if x_map.dim() != 4 or sequence.dim() != 3:
+        raise ValueError(f"x_map must be (batch, channels, h, w) and sequence (batch, L, channels); got "
+                         f"{tuple(x_map.shape)} and {tuple(sequence.shape)}")
+    batch, channels, h, w = x_map.shape
+    if sequence.shape != (batch, h * w, channels):
+        raise ValueError(f"sequence must be (batch={batch}, L={h * w}, channels={channels}) for a map of shape "
+                         f"{tuple(x_map.shape)}; got {tuple(sequence.shape)}")
+    if (x_map.is_cuda and x_map.dtype in _FLOATS and sequence.dtype in _FLOATS and x_map.numel() > 0
+            and x_map.is_contiguous(memory_format=torch.channels_last) and triton_support.ready()):
+        return _triton.stack_scan_orders_triton(x_map.permute(0, 2, 3, 1).reshape(batch, h * w, channels), sequence)
+    raster = x_map.flatten(2)
+    return torch.stack((raster, raster.flip(-1), sequence.transpose(1, 2).to(raster.dtype)), dim=1)
 
 
 def merge_scan_orders(ys: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Triton kernels of :func:`defmamba.ops.scan_orders.merge_and_gate`.
+"""Triton kernels of :func:`defmamba.ops.scan_orders.merge_and_gate` and :func:`stack_scan_orders`.
 
 The three scan outputs (B, 3, D, L) run along the sequence; the gate and the result are
 channels-last (B, L, D). One program takes a tile of tokens × channels: it reads the raster output,
@@ -9,6 +9,13 @@ gated product, plus the rounded mean when the backward needs it for the gate's g
 The backward writes the three slices of the scan-output gradient directly: the same value
 (grad · z) / 3 at token l of the raster slice, at L-1-l of the reversed one and at the token's slot
 of the deformable one, a permutation, so no atomics and no zero fill.
+
+The input side, :func:`stack_scan_orders_triton`, is the same walk the other way round: one program
+reads a tile of the channels-last raster map and of the deformable sequence (tokens × channels) and
+writes it into the three slices of the (B, 3, D, L) scan input: at token l of the raster slice, at
+L-1-l of the reversed one and at l of the deformable one. Its backward reads the three gradient
+slices at those places and writes the raster map's gradient (raster + reversed, added in float32
+and rounded once, as PyTorch's add of the two does) and the sequence's, both channels-last.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import torch
 from .eager_dispatch import compile_aware, with_autograd
 from .triton_support import IMPORT_ERROR, interpreting, tl, triton
 
-__all__ = ["merge_and_gate_triton"]
+__all__ = ["merge_and_gate_triton", "stack_scan_orders_triton"]
 
 _BLOCK_L = 64  # tokens per program tile
 _BLOCK_D = 32  # channels per program tile
@@ -72,6 +79,39 @@ if triton is not None:
         tl.store(rows + l[:, None], g, mask=mask)
         tl.store(rows + order_stride + (length - 1 - l)[:, None], g, mask=mask)
         tl.store(rows + 2 * order_stride + slot[:, None], g, mask=mask)
+
+
+    @triton.jit
+    def _stack_orders_fwd_kernel(x_ptr, seq_ptr, xs_ptr, length, channels,
+                                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        b = tl.program_id(1).to(tl.int64)
+        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = (l < length)[:, None] & (d < channels)[None, :]
+        tokens = (b * length + l)[:, None] * channels + d[None, :]
+        x = tl.load(x_ptr + tokens, mask=mask, other=0.0).to(xs_ptr.dtype.element_ty)
+        seq = tl.load(seq_ptr + tokens, mask=mask, other=0.0).to(xs_ptr.dtype.element_ty)
+        rows = xs_ptr + ((b * 3 * channels + d) * length)[None, :]  # xs[b, 0, d, :]
+        order_stride = channels * length
+        tl.store(rows + l[:, None], x, mask=mask)
+        tl.store(rows + order_stride + (length - 1 - l)[:, None], x, mask=mask)
+        tl.store(rows + 2 * order_stride + l[:, None], seq, mask=mask)
+
+    @triton.jit
+    def _stack_orders_bwd_kernel(dxs_ptr, dx_ptr, dseq_ptr, length, channels,
+                                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        b = tl.program_id(1).to(tl.int64)
+        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = (l < length)[:, None] & (d < channels)[None, :]
+        rows = dxs_ptr + ((b * 3 * channels + d) * length)[None, :]
+        order_stride = channels * length
+        raster = tl.load(rows + l[:, None], mask=mask, other=0.0).to(tl.float32)
+        reverse = tl.load(rows + order_stride + (length - 1 - l)[:, None], mask=mask, other=0.0).to(tl.float32)
+        deform = tl.load(rows + 2 * order_stride + l[:, None], mask=mask, other=0.0)
+        tokens = (b * length + l)[:, None] * channels + d[None, :]
+        tl.store(dx_ptr + tokens, (raster + reverse).to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dseq_ptr + tokens, deform.to(dseq_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_grid(batch: int, length: int, channels: int) -> tuple[int, int, int]:
@@ -161,3 +201,73 @@ def merge_and_gate_triton(ys: torch.Tensor, inverse: torch.Tensor, z: torch.Tens
     save_mean = torch.is_grad_enabled() and (ys.requires_grad or z.requires_grad)
     out, _mean = _fwd(ys.contiguous(), inverse.contiguous(), z.contiguous(), save_mean)
     return out
+
+
+# ---- the input side: stack_scan_orders ----
+
+def _stack_forward(x: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    batch, length, channels = x.shape
+    xs = torch.empty((batch, _ORDERS, channels, length), dtype=x.dtype, device=x.device)
+    _stack_orders_fwd_kernel[_launch_grid(batch, length, channels)](
+        x, seq, xs, length, channels, BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, num_warps=4)
+    return xs
+
+
+def _stack_backward(dxs: torch.Tensor, x_dtype: torch.dtype, seq_dtype: torch.dtype):
+    batch, _, channels, length = dxs.shape
+    dxs = dxs.contiguous()
+    dx = torch.empty((batch, length, channels), dtype=x_dtype, device=dxs.device)
+    dseq = torch.empty((batch, length, channels), dtype=seq_dtype, device=dxs.device)
+    _stack_orders_bwd_kernel[_launch_grid(batch, length, channels)](
+        dxs, dx, dseq, length, channels, BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, num_warps=4)
+    return dx, dseq
+
+
+@torch.library.custom_op("defmamba::stack_scan_orders_fwd", mutates_args=())
+def _stack_fwd_op(x: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    return _stack_forward(x, seq)
+
+
+@_stack_fwd_op.register_fake
+def _stack_fwd_fake(x, seq):
+    batch, length, channels = x.shape
+    return x.new_empty((batch, _ORDERS, channels, length))
+
+
+@torch.library.custom_op("defmamba::stack_scan_orders_bwd", mutates_args=())
+def _stack_bwd_op(dxs: torch.Tensor, x_dtype: torch.dtype, seq_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _stack_backward(dxs, x_dtype, seq_dtype)
+
+
+@_stack_bwd_op.register_fake
+def _stack_bwd_fake(dxs, x_dtype, seq_dtype):
+    batch, _, channels, length = dxs.shape
+    return (dxs.new_empty((batch, length, channels), dtype=x_dtype),
+            dxs.new_empty((batch, length, channels), dtype=seq_dtype))
+
+
+def _stack_setup_context(ctx, inputs, output) -> None:
+    x, seq = inputs
+    ctx.dtypes = (x.dtype, seq.dtype)
+
+
+def _stack_autograd_backward(backward: Callable) -> Callable:
+    def run(ctx, dxs):
+        return backward(dxs, *ctx.dtypes)
+
+    return run
+
+
+_stack_fwd_op.register_autograd(_stack_autograd_backward(_stack_bwd_op), setup_context=_stack_setup_context)
+_stack_fwd = compile_aware(_stack_fwd_op, with_autograd(_stack_forward, _stack_setup_context,
+                                                        _stack_autograd_backward(_stack_backward)))
+
+
+def stack_scan_orders_triton(x: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    """:func:`defmamba.ops.scan_orders.stack_scan_orders` for the raster map as contiguous (B, L, D)
+    tokens and the sequence (B, L, D) (shapes checked there); (B, 3, D, L) in x's dtype."""
+    if triton is None:
+        raise RuntimeError(f"the Triton scan-order kernels are not available: {IMPORT_ERROR}")
+    if not x.is_cuda and not interpreting():
+        raise RuntimeError(f"the Triton scan-order kernels need CUDA tensors; x is on {x.device}")
+    return _stack_fwd(x.contiguous(), seq.contiguous())
