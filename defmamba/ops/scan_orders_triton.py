@@ -82,16 +82,23 @@ if triton is not None:
 
 
     @triton.jit
-    def _stack_orders_fwd_kernel(x_ptr, seq_ptr, xs_ptr, length, channels,
-                                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _stack_tile(xs_ptr, length, channels, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's tokens l and channels d, their mask, the channels-last offsets of the
+        tile and the pointers to its rows in the first order's slice of the (B, 3, D, L) tensor."""
         l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
         b = tl.program_id(1).to(tl.int64)
         d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = (l < length)[:, None] & (d < channels)[None, :]
         tokens = (b * length + l)[:, None] * channels + d[None, :]
+        rows = xs_ptr + ((b * 3 * channels + d) * length)[None, :]  # xs[b, 0, d, :]
+        return l, mask, tokens, rows
+
+    @triton.jit
+    def _stack_orders_fwd_kernel(x_ptr, seq_ptr, xs_ptr, length, channels,
+                                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        l, mask, tokens, rows = _stack_tile(xs_ptr, length, channels, BLOCK_L, BLOCK_D)
         x = tl.load(x_ptr + tokens, mask=mask, other=0.0).to(xs_ptr.dtype.element_ty)
         seq = tl.load(seq_ptr + tokens, mask=mask, other=0.0).to(xs_ptr.dtype.element_ty)
-        rows = xs_ptr + ((b * 3 * channels + d) * length)[None, :]  # xs[b, 0, d, :]
         order_stride = channels * length
         tl.store(rows + l[:, None], x, mask=mask)
         tl.store(rows + order_stride + (length - 1 - l)[:, None], x, mask=mask)
@@ -100,16 +107,11 @@ if triton is not None:
     @triton.jit
     def _stack_orders_bwd_kernel(dxs_ptr, dx_ptr, dseq_ptr, length, channels,
                                  BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-        l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-        b = tl.program_id(1).to(tl.int64)
-        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask = (l < length)[:, None] & (d < channels)[None, :]
-        rows = dxs_ptr + ((b * 3 * channels + d) * length)[None, :]
+        l, mask, tokens, rows = _stack_tile(dxs_ptr, length, channels, BLOCK_L, BLOCK_D)
         order_stride = channels * length
         raster = tl.load(rows + l[:, None], mask=mask, other=0.0).to(tl.float32)
         reverse = tl.load(rows + order_stride + (length - 1 - l)[:, None], mask=mask, other=0.0).to(tl.float32)
         deform = tl.load(rows + 2 * order_stride + l[:, None], mask=mask, other=0.0)
-        tokens = (b * length + l)[:, None] * channels + d[None, :]
         tl.store(dx_ptr + tokens, (raster + reverse).to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(dseq_ptr + tokens, deform.to(dseq_ptr.dtype.element_ty), mask=mask)
 
