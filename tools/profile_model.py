@@ -20,6 +20,7 @@ import defmamba
 # First matching pattern names the category of a CUDA kernel / op.
 CATEGORIES = [
     ("scan-order merge + gate", r"_merge_gate_(fwd|bwd)_kernel"),
+    ("scan-order stack", r"_stack_orders_(fwd|bwd)_kernel"),
     ("selective scan", r"selective|scan|_ss_|ssm"),
     ("deformable sampling", r"grid_sampler|grid_sample|bilinear_sampler|_sampling_(fwd|bwd)_kernel"),
     ("upsample (rpe resize)", r"upsample"),
