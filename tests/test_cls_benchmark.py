@@ -1,22 +1,16 @@
 """Smoke test of tools/benchmark.py on CPU at a tiny size (GPU numbers come from the device)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from tool_helpers import load_tool
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("defmamba_tools_benchmark", ROOT / "tools" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("benchmark")
 
 
 def test_benchmark_runs_on_cpu_and_writes_json_and_table(bench, tmp_path, capsys):

@@ -2,7 +2,6 @@
 sizes, and the command-line tool."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tool_helpers import load_tool
 
 pytest.importorskip("fvcore")
 
@@ -164,10 +164,7 @@ def test_count_params_counts_shared_tensors_once():
 
 def _load_tool():
     """tools/flops.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("defmamba_flops_tool", REPO / "tools" / "flops.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("flops")
 
 
 def test_cli_prints_the_counts(capsys):

@@ -1,25 +1,14 @@
 """tools/forward_traffic.py: the GPU route traced on fake CUDA tensors, on a CPU-only machine."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from tool_helpers import load_tool
 
 from defmamba.ops import triton_support
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("forward_traffic", ROOT / "tools" / "forward_traffic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_traces_the_gpu_route_and_counts_bytes(capsys):
-    tool = _tool()
+    tool = load_tool("forward_traffic")
     ready_before, cuda_before = triton_support._ready, torch.cuda.is_available()
     calls = tool.forward_traffic("defmamba_tiny", batch_size=2, image_size=64, amp=torch.bfloat16)
     names = {name for name, _, _ in calls}

@@ -2,21 +2,14 @@
 known case, and the DSSM keeps one copy of its stacked scan sequences, not two."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from tool_helpers import load_tool
 
 from defmamba.models.blocks import DMBlock
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("saved_activations", ROOT / "tools" / "saved_activations.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("saved_activations")
 
 
 def test_counts_a_linear_layer_exactly():
