@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from defmamba.cuda_graphs import CudaGraphError
+from defmamba.cuda_graphs import CudaGraphError, record_graph
 
 __all__ = ["CudaGraphError", "CudaGraphTrainStep", "TrainStep"]
 
@@ -145,20 +145,17 @@ class CudaGraphTrainStep:
         for group, value in zip(groups, self._lrs):
             group["lr"] = value  # the recorded AdamW reads this tensor; the scheduler keeps writing floats
         self.step.autocast_cache = False
-        graph = torch.cuda.CUDAGraph()
         try:
             torch.cuda.synchronize(samples.device)
             # thread_local: the data loader's pin-memory thread may allocate host memory meanwhile
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._loss, self._norm = self.step(self._samples, self._targets)
-        except RuntimeError as err:
-            raise CudaGraphError(f"recording the training step into a CUDA graph failed ({err}); "
-                                 "train without TRAIN.CUDA_GRAPHS") from err
+            self.graph, (self._loss, self._norm) = record_graph(lambda: self.step(self._samples, self._targets),
+                                                                capture_error_mode="thread_local")
+        except CudaGraphError as err:
+            raise CudaGraphError(f"{err} (training: turn TRAIN.CUDA_GRAPHS off)") from err
         finally:
             self.step.autocast_cache = True
             for group, value in zip(groups, scheduled):
                 group["lr"] = value
-        self.graph = graph
 
     def _load(self, samples, targets):
         if samples.shape != self._samples.shape or targets.shape != self._targets.shape:

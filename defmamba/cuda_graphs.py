@@ -5,11 +5,13 @@ launch cost: the way to see, and to get, the GPU's own time per step for host-bo
 """
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, TypeVar, Union
 
 import torch
 
-__all__ = ["CudaGraphError", "capture_cuda_graph", "require_cuda_for_graphs"]
+__all__ = ["CudaGraphError", "capture_cuda_graph", "record_graph", "require_cuda_for_graphs"]
+
+T = TypeVar("T")
 
 
 class CudaGraphError(RuntimeError):
@@ -43,11 +45,20 @@ def capture_cuda_graph(step: Callable[[], object], device: Union[str, torch.devi
         for _ in range(warmup):
             step()
     torch.cuda.current_stream(device).wait_stream(side)
+    graph, _ = record_graph(step)
+    return graph.replay
+
+
+def record_graph(fn: Callable[[], T], capture_error_mode: str = "global") -> tuple[torch.cuda.CUDAGraph, T]:
+    """Record one call of ``fn`` (already warmed up) into a new CUDA graph; returns the graph and
+    what the recorded call returned (tensors the replays overwrite in place). A failure to record
+    is a :class:`CudaGraphError` naming the fix. ``capture_error_mode`` as for ``torch.cuda.graph``
+    ("thread_local" lets other threads, such as a data loader's, use CUDA meanwhile)."""
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            step()
+        with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
+            result = fn()
     except RuntimeError as err:
         raise CudaGraphError(f"recording the step into a CUDA graph failed ({err}); "
                              "run it without CUDA graphs") from err
-    return graph.replay
+    return graph, result

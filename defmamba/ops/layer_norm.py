@@ -48,9 +48,12 @@ def layer_norm_gelu(x: torch.Tensor, norm: nn.LayerNorm, autocast_dtype_output: 
 
 def _normalize(x: torch.Tensor, normalized_shape: tuple[int, ...], weight, bias, eps: float,
                autocast_dtype_output: bool, gelu: bool) -> torch.Tensor:
-    if not _use_triton(x, normalized_shape, weight, bias):
+    def pytorch() -> torch.Tensor:
         y = F.layer_norm(x, normalized_shape, weight, bias, eps)
         return F.gelu(y) if gelu else y
+
+    if not _use_triton(x, normalized_shape, weight, bias):
+        return pytorch()
     if tuple(x.shape[-1:]) != normalized_shape:
         raise ValueError(f"layer_norm: normalized_shape {normalized_shape} does not match the last dim of "
                          f"an input of shape {tuple(x.shape)}")
@@ -58,8 +61,7 @@ def _normalize(x: torch.Tensor, normalized_shape: tuple[int, ...], weight, bias,
         out_dtype = torch.get_autocast_dtype("cuda") if autocast_dtype_output else torch.float32
         return _triton.layer_norm_triton(x, weight.float(), bias.float(), eps, out_dtype, gelu)
     if weight.dtype != bias.dtype or weight.dtype not in (x.dtype, torch.float32):
-        y = F.layer_norm(x, normalized_shape, weight, bias, eps)  # dtype mixes as PyTorch handles them
-        return F.gelu(y) if gelu else y
+        return pytorch()  # dtype mixes as PyTorch handles them
     return _triton.layer_norm_triton(x, weight, bias, eps, x.dtype, gelu)  # PyTorch's rule: the output has x's dtype
 
 
