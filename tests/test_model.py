@@ -80,6 +80,73 @@ def test_one_pixel_axis_has_no_offset_along_it(h, w):
     assert torch.isfinite(x.grad).all()
 
 
+def _positions_by_the_formulas(offsets: torch.Tensor, like: torch.Tensor):
+    """Sample points, bias-table points and path positions written out one axis at a time, as the
+    original code computes them (reference points and key grid in the activation dtype)."""
+    from defmamba.models.deformable import _key_coords, _offset_scale, _reference_coords
+
+    batch, _, h, w = offsets.shape
+    pos_y = _reference_coords(h, like)[None, :, None] + torch.tanh(offsets[:, 0]) * _offset_scale(h)
+    pos_x = _reference_coords(w, like)[None, None, :] + torch.tanh(offsets[:, 1]) * _offset_scale(w)
+    disp_y = (_key_coords(h, like)[None, :, None] - pos_y) * 0.5
+    disp_x = (_key_coords(w, like)[None, None, :] - pos_x) * 0.5
+    path = torch.tanh(offsets[:, 2].reshape(batch, h * w)) + _reference_coords(h * w, like)
+    return torch.stack((pos_x, pos_y), dim=-1), torch.stack((disp_x, disp_y), dim=-1), path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("h,w", [(5, 9), (13, 6), (7, 1)])
+def test_positions_are_bit_for_bit_the_per_axis_formulas(monkeypatch, dtype, h, w):
+    """The layer builds the sample points, bias-table points and path positions in a few launches
+    from kept constants; the values must be exactly those of the per-axis formulas."""
+    import defmamba.models.deformable as deformable
+
+    torch.manual_seed(3)
+    layer = DeformableLayer(32, 3).to(dtype)
+    seen = {}
+    real = deformable.sample_in_path_order
+
+    def spy(x, grid, table, disp, path):
+        seen.update(grid=grid, disp=disp, path=path)
+        return real(x, grid, table, disp, path)
+
+    monkeypatch.setattr(deformable, "sample_in_path_order", spy)
+    for _ in range(2):  # the second call uses the kept constants
+        x = torch.randn(2, 32, h, w, dtype=dtype) * 3
+        layer(x)
+        grid, disp, path = _positions_by_the_formulas(layer.conv_offset(x), x)
+        for name, expected in (("grid", grid), ("disp", disp), ("path", path)):
+            assert seen[name].dtype == expected.dtype and seen[name].shape == expected.shape, name
+            assert torch.equal(seen[name], expected), name
+
+
+def test_kept_position_constants_serve_inference_then_training_and_stay_unchanged():
+    """Constants first made under inference_mode are ordinary tensors (a later training step can
+    use them); a fake-tensor trace keeps none; nothing writes into the kept tensors."""
+    import defmamba.models.deformable as deformable
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    deformable._GRID_CONSTANTS.clear()
+    layer = DeformableLayer(32, 3)
+    with FakeTensorMode():
+        layer_fake_input = torch.randn(2, 32, 11, 7)
+        deformable._grid_constants(11, 7, layer_fake_input)
+    assert not deformable._GRID_CONSTANTS
+    with torch.inference_mode():
+        layer(torch.randn(2, 32, 11, 7))
+    kept = deformable._GRID_CONSTANTS[(11, 7, torch.float32, torch.device("cpu"))]
+    assert not any(t.is_inference() for t in kept)
+    snapshot = [t.clone() for t in kept]
+    x = torch.randn(2, 32, 11, 7, requires_grad=True)
+    out = layer(x)
+    (out.sequence.square().sum() + out.path.sum() + out.sample_points.sum()).backward()
+    assert torch.isfinite(x.grad).all() and layer.conv_offset.conv2.weight.grad.abs().sum() > 0
+    assert all(torch.equal(a, b) for a, b in zip(kept, snapshot))
+    for size in range(3, 3 + deformable._GRID_CONSTANTS_KEPT + 5):
+        deformable._grid_constants(size, 5, x)
+    assert len(deformable._GRID_CONSTANTS) == deformable._GRID_CONSTANTS_KEPT
+
+
 def test_gradient_checkpointing_gives_identical_gradients():
     x = torch.randn(2, 3, 48, 40)
 

@@ -8,7 +8,9 @@ grid along the axis are defined as 0 (the only point of a size-1 axis under
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -73,6 +75,58 @@ def _key_coords(size: int, like: torch.Tensor) -> torch.Tensor:
     return coords * (2 * _inverse_extent(size)) - 1 if size > 1 else torch.zeros_like(coords)
 
 
+class _GridConstants(NamedTuple):
+    """The input-independent tensors of the position computation for one map size and dtype."""
+
+    offset_scale_xy: torch.Tensor  # (2,) float32: offset scales along x and y (_offset_scale)
+    reference_xy: torch.Tensor  # (h, w, 2) reference points (x, y)
+    half_key_xy: torch.Tensor  # (h, w, 2) key grid (x, y) times 0.5
+    reference_path: torch.Tensor  # (h·w,) reference path positions
+
+
+_GRID_CONSTANTS: "OrderedDict[tuple, _GridConstants]" = OrderedDict()
+_GRID_CONSTANTS_KEPT = 32  # map sizes × dtypes × devices; a few hundred KB for the largest maps
+
+
+def _eager(like: torch.Tensor) -> bool:
+    """A plain tensor outside tracing and torch.compile, which build their own constants."""
+    return type(like) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+
+
+def _capturing(like: torch.Tensor) -> bool:
+    """Inside a CUDA graph recording: a tensor made now holds its values only after a replay."""
+    return like.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _grid_constants(h: int, w: int, like: torch.Tensor) -> _GridConstants:
+    """Reference points, key grid and offset scales for an h × w map in ``like``'s dtype and device,
+    computed once per size (the formulas of _reference_coords, _key_coords and _offset_scale) and
+    kept: in eager mode each forward would otherwise launch a dozen tiny kernels per block for them.
+    A CUDA graph recording reuses kept constants but keeps none of its own."""
+    key = (h, w, like.dtype, like.device)
+    eager = _eager(like)
+    if eager and key in _GRID_CONSTANTS:
+        _GRID_CONSTANTS.move_to_end(key)
+        return _GRID_CONSTANTS[key]
+    keep = eager and not _capturing(like)
+    # Kept tensors must be ordinary tensors even when first made under inference_mode.
+    with torch.inference_mode(False) if keep else contextlib.nullcontext(), torch.no_grad():
+        ref_x, ref_y = _reference_coords(w, like), _reference_coords(h, like)
+        key_x, key_y = _key_coords(w, like), _key_coords(h, like)
+        scale = [torch.full((), _offset_scale(size), dtype=torch.float32, device=like.device) for size in (w, h)]
+        constants = _GridConstants(
+            offset_scale_xy=torch.stack(scale),
+            reference_xy=torch.stack(torch.meshgrid(ref_x, ref_y, indexing="xy"), dim=-1),
+            half_key_xy=torch.stack(torch.meshgrid(key_x, key_y, indexing="xy"), dim=-1) * 0.5,
+            reference_path=_reference_coords(h * w, like),
+        )
+    if keep:
+        _GRID_CONSTANTS[key] = constants
+        while len(_GRID_CONSTANTS) > _GRID_CONSTANTS_KEPT:
+            _GRID_CONSTANTS.popitem(last=False)
+    return constants
+
+
 class DeformableOutput(NamedTuple):
     """What the deformable layer produces (sample_points and path for inspection and visualisation)."""
 
@@ -94,19 +148,17 @@ class DeformableLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> DeformableOutput:
         batch, _, h, w = x.shape
-        offsets = self.conv_offset(x)
-        offset_y = torch.tanh(offsets[:, 0]) * _offset_scale(h)
-        offset_x = torch.tanh(offsets[:, 1]) * _offset_scale(w)
-        pos_y = _reference_coords(h, x)[None, :, None] + offset_y  # (B, h, w)
-        pos_x = _reference_coords(w, x)[None, None, :] + offset_x
-        grid = torch.stack((pos_x, pos_y), dim=-1)
-
+        constants = _grid_constants(h, w, x)
+        bounded = torch.tanh(self.conv_offset(x)).permute(0, 2, 3, 1)  # (B, h, w, 3): dy, dx, path
+        # Sample points (x, y) = reference point + tanh(offset) · grid step, in few launches: the
+        # channel pair is flipped to (dx, dy) once and scaled in place (in its own dtype, as a
+        # Python scalar factor would be).
+        grid = bounded[..., :2].flip(-1).mul_(constants.offset_scale_xy) + constants.reference_xy
         # The resized bias table is the same for every image: resize once for the batch.
         rpe = F.interpolate(self.rpe_table[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        disp_y = (_key_coords(h, x)[None, :, None] - pos_y) * 0.5
-        disp_x = (_key_coords(w, x)[None, None, :] - pos_x) * 0.5
-
-        path = torch.tanh(offsets[:, 2].reshape(batch, h * w)) + _reference_coords(h * w, x)
+        # Bias-table points (key − sample point) / 2, exactly as rounded as the two-step form.
+        disp = torch.add(constants.half_key_xy, grid, alpha=-0.5)
+        path = bounded[..., 2].reshape(batch, h * w) + constants.reference_path
         # x sampled at grid plus the table sampled at disp, in path order (ops/deformable_sampling.py).
-        sequence, order, inverse = sample_in_path_order(x, grid, rpe, torch.stack((disp_x, disp_y), dim=-1), path)
+        sequence, order, inverse = sample_in_path_order(x, grid, rpe, disp, path)
         return DeformableOutput(sequence, order, inverse, grid, path)
