@@ -294,6 +294,52 @@ def test_cuda_graph_train_step_follows_the_eager_steps(app, amp_dtype):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"EMA {name}: {m}")
 
 
+@pytest.mark.cuda
+def test_cuda_graph_train_step_skips_an_overflowing_fp16_step_as_eager_does(app):
+    """fp16: a batch that overflows in a replayed step makes the recorded GradScaler skip the update
+    and halve the scale, on the device and without the host, exactly as the eager step does; the
+    steps after it train normally with the halved scale."""
+    import copy
+
+    import defmamba
+
+    ts, engine, ema_module = app["train_step"], app["engine"], app["utils.ema"]
+    torch.manual_seed(0)
+    model = defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=5, drop_path_rate=0.0).cuda()
+    twin = copy.deepcopy(model)
+    amp = engine.AmpSettings(True, torch.float16)
+    batches = [(torch.randn(2, 3, 64, 96, device="cuda"), torch.randint(0, 5, (2,), device="cuda"))
+               for _ in range(7)]
+    overflow_at = 5  # after the 3 eager steps and the recording: a replay
+    batches[overflow_at] = (batches[overflow_at][0] * 1e6, batches[overflow_at][1])  # inf in fp16
+
+    def train(net, graphed):
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True, capturable=True)
+        scaler = torch.amp.GradScaler("cuda")
+        step = ts.TrainStep(net, nn.CrossEntropyLoss(), optimizer, scaler, amp, clip_grad=1.0,
+                            model_ema=ema_module.ModelEma(net, 0.8))
+        if graphed:
+            step = ts.CudaGraphTrainStep(step, warmup=3)
+        scales, weights = [], []
+        for images, targets in batches:
+            step(images, targets)
+            scales.append(scaler.get_scale())
+            weights.append(net.classifier.head.weight.detach().clone())
+        return scales, weights
+
+    eager_scales, eager_weights = train(model, graphed=False)
+    graphed_scales, graphed_weights = train(twin, graphed=True)
+    # the premise: eager skipped exactly that step and halved the scale
+    assert eager_scales[overflow_at] == eager_scales[overflow_at - 1] / 2
+    assert torch.equal(eager_weights[overflow_at], eager_weights[overflow_at - 1])
+    assert not torch.equal(eager_weights[-1], eager_weights[overflow_at])
+    assert graphed_scales == eager_scales
+    assert torch.equal(graphed_weights[overflow_at], graphed_weights[overflow_at - 1])
+    for a, b in zip(eager_weights, graphed_weights):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+    assert all(torch.isfinite(w).all() for w in graphed_weights)
+
+
 # ---------------------------------------------------------------- checkpoint files
 def test_atomic_save_keeps_the_old_file_when_writing_fails(app, tmp_path, monkeypatch):
     ck = app["utils.checkpoint"]
