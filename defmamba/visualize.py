@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .models.deformable import DeformableLayer, DeformableOutput, _reference_coords
+from .models.deformable import DeformableLayer, DeformableOutput, reference_points
 from .ops.permute import invert_permutation
 
 __all__ = ["ScanRecord", "capture_scans", "plot_scan", "scan_figure_name"]
@@ -102,8 +102,7 @@ def capture_scans(model: nn.Module, image: torch.Tensor,
         def hook(module: nn.Module, inputs: tuple, output: DeformableOutput) -> None:
             _, _, h, w = inputs[0].shape
             points = output.sample_points[0].detach().double().cpu()
-            reference = torch.stack(torch.broadcast_tensors(
-                _reference_coords(w, points)[None, :], _reference_coords(h, points)[:, None]), dim=-1)
+            reference = reference_points(h, w, points)
             records[key] = ScanRecord(key[0], key[1], h, w, points, reference,
                                       output.order[0].detach().cpu(), output.path[0].detach().double().cpu())
         return hook

@@ -21,7 +21,7 @@ from ..ops.deformable_sampling import sample_in_path_order
 from ..ops.depthwise_conv import DepthwiseConv2d
 from ..ops.layer_norm import LayerNorm, layer_norm_gelu
 
-__all__ = ["ConvOffset", "DeformableLayer", "DeformableOutput"]
+__all__ = ["ConvOffset", "DeformableLayer", "DeformableOutput", "reference_points"]
 
 RPE_TABLE_SIZE = 7
 
@@ -75,6 +75,11 @@ def _key_coords(size: int, like: torch.Tensor) -> torch.Tensor:
     return coords * (2 * _inverse_extent(size)) - 1 if size > 1 else torch.zeros_like(coords)
 
 
+def reference_points(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """(h, w, 2) reference points (x, y) of an h × w map, in ``like``'s dtype and device."""
+    return torch.stack(torch.meshgrid(_reference_coords(w, like), _reference_coords(h, like), indexing="xy"), dim=-1)
+
+
 class _GridConstants(NamedTuple):
     """The input-independent tensors of the position computation for one map size and dtype."""
 
@@ -115,12 +120,11 @@ def _grid_constants(h: int, w: int, like: torch.Tensor) -> _GridConstants:
     keep = eager and not _capturing(like)
     # Kept tensors must be ordinary tensors even when first made under inference_mode.
     with torch.inference_mode(False) if keep else contextlib.nullcontext(), torch.no_grad():
-        ref_x, ref_y = _reference_coords(w, like), _reference_coords(h, like)
         key_x, key_y = _key_coords(w, like), _key_coords(h, like)
         scale = [torch.full((), _offset_scale(size), dtype=torch.float32, device=like.device) for size in (w, h)]
         constants = _GridConstants(
             offset_scale_xy=torch.stack(scale),
-            reference_xy=torch.stack(torch.meshgrid(ref_x, ref_y, indexing="xy"), dim=-1),
+            reference_xy=reference_points(h, w, like),
             half_key_xy=torch.stack(torch.meshgrid(key_x, key_y, indexing="xy"), dim=-1) * 0.5,
             reference_path=_reference_coords(h * w, like),
         )
