@@ -16,12 +16,16 @@ from defmamba.ops import layer_norm as ln
 CASES = [((3, 5, 7), 96), ((2, 13), 48), ((37,), 130), ((4, 3), 768), ((5,), 3)]
 
 
-def max_errors(lead: tuple, cols: int, dtype: torch.dtype, device: str, seed: int, gelu: bool = False) -> dict:
-    """Largest relative errors of the Triton norm (``gelu``: GELU(norm)) and its gradients against float64."""
+def max_errors(lead: tuple, cols: int, dtype: torch.dtype, device: str, seed: int, gelu: bool = False,
+               scaled: bool = False) -> dict:
+    """Largest relative errors of the Triton norm (``gelu``: GELU(norm); ``scaled``: of x times a
+    per-image channel scale) and its gradients against float64."""
     from defmamba.ops import layer_norm_triton as kernels
 
-    def reference(*args):
-        y = F.layer_norm(*args)
+    def reference(x, w, b, s=None):
+        if s is not None:
+            x = x * s.view(lead[:1] + (1,) * (len(lead) - 1) + (cols,))
+        y = F.layer_norm(x, (cols,), w, b, 1e-5)
         return F.gelu(y) if gelu else y
 
     g = torch.Generator().manual_seed(seed)
@@ -29,17 +33,20 @@ def max_errors(lead: tuple, cols: int, dtype: torch.dtype, device: str, seed: in
     w = torch.randn(cols, generator=g, dtype=torch.float64)
     b = torch.randn(cols, generator=g, dtype=torch.float64)
     dy = torch.randn(*lead, cols, generator=g, dtype=torch.float64)
-    x = x.to(dtype).double()  # the reference sees the same rounded input
-    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    reference(leaves[0], (cols,), leaves[1], leaves[2], 1e-5).backward(dy)
-    ref = [reference(x, (cols,), w, b, 1e-5)] + [t.grad for t in leaves]
-    mine = [t.to(device=device, dtype=dtype if i == 0 else torch.float32).requires_grad_()
-            for i, t in enumerate((x, w, b))]
-    y = kernels.layer_norm_triton(mine[0], mine[1], mine[2], 1e-5, torch.float32, gelu)
+    inputs = [x.to(dtype).double(), w, b]  # the reference sees the same rounded input
+    if scaled:  # positive, like the sigmoid attention it stands for
+        inputs.append((torch.rand(lead[0], cols, generator=g, dtype=torch.float64) + 0.25).to(dtype).double())
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    reference(*leaves).backward(dy)
+    ref = [reference(*inputs)] + [t.grad for t in leaves]
+    mine = [t.to(device=device, dtype=torch.float32 if i in (1, 2) else dtype).requires_grad_()
+            for i, t in enumerate(inputs)]
+    y = kernels.layer_norm_triton(mine[0], mine[1], mine[2], 1e-5, torch.float32, gelu,
+                                  channel_scale=mine[3] if scaled else None)
     y.backward(dy.to(device=device, dtype=torch.float32))
     got = [y] + [t.grad for t in mine]
 
-    return max_relative_errors(("y", "x", "weight", "bias"), got, ref)
+    return max_relative_errors(("y", "x", "weight", "bias", "scale")[:len(got)], got, ref)
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +57,19 @@ def interpreted() -> dict:
 
 def test_triton_layer_norm_matches_float64_in_interpreter(interpreted):
     errors = dict(interpreted)
-    assert errors.pop("compiled vs eager") == {"compiled": 0.0, "compiled gelu": 0.0}  # the same kernels, via the op
+    # the same kernels, via the op
+    assert errors.pop("compiled vs eager") == {"compiled": 0.0, "compiled gelu": 0.0, "compiled scaled gelu": 0.0}
     errors.pop("half output")  # its own test below
-    assert_cases_within(errors, 1e-5, cases=2 * len(CASES))
+    assert_cases_within(errors, 1e-5, cases=3 * len(CASES))
 
 
 @pytest.mark.cuda
 @needs_triton_gpu
 @pytest.mark.parametrize("lead,cols", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("gelu", [False, True])
-def test_triton_layer_norm_matches_float64_gpu(lead, cols, dtype, gelu):
-    for name, err in max_errors(lead, cols, dtype, "cuda", seed=cols, gelu=gelu).items():
+@pytest.mark.parametrize("gelu,scaled", [(False, False), (True, False), (True, True)])
+def test_triton_layer_norm_matches_float64_gpu(lead, cols, dtype, gelu, scaled):
+    for name, err in max_errors(lead, cols, dtype, "cuda", seed=cols, gelu=gelu, scaled=scaled).items():
         assert err <= (1e-5 if dtype == torch.float32 else 2e-3), f"{name} off by {err:.2e}"
 
 
@@ -135,6 +143,18 @@ def test_layer_norm_gelu_under_autocast_matches_pytorch_gpu(dtype):
     assert (error <= one_ulp + float32_tail).all(), float((error / (one_ulp + float32_tail)).max())
 
 
+def test_channel_scale_in_the_pytorch_formulation_and_its_shape_check():
+    """Off the Triton path (CPU) the channel scale multiplies the rows of each image; a scale of the
+    wrong shape is a clear error."""
+    torch.manual_seed(0)
+    norm = ln.LayerNorm(12)
+    x, scale = torch.randn(3, 4, 5, 12, dtype=torch.float64), torch.rand(3, 12, dtype=torch.float64)
+    expected = F.gelu(F.layer_norm(x * scale[:, None, None, :], (12,), norm.weight.double(), norm.bias.double()))
+    torch.testing.assert_close(ln.layer_norm_gelu(x, norm.double(), channel_scale=scale), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"channel_scale must be \(batch, channels\) = \(3, 12\)"):
+        ln.layer_norm_gelu(x, norm, channel_scale=scale[:, :5])
+
+
 def test_module_is_a_drop_in_layer_norm():
     torch.manual_seed(0)
     module = ln.LayerNorm(20)
@@ -156,8 +176,12 @@ def compiled_matches_eager() -> dict:
     def norm_gelu(x, w, b):
         return kernels.layer_norm_triton(x, w, b, 1e-5, torch.float32, True)
 
+    def scaled_norm_gelu(x, w, b, s):
+        return kernels.layer_norm_triton(x, w, b, 1e-5, torch.float32, True, channel_scale=s)
+
     inputs = (torch.randn(3, 5, 96), torch.randn(96), torch.randn(96))
-    return {"compiled": compiled_vs_eager(norm, *inputs), "compiled gelu": compiled_vs_eager(norm_gelu, *inputs)}
+    return {"compiled": compiled_vs_eager(norm, *inputs), "compiled gelu": compiled_vs_eager(norm_gelu, *inputs),
+            "compiled scaled gelu": compiled_vs_eager(scaled_norm_gelu, *inputs, torch.rand(3, 96) + 0.25)}
 
 
 def half_output_differences(lead: tuple, cols: int, seed: int) -> dict:
@@ -185,8 +209,9 @@ def test_half_output_is_the_rounded_float32_output_in_interpreter(interpreted):
 
 
 if __name__ == "__main__":  # the interpreter check (run by the tests above in a subprocess)
-    results = {f"{lead}x{cols}{' gelu' if gelu else ''}": max_errors(lead, cols, torch.float32, "cpu", seed=i, gelu=gelu)
-               for i, (lead, cols) in enumerate(CASES) for gelu in (False, True)}
+    results = {f"{lead}x{cols}{' scaled' if scaled else ''}{' gelu' if gelu else ''}":
+               max_errors(lead, cols, torch.float32, "cpu", seed=i, gelu=gelu, scaled=scaled)
+               for i, (lead, cols) in enumerate(CASES) for gelu, scaled in ((False, False), (True, False), (True, True))}
     results["compiled vs eager"] = compiled_matches_eager()
     results["half output"] = half_output_differences((5, 9), 96, seed=7)
     print(json.dumps(results))

@@ -130,11 +130,11 @@ def test_kept_position_constants_serve_inference_then_training_and_stay_unchange
     layer = DeformableLayer(32, 3)
     with FakeTensorMode():
         layer_fake_input = torch.randn(2, 32, 11, 7)
-        deformable._grid_constants(11, 7, layer_fake_input)
+        deformable._grid_constants(11, 7, layer_fake_input, (7, 7))
     assert not deformable._GRID_CONSTANTS
     with torch.inference_mode():
         layer(torch.randn(2, 32, 11, 7))
-    kept = deformable._GRID_CONSTANTS[(11, 7, torch.float32, torch.device("cpu"))]
+    kept = deformable._GRID_CONSTANTS[(11, 7, (7, 7), torch.float32, torch.device("cpu"))]
     assert not any(t.is_inference() for t in kept)
     snapshot = [t.clone() for t in kept]
     x = torch.randn(2, 32, 11, 7, requires_grad=True)
@@ -143,7 +143,7 @@ def test_kept_position_constants_serve_inference_then_training_and_stay_unchange
     assert torch.isfinite(x.grad).all() and layer.conv_offset.conv2.weight.grad.abs().sum() > 0
     assert all(torch.equal(a, b) for a, b in zip(kept, snapshot))
     for size in range(3, 3 + deformable._GRID_CONSTANTS_KEPT + 5):
-        deformable._grid_constants(size, 5, x)
+        deformable._grid_constants(size, 5, x, (7, 7))
     assert len(deformable._GRID_CONSTANTS) == deformable._GRID_CONSTANTS_KEPT
 
 

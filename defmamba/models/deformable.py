@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..ops.deformable_sampling import sample_in_path_order
 from ..ops.depthwise_conv import DepthwiseConv2d
 from ..ops.layer_norm import LayerNorm, layer_norm_gelu
+from ..ops.table_resize import bilinear_weights, resize_channels_last
 
 __all__ = ["ConvOffset", "DeformableLayer", "DeformableOutput", "reference_points"]
 
@@ -42,11 +43,12 @@ class ConvOffset(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attention = self.ca(x.mean(dim=(2, 3)))  # from the input, not from conv1's output
-        t = self.conv1(x) * attention[:, :, None, None]
-        # GELU(LN(t)) in one pass; it feeds only the 1×1 conv2, so under autocast it comes out in the
-        # autocast dtype that conv2 would round it to.
-        t = layer_norm_gelu(t.permute(0, 2, 3, 1), self.ln, autocast_dtype_output=True).permute(0, 3, 1, 2)
-        return self.conv2(t)
+        # GELU(LN(conv1(x) · attention)) in one pass, the attention applied as the norm reads its
+        # input; it feeds only the 1×1 conv2, so under autocast it comes out in the autocast dtype
+        # that conv2 would round it to.
+        t = layer_norm_gelu(self.conv1(x).permute(0, 2, 3, 1), self.ln, autocast_dtype_output=True,
+                            channel_scale=attention)
+        return self.conv2(t.permute(0, 3, 1, 2))
 
 
 def _inverse_extent(size: int) -> float:
@@ -87,11 +89,13 @@ class _GridConstants(NamedTuple):
     reference_xy: torch.Tensor  # (h, w, 2) reference points (x, y)
     half_key_xy: torch.Tensor  # (h, w, 2) key grid (x, y) times 0.5
     reference_path: torch.Tensor  # (h·w,) reference path positions
+    table_weight_y: Optional[torch.Tensor]  # (h, table rows) bilinear resize of the bias table along y
+    table_weight_x: Optional[torch.Tensor]  # (w, table columns) and along x; float32 (float64 for float64)
 
 
 _GRID_CONSTANTS: "OrderedDict[tuple, _GridConstants]" = OrderedDict()
 # map sizes × dtypes × devices; an entry holds 20 bytes per pixel in float32 (1.3 MB for the
-# 200 × 334 first stage of an 800 × 1333 detection input)
+# 200 × 334 first stage of an 800 × 1333 detection input) and 28 bytes per row and column
 _GRID_CONSTANTS_KEPT = 32
 
 
@@ -105,12 +109,13 @@ def _capturing(like: torch.Tensor) -> bool:
     return like.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _grid_constants(h: int, w: int, like: torch.Tensor) -> _GridConstants:
-    """Reference points, key grid and offset scales for an h × w map in ``like``'s dtype and device,
-    computed once per size (the formulas of _reference_coords, _key_coords and _offset_scale) and
-    kept: in eager mode each forward would otherwise launch a dozen tiny kernels per block for them.
-    A CUDA graph recording reuses kept constants but keeps none of its own."""
-    key = (h, w, like.dtype, like.device)
+def _grid_constants(h: int, w: int, like: torch.Tensor, table_size: tuple[int, int]) -> _GridConstants:
+    """Reference points, key grid, offset scales and the bias-table resize weights for an h × w map
+    in ``like``'s dtype and device, computed once per size (the formulas of _reference_coords,
+    _key_coords, _offset_scale and ops/table_resize.py) and kept: in eager mode each forward would
+    otherwise launch a dozen tiny kernels per block for them. A CUDA graph recording reuses kept
+    constants but keeps none of its own."""
+    key = (h, w, table_size, like.dtype, like.device)
     eager = _eager(like)
     kept = _GRID_CONSTANTS.get(key) if eager else None
     if kept is not None:
@@ -122,11 +127,16 @@ def _grid_constants(h: int, w: int, like: torch.Tensor) -> _GridConstants:
     with torch.inference_mode(False) if keep else contextlib.nullcontext(), torch.no_grad():
         key_x, key_y = _key_coords(w, like), _key_coords(h, like)
         scale = [torch.full((), _offset_scale(size), dtype=torch.float32, device=like.device) for size in (w, h)]
+        table_dtype = torch.promote_types(like.dtype, torch.float32)
+        tracing = torch.jit.is_tracing()
         constants = _GridConstants(
             offset_scale_xy=torch.stack(scale),
             reference_xy=reference_points(h, w, like),
             half_key_xy=torch.stack(torch.meshgrid(key_x, key_y, indexing="xy"), dim=-1) * 0.5,
             reference_path=_reference_coords(h * w, like),
+            # a traced model resizes with F.interpolate (DeformableLayer.forward) and needs none
+            table_weight_y=None if tracing else bilinear_weights(table_size[0], h, like.device, table_dtype),
+            table_weight_x=None if tracing else bilinear_weights(table_size[1], w, like.device, table_dtype),
         )
     if keep:
         _GRID_CONSTANTS[key] = constants
@@ -157,14 +167,20 @@ class DeformableLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> DeformableOutput:
         batch, _, h, w = x.shape
-        constants = _grid_constants(h, w, x)
+        constants = _grid_constants(h, w, x, tuple(self.rpe_table.shape[1:]))
         bounded = torch.tanh(self.conv_offset(x)).permute(0, 2, 3, 1)  # (B, h, w, 3): dy, dx, path
         # Sample points (x, y) = reference point + tanh(offset) · grid step, in few launches: the
         # channel pair is flipped to (dx, dy) once and scaled in place (in its own dtype, as a
         # Python scalar factor would be).
         grid = bounded[..., :2].flip(-1).mul_(constants.offset_scale_xy) + constants.reference_xy
-        # The resized bias table is the same for every image: resize once for the batch.
-        rpe = F.interpolate(self.rpe_table[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        # The resized bias table is the same for every image: resize once for the batch, as two small
+        # matmuls writing the (h, w, C) layout the sampling kernel reads (ops/table_resize.py). A
+        # traced model (FLOP counting) records the interpolation the paper's model counted.
+        if torch.jit.is_tracing():
+            rpe = F.interpolate(self.rpe_table[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        else:
+            rpe = resize_channels_last(self.rpe_table, constants.table_weight_y,
+                                       constants.table_weight_x).permute(2, 0, 1)
         # Bias-table points (key − sample point) / 2, exactly as rounded as the two-step form.
         disp = torch.add(constants.half_key_xy, grid, alpha=-0.5)
         path = bounded[..., 2].reshape(batch, h * w) + constants.reference_path

@@ -4,7 +4,8 @@ A drop-in ``nn.LayerNorm`` (same parameters and state-dict keys, same result): c
 inputs of float32/float16/bfloat16 with an elementwise affine run the Triton kernels, everything
 else ``F.layer_norm``. Under autocast it follows autocast's rule for ``layer_norm``: float32
 statistics and a float32 output, whatever the input dtype (a half-precision input is read as it is,
-not copied to float32 first). ``layer_norm_gelu`` adds the exact GELU in the same kernels.
+not copied to float32 first). ``layer_norm_gelu`` adds the exact GELU in the same kernels, and
+optionally a per-image channel scale of the input.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from . import layer_norm_triton as _triton
 from . import triton_support
 
-__all__ = ["LayerNorm", "layer_norm", "layer_norm_gelu"]
+__all__ = ["LayerNorm", "LayerNormGELU", "layer_norm", "layer_norm_gelu"]
 
 
 def _use_triton(x: torch.Tensor, normalized_shape: tuple[int, ...], weight, bias) -> bool:
@@ -36,40 +37,51 @@ def layer_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch
     return _normalize(x, tuple(normalized_shape), weight, bias, eps, autocast_dtype_output, gelu=False)
 
 
-def layer_norm_gelu(x: torch.Tensor, norm: nn.LayerNorm, autocast_dtype_output: bool = False) -> torch.Tensor:
+def layer_norm_gelu(x: torch.Tensor, norm: nn.LayerNorm, autocast_dtype_output: bool = False,
+                    channel_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``F.gelu(norm(x))`` (exact GELU) in one pass through the Triton kernels where they apply.
 
     The GELU is computed in float32 on the normalised values, before the output is rounded, and
     its backward recomputes them: no float32 copy is kept for GELU's backward. Output dtype as for
-    :func:`layer_norm` (``autocast_dtype_output`` when the result only enters matmuls)."""
+    :func:`layer_norm` (``autocast_dtype_output`` when the result only enters matmuls).
+
+    ``channel_scale`` s (B, C) for x (B, ..., C) normalises x · s[b] instead (a channel attention),
+    the product formed as the kernels read x (in float32) rather than written out and read back."""
+    if channel_scale is not None and (channel_scale.dim() != 2 or x.dim() < 2
+                                      or channel_scale.shape != (x.shape[0], x.shape[-1])):
+        raise ValueError(f"layer_norm_gelu: channel_scale must be (batch, channels) = ({x.shape[0]}, {x.shape[-1]}) "
+                         f"for an input of shape {tuple(x.shape)}; got {tuple(channel_scale.shape)}")
     return _normalize(x, tuple(norm.normalized_shape), norm.weight, norm.bias, norm.eps, autocast_dtype_output,
-                      gelu=True)
+                      gelu=True, channel_scale=channel_scale)
 
 
 def _normalize(x: torch.Tensor, normalized_shape: tuple[int, ...], weight, bias, eps: float,
-               autocast_dtype_output: bool, gelu: bool) -> torch.Tensor:
+               autocast_dtype_output: bool, gelu: bool, channel_scale: torch.Tensor | None = None) -> torch.Tensor:
     def pytorch() -> torch.Tensor:
-        y = F.layer_norm(x, normalized_shape, weight, bias, eps)
+        scaled = x if channel_scale is None else x * channel_scale.view(x.shape[:1] + (1,) * (x.dim() - 2) + x.shape[-1:])
+        y = F.layer_norm(scaled, normalized_shape, weight, bias, eps)
         return F.gelu(y) if gelu else y
 
-    if not _use_triton(x, normalized_shape, weight, bias):
+    if not _use_triton(x, normalized_shape, weight, bias) or (
+            channel_scale is not None and (channel_scale.dtype != x.dtype or channel_scale.device != x.device)):
         return pytorch()
     if tuple(x.shape[-1:]) != normalized_shape:
         raise ValueError(f"layer_norm: normalized_shape {normalized_shape} does not match the last dim of "
                          f"an input of shape {tuple(x.shape)}")
     if torch.is_autocast_enabled("cuda"):
         out_dtype = torch.get_autocast_dtype("cuda") if autocast_dtype_output else torch.float32
-        return _triton.layer_norm_triton(x, weight.float(), bias.float(), eps, out_dtype, gelu)
+        return _triton.layer_norm_triton(x, weight.float(), bias.float(), eps, out_dtype, gelu, channel_scale)
     if weight.dtype != bias.dtype or weight.dtype not in (x.dtype, torch.float32):
         return pytorch()  # dtype mixes as PyTorch handles them
-    return _triton.layer_norm_triton(x, weight, bias, eps, x.dtype, gelu)  # PyTorch's rule: the output has x's dtype
+    # PyTorch's rule: the output has x's dtype
+    return _triton.layer_norm_triton(x, weight, bias, eps, x.dtype, gelu, channel_scale)
 
 
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm``, computed by :func:`layer_norm`.
 
-    ``feeds_matmul=True`` declares that the output only enters matmuls (linear layers): under CUDA
-    autocast it then comes out in the autocast dtype (see :func:`layer_norm`)."""
+    ``feeds_matmul=True`` declares that the output only enters matmuls (linear or conv layers):
+    under CUDA autocast it then comes out in the autocast dtype (see :func:`layer_norm`)."""
 
     def __init__(self, *args, feeds_matmul: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -81,3 +93,12 @@ class LayerNorm(nn.LayerNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", feeds_matmul=True" if self.feeds_matmul else "")
+
+
+class LayerNormGELU(LayerNorm):
+    """GELU(LayerNorm(x)) in one pass (:func:`layer_norm_gelu`); the parameters and state-dict keys
+    of ``nn.LayerNorm``. ``feeds_matmul=True``: the output only enters linear or conv layers, so
+    under CUDA autocast it comes out in the autocast dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm_gelu(x, self, autocast_dtype_output=self.feeds_matmul)

@@ -9,13 +9,18 @@ With ``gelu`` the forward applies the exact GELU to the normalised values before
 the output dtype, and the backward recomputes the normalised values to take GELU's derivative:
 nothing more is stored than for the plain norm.
 
-Backward: one program per tile as well; the weight and bias gradients (sums over all rows) are
-accumulated per program in registers over a strided set of tiles and written as one partial row
-each, then summed.
+With a channel scale s (B, C) the rows of image b are multiplied by s[b] as they are read, before
+the statistics (the channel attention of the offset network): the product is never written, and
+its backward is part of the norm's.
+
+Backward: the rows are split into segments (all rows; or, with a channel scale, the rows of one
+image each), each taken by a fixed number of programs that stride over its tiles. The weight, bias
+and channel-scale gradients (sums over a segment's rows) are accumulated per program in registers
+and written as one partial row each, then summed.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -44,8 +49,8 @@ if triton is not None:
         return cdf + y * pdf
 
     @triton.jit
-    def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, eps,
-                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, GELU: tl.constexpr):
+    def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, rows_per_image, eps,
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, GELU: tl.constexpr, SCALED: tl.constexpr):
         r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         c = tl.arange(0, BLOCK_N)
         row_ok = r < rows
@@ -53,6 +58,9 @@ if triton is not None:
         mask = row_ok[:, None] & col_ok[None, :]
         offs = r.to(tl.int64)[:, None] * cols + c[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if SCALED:  # x · s[image of the row]
+            image = r // rows_per_image
+            x = x * tl.load(s_ptr + image.to(tl.int64)[:, None] * cols + c[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / cols
         xc = tl.where(mask, x - mean[:, None], 0.0)
         var = tl.sum(xc * xc, axis=1) / cols
@@ -67,23 +75,34 @@ if triton is not None:
         tl.store(rstd_ptr + r, rstd, mask=row_ok)
 
     @triton.jit
-    def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, rows, cols,
-                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, GELU: tl.constexpr):
-        pid = tl.program_id(0)
-        n_prog = tl.num_programs(0)
+    def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, s_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+                       ds_part_ptr, rows, cols, segment_rows,
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, GELU: tl.constexpr, SCALED: tl.constexpr):
+        segment = tl.program_id(0)  # with SCALED: the image
+        pid = tl.program_id(1)
+        n_prog = tl.num_programs(1)
+        part = segment * n_prog + pid  # this program's partial row
+        segment_start = segment * segment_rows
+        segment_end = tl.minimum(segment_start + segment_rows, rows)
         c = tl.arange(0, BLOCK_N)
         col_ok = c < cols
         w = tl.load(w_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
         if GELU:
             b = tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
+        if SCALED:
+            s = tl.load(s_ptr + segment.to(tl.int64) * cols + c, mask=col_ok, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
         db = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start in range(pid * ROWS, rows, n_prog * ROWS):
+        ds = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(segment_start + pid * ROWS, segment_end, n_prog * ROWS):
             r = start + tl.arange(0, ROWS)
-            row_ok = r < rows
+            row_ok = r < segment_end
             mask = row_ok[:, None] & col_ok[None, :]
             offs = r.to(tl.int64)[:, None] * cols + c[None, :]
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if SCALED:
+                x_read = x
+                x = x * s[None, :]
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(mean_ptr + r, mask=row_ok, other=0.0)
             rstd = tl.load(rstd_ptr + r, mask=row_ok, other=0.0)
@@ -94,11 +113,16 @@ if triton is not None:
             c1 = tl.sum(xhat * wdy, axis=1) / cols
             c2 = tl.sum(wdy, axis=1) / cols
             dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            if SCALED:  # dx is the gradient of x · s: d s = Σ dx · x, d x = dx · s
+                ds += tl.sum(dx * x_read, axis=0)
+                dx = dx * s[None, :]
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
             dw += tl.sum(dy * xhat, axis=0)
             db += tl.sum(dy, axis=0)
-        tl.store(dw_part_ptr + pid * cols + c, dw, mask=col_ok)
-        tl.store(db_part_ptr + pid * cols + c, db, mask=col_ok)
+        tl.store(dw_part_ptr + part * cols + c, dw, mask=col_ok)
+        tl.store(db_part_ptr + part * cols + c, db, mask=col_ok)
+        if SCALED:
+            tl.store(ds_part_ptr + part * cols + c, ds, mask=col_ok)
 
 
 def _tile(cols: int) -> tuple[int, int, int]:
@@ -108,68 +132,83 @@ def _tile(cols: int) -> tuple[int, int, int]:
     return rows_per_tile, block_n, num_warps
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype,
-             gelu: bool):
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: Optional[torch.Tensor], eps: float,
+             out_dtype: torch.dtype, gelu: bool):
     cols = x.shape[-1]
     rows = x.numel() // cols
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     rows_per_tile, block_n, num_warps = _tile(cols)
-    _ln_fwd_kernel[(triton.cdiv(rows, rows_per_tile),)](x, weight, bias, y, mean, rstd, rows, cols, eps,
+    _ln_fwd_kernel[(triton.cdiv(rows, rows_per_tile),)](x, weight, bias, scale if scale is not None else weight, y,
+                                                          mean, rstd, rows, cols, _rows_per_image(x), eps,
                                                           ROWS=rows_per_tile, BLOCK_N=block_n, GELU=gelu,
-                                                          num_warps=num_warps)
+                                                          SCALED=scale is not None, num_warps=num_warps)
     return y, mean, rstd
 
 
-def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
-              rstd: torch.Tensor, gelu: bool):
+def _rows_per_image(x: torch.Tensor) -> int:
+    return max(1, x.numel() // (x.shape[0] * x.shape[-1])) if x.dim() > 1 else 1
+
+
+def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              scale: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, gelu: bool):
     cols = x.shape[-1]
     rows = x.numel() // cols
     dy = dy.contiguous()
     rows_per_tile, block_n, num_warps = _tile(cols)
-    programs = max(1, min(_BWD_PROGRAMS, triton.cdiv(rows, rows_per_tile)))
+    # segments: all rows, or with a channel scale each image's rows (its gradient is a sum per image)
+    segments = x.shape[0] if scale is not None else 1
+    segment_rows = rows // segments
+    programs = max(1, min(max(1, _BWD_PROGRAMS // segments), triton.cdiv(segment_rows, rows_per_tile)))
+    f32 = dict(dtype=torch.float32, device=x.device)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw_part = torch.empty((programs, cols), dtype=torch.float32, device=x.device)
-    db_part = torch.empty((programs, cols), dtype=torch.float32, device=x.device)
-    _ln_bwd_kernel[(programs,)](dy, x, weight, bias, mean, rstd, dx, dw_part, db_part, rows, cols,
-                                ROWS=rows_per_tile, BLOCK_N=block_n, GELU=gelu, num_warps=num_warps)
-    return dx, dw_part.sum(0), db_part.sum(0)
+    dw_part = torch.empty((segments, programs, cols), **f32)
+    db_part = torch.empty((segments, programs, cols), **f32)
+    ds_part = torch.empty((segments, programs, cols), **f32) if scale is not None else dw_part
+    _ln_bwd_kernel[(segments, programs)](dy, x, weight, bias, scale if scale is not None else weight, mean, rstd, dx,
+                                         dw_part, db_part, ds_part, rows, cols, segment_rows,
+                                         ROWS=rows_per_tile, BLOCK_N=block_n, GELU=gelu, SCALED=scale is not None,
+                                         num_warps=num_warps)
+    ds = ds_part.sum(1) if scale is not None else dw_part.new_empty((0, cols))  # (B, C); none without a scale
+    return dx, dw_part.sum((0, 1)), db_part.sum((0, 1)), ds
 
 
 # ---- torch custom ops: opaque to torch.compile, differentiable through register_autograd ----
 
 @torch.library.custom_op("defmamba::layer_norm_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: Optional[torch.Tensor], eps: float,
             out_dtype: torch.dtype, gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, weight, bias, eps, out_dtype, gelu)
+    return _forward(x, weight, bias, scale, eps, out_dtype, gelu)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(x, weight, bias, eps, out_dtype, gelu):
+def _fwd_fake(x, weight, bias, scale, eps, out_dtype, gelu):
     rows = x.numel() // x.shape[-1]
     return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty((rows,), dtype=torch.float32),
             x.new_empty((rows,), dtype=torch.float32))
 
 
 @torch.library.custom_op("defmamba::layer_norm_bwd", mutates_args=())
-def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
-            rstd: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dy, x, weight, bias, mean, rstd, gelu)
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: Optional[torch.Tensor],
+            mean: torch.Tensor, rstd: torch.Tensor,
+            gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dy, x, weight, bias, scale, mean, rstd, gelu)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dy, x, weight, bias, mean, rstd, gelu):
+def _bwd_fake(dy, x, weight, bias, scale, mean, rstd, gelu):
     cols = x.shape[-1]
     return (x.new_empty(x.shape), x.new_empty((cols,), dtype=torch.float32),
-            x.new_empty((cols,), dtype=torch.float32))
+            x.new_empty((cols,), dtype=torch.float32),
+            x.new_empty((x.shape[0] if scale is not None else 0, cols), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _eps, _out_dtype, gelu = inputs
+    x, weight, bias, scale, _eps, _out_dtype, gelu = inputs
     _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.param_dtypes = (weight.dtype, bias.dtype)
+    ctx.save_for_backward(x, weight, bias, scale, mean, rstd)
+    ctx.param_dtypes = (weight.dtype, bias.dtype, scale.dtype if scale is not None else None)
     ctx.gelu = gelu
     ctx.mark_non_differentiable(mean, rstd)
 
@@ -178,10 +217,10 @@ def _autograd_backward(backward: Callable) -> Callable:
     """The op's backward, computing the gradients with ``backward`` (the custom op or its body)."""
 
     def run(ctx, dy, _dmean, _drstd):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = backward(dy, x, weight, bias, mean, rstd, ctx.gelu)
-        w_dtype, b_dtype = ctx.param_dtypes
-        return dx, dw.to(w_dtype), db.to(b_dtype), None, None, None
+        x, weight, bias, scale, mean, rstd = ctx.saved_tensors
+        dx, dw, db, ds = backward(dy, x, weight, bias, scale, mean, rstd, ctx.gelu)
+        w_dtype, b_dtype, s_dtype = ctx.param_dtypes
+        return dx, dw.to(w_dtype), db.to(b_dtype), ds.to(s_dtype) if s_dtype is not None else None, None, None, None
 
     return run
 
@@ -192,11 +231,15 @@ _fwd = compile_aware(_fwd_op, with_autograd(_forward, _setup_context, _autograd_
 
 
 def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                      out_dtype: torch.dtype, gelu: bool = False) -> torch.Tensor:
+                      out_dtype: torch.dtype, gelu: bool = False,
+                      channel_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """LayerNorm of a contiguous x over its last dim (statistics in float32), output in ``out_dtype``;
-    with ``gelu``, the exact GELU of it (computed in float32 before the output is rounded)."""
+    with ``gelu``, the exact GELU of it (computed in float32 before the output is rounded); with a
+    ``channel_scale`` s (B, C), the norm of x · s[b] for the rows of image b (x's first dim)."""
     if triton is None:
         raise RuntimeError(f"the Triton LayerNorm kernels are not available: {IMPORT_ERROR}")
     if not x.is_contiguous():
         raise ValueError("the Triton LayerNorm takes contiguous inputs")
-    return _fwd(x, weight, bias, float(eps), out_dtype, bool(gelu))[0]
+    if channel_scale is not None:
+        channel_scale = channel_scale.contiguous()
+    return _fwd(x, weight, bias, channel_scale, float(eps), out_dtype, bool(gelu))[0]

@@ -1,0 +1,64 @@
+"""Bilinear resize of a small (C, a, b) table to (h, w, C) as two small matrix products.
+
+``F.interpolate(table[None], size=(h, w), mode="bilinear", align_corners=False)`` is separable:
+each output row mixes two table rows and each output column two table columns, with weights that
+depend only on the sizes. Written as matrices W_y (h, a) and W_x (w, b), the resize is
+W_y · T · W_xᵀ per channel. Done as two matmuls it writes the channels-last (h, w, C) layout that
+the sampling kernel reads, where PyTorch's upsampling kernel loops over the channels in every
+thread and its result then needs a transposed copy; its backward is two more matmuls, where
+PyTorch's accumulates with atomics.
+
+The products run in float32 (float64 for a float64 table) with autocast off, and the result has
+the table's dtype, as the interpolation's has. They follow PyTorch's
+float32 matmul precision setting (``torch.backends.cuda.matmul.allow_tf32``): with TF32 allowed
+they round the table to TF32 first, as every other float32 matmul of the model then does.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["bilinear_weights", "resize_channels_last"]
+
+
+def bilinear_weights(in_size: int, out_size: int, device: torch.device | str | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(out_size, in_size) matrix of the 1-D bilinear resize with ``align_corners=False``.
+
+    Row o holds the weights of output o: source position s = (o + 0.5)·in/out − 0.5 clamped at 0,
+    weight 1 − (s − ⌊s⌋) at ⌊s⌋ and s − ⌊s⌋ at ⌊s⌋ + 1 (both at the last entry past the end), the
+    convention of ``F.interpolate``. Computed in float64 (float32 on devices without it), returned
+    in ``dtype``. Built from device tensors (no host-to-device copy, so it can be made inside a
+    CUDA graph recording)."""
+    in_size, out_size = int(in_size), int(out_size)  # plain ints also where a tracer hands over sizes as tensors
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"bilinear_weights: sizes must be positive, got in_size={in_size}, out_size={out_size}")
+    work = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+    dst = torch.arange(out_size, dtype=work, device=device)
+    src = ((dst + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+    first = src.floor().clamp(max=in_size - 1)
+    second = (first + 1).clamp(max=in_size - 1)
+    frac = src - first
+    columns = torch.arange(in_size, dtype=work, device=device)
+    weights = (1 - frac)[:, None] * (columns == first[:, None]) + frac[:, None] * (columns == second[:, None])
+    return weights.to(dtype)
+
+
+def resize_channels_last(table: torch.Tensor, weight_y: torch.Tensor, weight_x: torch.Tensor) -> torch.Tensor:
+    """Resize ``table`` (C, a, b) with the matrices weight_y (h, a) and weight_x (w, b) of
+    :func:`bilinear_weights`; returns the contiguous (h, w, C) result in the table's dtype
+    (computed in float32 or wider, whatever autocast says), differentiable in the table. ``out.permute(2, 0, 1)`` equals ``F.interpolate(table[None], (h, w), mode="bilinear",
+    align_corners=False)[0]`` up to float32 rounding."""
+    channels, a, b = table.shape
+    h, w = weight_y.shape[0], weight_x.shape[0]
+    if weight_y.shape != (h, a) or weight_x.shape != (w, b):
+        raise ValueError(f"resize_channels_last: weights {tuple(weight_y.shape)} and {tuple(weight_x.shape)} do not "
+                         f"match a ({channels}, {a}, {b}) table; expected (h, {a}) and (w, {b})")
+    out_dtype = table.dtype
+    with torch.autocast(table.device.type, enabled=False):
+        dtype = torch.promote_types(table.dtype, torch.float32)
+        table, weight_y, weight_x = table.to(dtype), weight_y.to(dtype), weight_x.to(dtype)
+        # columns: by_column[j, c·a + r] = Σ_s weight_x[j, s] · table[c, r, s]
+        by_column = torch.matmul(weight_x, table.reshape(channels * a, b).t())  # (w, C·a)
+        # rows: out[i, j·C + c] = Σ_r weight_y[i, r] · by_column[j, c·a + r]
+        out = torch.matmul(weight_y, by_column.view(w * channels, a).t())  # (h, w·C)
+    return out.view(h, w, channels).to(out_dtype)
