@@ -1,5 +1,6 @@
 """Model architecture contracts: official key names and shapes, parameter counts, any input
-size, the 1-pixel limit of the deformable layer, gradient checkpointing and the timm API."""
+size, the 1-pixel limit of the deformable layer, stochastic depth, gradient checkpointing and the
+timm API."""
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,36 @@ def test_kept_position_constants_serve_inference_then_training_and_stay_unchange
     for size in range(3, 3 + deformable._GRID_CONSTANTS_KEPT + 5):
         deformable._grid_constants(size, 5, x, (7, 7))
     assert len(deformable._GRID_CONSTANTS) == deformable._GRID_CONSTANTS_KEPT
+
+
+def test_residual_drop_path_is_timm_drop_path_in_one_sum():
+    """x + DropPath(branch) with timm's mask draws; gradients mask · g for the branch, g for x;
+    the plain sum in eval mode and at p = 0; the sum in the wider dtype."""
+    from timm.layers import drop_path
+
+    from defmamba.models.blocks import ResidualDropPath
+
+    layer = ResidualDropPath(0.4).train()
+    x = torch.randn(16, 5, 3, 7, dtype=torch.float64, requires_grad=True)
+    branch = torch.randn(16, 5, 3, 7, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(5)
+    out = layer(x, branch)
+    torch.manual_seed(5)
+    expected = x + drop_path(branch, 0.4, training=True)
+    torch.testing.assert_close(out, expected, rtol=1e-15, atol=1e-15)  # addcmul may fuse the product
+    kept = (expected - x).flatten(1).abs().sum(1) > 0
+    assert 0 < kept.sum() < 16  # with this seed some samples are dropped and some kept
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, torch.ones_like(x))
+    mask = (kept.to(torch.float64) / (1 - 0.4))[:, None, None, None].expand_as(branch)
+    torch.testing.assert_close(branch.grad, mask, rtol=1e-15, atol=0)
+
+    mixed = layer(x.detach().float(), branch.detach().bfloat16())
+    assert mixed.dtype == torch.float32
+    assert torch.equal(layer.eval()(x, branch), x + branch)
+    assert torch.equal(ResidualDropPath(0.0).train()(x, branch), x + branch)
+    with pytest.raises(ValueError, match=r"drop_prob must be in \[0, 1\)"):
+        ResidualDropPath(1.0)
 
 
 def test_gradient_checkpointing_gives_identical_gradients():

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
 
 from ..ops.gelu_linear import gelu_linear
-from ..ops.layer_norm import LayerNorm
+from ..ops.layer_norm import LayerNorm, LayerNormGELU
 from .dssm import DSSM
 
-__all__ = ["Permute", "PatchEmbed", "Downsample", "Mlp", "DMBlock"]
+__all__ = ["Permute", "PatchEmbed", "Downsample", "Mlp", "ResidualDropPath", "DMBlock"]
 
 
 class Permute(nn.Module):
@@ -28,13 +27,16 @@ class Permute(nn.Module):
 
 
 def PatchEmbed(in_chans: int, embed_dim: int) -> nn.Sequential:
-    """Stem (stride 4): conv3×3 s2 → LN → GELU → conv3×3 s2 → LN; (B, 3, H, W) → (B, H/4, W/4, C)."""
+    """Stem (stride 4): conv3×3 s2 → LN → GELU → conv3×3 s2 → LN; (B, 3, H, W) → (B, H/4, W/4, C).
+
+    The first LN and the GELU run as one kernel (the stem's maps are the model's largest); the
+    GELU's place (index 4) holds an Identity so that the official keys keep their indices."""
     return nn.Sequential(
         nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1),
         Permute(0, 2, 3, 1),
-        LayerNorm(embed_dim // 2),
+        LayerNormGELU(embed_dim // 2, feeds_matmul=True),  # feeds the second conv only
         Permute(0, 3, 1, 2),
-        nn.GELU(),
+        nn.Identity(),
         nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1),
         Permute(0, 2, 3, 1),
         LayerNorm(embed_dim),
@@ -65,6 +67,31 @@ class Mlp(nn.Module):
         return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
 
 
+class ResidualDropPath(nn.Module):
+    """x + DropPath(branch): stochastic depth of a residual branch, the per-sample mask applied in
+    the residual sum itself (one ``addcmul`` instead of a multiply and an add).
+
+    The mask is drawn as timm's ``DropPath`` draws it (Bernoulli(1 − p) per sample, divided by
+    1 − p) and the sum is computed in the wider of the two dtypes, the branch times the mask
+    included. Outside training, or with p = 0, it is the plain sum."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x + branch
+        keep = 1.0 - self.drop_prob
+        mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(keep).div_(keep)
+        return torch.addcmul(x, branch, mask)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
 class DMBlock(nn.Module):
     """Deformable Mamba block: x + DropPath(DSSM(LN(x))), then x + DropPath(MLP(LN(x)))."""
 
@@ -74,10 +101,10 @@ class DMBlock(nn.Module):
         # Both norms feed only linear layers (in_proj, fc1): under autocast they emit the autocast dtype.
         self.norm = LayerNorm(dim, feeds_matmul=True)
         self.op = DSSM(dim, deform_kernel_size, d_state=d_state, ssm_ratio=ssm_ratio, scan_backend=scan_backend)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = ResidualDropPath(drop_path)
         self.norm2 = LayerNorm(dim, feeds_matmul=True)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.op(self.norm(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path(x, self.op(self.norm(x)))
+        return self.drop_path(x, self.mlp(self.norm2(x)))
