@@ -309,13 +309,14 @@ def test_cuda_graph_train_step_skips_an_overflowing_fp16_step_as_eager_does(app)
     twin = copy.deepcopy(model)
     amp = engine.AmpSettings(True, torch.float16)
     batches = [(torch.randn(2, 3, 64, 96, device="cuda"), torch.randint(0, 5, (2,), device="cuda"))
-               for _ in range(7)]
+               for _ in range(8)]
     overflow_at = 5  # after the 3 eager steps and the recording: a replay
     batches[overflow_at] = (batches[overflow_at][0] * 1e6, batches[overflow_at][1])  # inf in fp16
 
     def train(net, graphed):
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True, capturable=True)
-        scaler = torch.amp.GradScaler("cuda")
+        # a scale far below fp16's overflow for these gradients: only the scaled batch overflows
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8)
         step = ts.TrainStep(net, nn.CrossEntropyLoss(), optimizer, scaler, amp, clip_grad=1.0,
                             model_ema=ema_module.ModelEma(net, 0.8))
         if graphed:
@@ -329,8 +330,8 @@ def test_cuda_graph_train_step_skips_an_overflowing_fp16_step_as_eager_does(app)
 
     eager_scales, eager_weights = train(model, graphed=False)
     graphed_scales, graphed_weights = train(twin, graphed=True)
-    # the premise: eager skipped exactly that step and halved the scale
-    assert eager_scales[overflow_at] == eager_scales[overflow_at - 1] / 2
+    # the premise: eager skipped exactly that step and halved the scale, and trained on after it
+    assert eager_scales == [2.0 ** 8] * overflow_at + [2.0 ** 7] * (len(batches) - overflow_at), eager_scales
     assert torch.equal(eager_weights[overflow_at], eager_weights[overflow_at - 1])
     assert not torch.equal(eager_weights[-1], eager_weights[overflow_at])
     assert graphed_scales == eager_scales
