@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..ops.depthwise_conv import DepthwiseConv2d
 from ..ops.scan_orders import merge_and_gate, stack_scan_orders
 from ..ops.selective_scan import selective_scan
+from ..ops.time_step_projection import project_time_steps
 from .deformable import DeformableLayer
 
 __all__ = ["DSSM", "NUM_SCANS"]
@@ -81,14 +82,15 @@ class DSSM(nn.Module):
     def _scan(self, xs: torch.Tensor) -> torch.Tensor:
         """Per-scan projections to (Δ, B, C), then one grouped selective scan over all K·D channels.
 
-        The projections are batched matmuls over (batch, scan): they read the stacked sequences
-        and the rank-R time steps in place and write (B, K, ·, L) results, so no transposed copy
-        of xs is made or kept for the backward (an einsum would make one)."""
+        The projections are batched matmuls over (batch, scan) (the rank-R one to Δ through
+        ops/time_step_projection.py): they read the stacked sequences and the time steps in place
+        and write (B, K, ·, L) results, so no transposed copy of xs is made or kept for the
+        backward (an einsum would make one)."""
         batch, _, _, length = xs.shape
         x_dbl = torch.matmul(self.x_proj_weight, xs)  # (K, R+2N, D) @ (B, K, D, L) → (B, K, R+2N, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         # dt is copied out (R of R+2N rows) so that the backward keeps it, not all of x_dbl.
-        delta = torch.matmul(self.dt_projs_weight, dt.contiguous())  # (K, D, R) @ (B, K, R, L) → (B, K, D, L)
+        delta = project_time_steps(self.dt_projs_weight, dt.contiguous())  # (K, D, R) @ (B, K, R, L) → (B, K, D, L)
         return selective_scan(
             xs.reshape(batch, -1, length), delta.reshape(batch, -1, length),
             -torch.exp(self.A_logs.float()), B, C, self.Ds.float(), self.dt_projs_bias.float().flatten(),
