@@ -44,6 +44,19 @@ def test_benchmark_rejects_unknown_mode(bench):
         bench.parse_args(["--modes", "infer_int8"])
 
 
+def test_benchmark_rejects_unknown_model_names_before_measuring(bench, capsys):
+    """A peer that timm does not know (a common short name) and a DefMamba variant that does not
+    exist are argument errors naming the fix, not a traceback after the other models have run."""
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--peers", "convnext_tiny", "swin_small"])
+    err = capsys.readouterr().err
+    assert "'swin_small' is not a timm model name" in err and "swin_small_patch4_window7_224" in err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--models", "defmamba_huge", "--peers"])
+    assert "unknown DefMamba variant 'defmamba_huge'" in capsys.readouterr().err
+    assert bench.unknown_model_names(["defmamba_small"], ["swin_small_patch4_window7_224", "convnext_small"]) == []
+
+
 def test_benchmark_cuda_graphs_need_a_gpu_and_exclude_reduce_overhead(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--cuda-graphs", "--compile", "reduce-overhead"])

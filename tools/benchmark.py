@@ -56,7 +56,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cuda_graphs and args.compile == "reduce-overhead":
         parser.error("--cuda-graphs and --compile reduce-overhead both replay CUDA graphs; choose one")
+    for problem in unknown_model_names(args.models, args.peers):  # before any model is measured
+        parser.error(problem)
     return args
+
+
+def unknown_model_names(models: list[str], peers: list[str]) -> list[str]:
+    """A message for every name that cannot be built: --models must be DefMamba variants, --peers
+    timm model names (with timm's close matches where there are some)."""
+    import timm
+
+    problems = [f"--models: unknown DefMamba variant {name!r}; choose from {DEFAULT_MODELS}"
+                for name in models if name not in DEFAULT_MODELS]
+    for name in peers:
+        if name.startswith("defmamba") or not timm.is_model(name):
+            close = timm.list_models(f"{name}*")[:5]
+            hint = f"; did you mean one of {close}?" if close else " (timm.list_models() lists them)"
+            problems.append(f"--peers: {name!r} is not a timm model name{hint}")
+    return problems
 
 
 def environment(device: torch.device) -> dict:
