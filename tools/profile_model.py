@@ -24,6 +24,7 @@ CATEGORIES = [
     ("selective scan", r"selective|scan|_ss_|ssm"),
     ("deformable sampling", r"grid_sampler|grid_sample|bilinear_sampler|_sampling_(fwd|bwd)_kernel"),
     ("upsample (rpe resize)", r"upsample"),
+    ("time-step projection", r"_projection_kernel"),
     ("layer_norm", r"layer_norm|LayerNorm|layernorm|_ln_(fwd|bwd)_kernel"),
     # cuDNN's convolution kernels: implicit GEMMs, data/weight gradients, layout transforms.
     ("conv", r"conv|implicit_gemm|dgrad|wgrad|tensorTransform|cudnn|depthwise"),
