@@ -119,8 +119,8 @@ def _block_backends_gpu() -> list:
     reason = ("known, not yet explained: on an H100 (torch 2.11) the block compiled with the pure-PyTorch scan, "
               "which Inductor compiles itself, gave gradients 2.1e-4 and 1.1e-3 of their largest entry away from "
               "eager mode in two runs, at 57bd4c7 as well; on CPU, Inductor's compile of the same block agrees "
-              "with eager within 1e-6 and both with float64. Suspected: float32 differences flipping near-ties "
-              "of the deformable path order, which moves gradients discontinuously")
+              "with eager within 1e-6 and both with float64. Cause not found; not near-ties of the path order "
+              "(its smallest gap is about 3e-4 on these inputs, far above float32 differences)")
     return [pytest.param(b, marks=pytest.mark.xfail(strict=False, reason=reason)) if b == "torch" else b
             for b in _gpu_backends()]
 
