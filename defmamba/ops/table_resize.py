@@ -9,9 +9,9 @@ thread and its result then needs a transposed copy; its backward is two more mat
 PyTorch's accumulates with atomics.
 
 The products run in float32 (float64 for a float64 table) with autocast off, and the result has
-the table's dtype, as the interpolation's has. They follow PyTorch's
-float32 matmul precision setting (``torch.backends.cuda.matmul.allow_tf32``): with TF32 allowed
-they round the table to TF32 first, as every other float32 matmul of the model then does.
+the table's dtype, as the interpolation's has. They follow PyTorch's float32 matmul precision
+setting (``torch.backends.cuda.matmul.allow_tf32``): with TF32 allowed they round the table to
+TF32 first, as every other float32 matmul of the model then does.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def bilinear_weights(in_size: int, out_size: int, device: torch.device | str | N
     convention of ``F.interpolate``. Computed in float64 (float32 on devices without it), returned
     in ``dtype``. Built from device tensors (no host-to-device copy, so it can be made inside a
     CUDA graph recording)."""
-    in_size, out_size = int(in_size), int(out_size)  # plain ints also where a tracer hands over sizes as tensors
+    in_size, out_size = int(in_size), int(out_size)  # also where a tracer hands sizes over as tensors
     if in_size < 1 or out_size < 1:
         raise ValueError(f"bilinear_weights: sizes must be positive, got in_size={in_size}, out_size={out_size}")
     work = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
@@ -46,7 +46,8 @@ def bilinear_weights(in_size: int, out_size: int, device: torch.device | str | N
 def resize_channels_last(table: torch.Tensor, weight_y: torch.Tensor, weight_x: torch.Tensor) -> torch.Tensor:
     """Resize ``table`` (C, a, b) with the matrices weight_y (h, a) and weight_x (w, b) of
     :func:`bilinear_weights`; returns the contiguous (h, w, C) result in the table's dtype
-    (computed in float32 or wider, whatever autocast says), differentiable in the table. ``out.permute(2, 0, 1)`` equals ``F.interpolate(table[None], (h, w), mode="bilinear",
+    (computed in float32 or wider, whatever autocast says), differentiable in the table.
+    ``out.permute(2, 0, 1)`` equals ``F.interpolate(table[None], (h, w), mode="bilinear",
     align_corners=False)[0]`` up to float32 rounding."""
     channels, a, b = table.shape
     h, w = weight_y.shape[0], weight_x.shape[0]
