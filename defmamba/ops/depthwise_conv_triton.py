@@ -4,7 +4,11 @@ A depthwise K×K convolution (stride 1, padding K//2, odd K) reads each input va
 what matters is that those reads hit the cache and that the channels of a pixel, contiguous in a
 channels-last map, are read together. One forward program computes a tile of [BLOCK_W pixels of
 one row, BLOCK_C channels]: for each of the K² taps it loads the shifted input tile (masked at the
-borders), multiplies by the tap's weight per channel and accumulates in float32.
+borders), multiplies by the tap's weight per channel and accumulates in float32. The kernel rows are
+a loop and only the K taps of a row are unrolled: with all K² taps unrolled, the compiler kept so
+many tiles live at K ≥ 5 that registers spilled to local memory (thousands of local loads and
+stores per program at 7×7 and 9×9). The weights arrive as (K·K, C) in the maps' dtype (under
+autocast rounded on the host, as autocast rounds them).
 
 The input gradient is the same convolution of the output gradient with the kernel flipped, so the
 forward kernel computes it (``FLIP``). The weight gradient sums, per channel and tap, the output
@@ -35,7 +39,7 @@ if triton is not None:
 
     @triton.jit
     def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, height, width, channels, x_pixel_stride,
-                           K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_W: tl.constexpr,
+                           K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BIAS: tl.constexpr,
                            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # b * height + h
         h = row % height
@@ -46,7 +50,7 @@ if triton is not None:
         pixel_offsets = w[:, None] * channels + c[None, :]  # within an output row
         x_offsets = w[:, None] * x_pixel_stride + c[None, :]  # within an input row
         acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-        for kh in tl.static_range(K):
+        for kh in range(K):  # a loop, not unrolled: K² unrolled taps keep too many tiles live (register spills)
             ih = h + kh - pad
             row_ok = (ih >= 0) & (ih < height)
             x_row = x_ptr + (row + kh - pad) * width * x_pixel_stride
@@ -57,12 +61,10 @@ if triton is not None:
                              other=0.0)
                 tap = (K * K - 1 - (kh * K + kw)) if FLIP else (kh * K + kw)
                 wv = tl.load(w_ptr + tap * channels + c, mask=c_ok, other=0.0).to(tl.float32)
-                if ROUND_W:  # autocast: the weight as the input's dtype would hold it
-                    wv = wv.to(x_ptr.dtype.element_ty).to(tl.float32)
                 acc += xv.to(tl.float32) * wv[None, :]
         if HAS_BIAS:
             bv = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-            if ROUND_W:
+            if ROUND_BIAS:  # autocast: the bias as the input's dtype would hold it
                 bv = bv.to(x_ptr.dtype.element_ty).to(tl.float32)
             acc += bv[None, :]
         tl.store(y_ptr + row * width * channels + pixel_offsets, acc.to(y_ptr.dtype.element_ty),
@@ -129,27 +131,30 @@ def _tiles(width: int, channels: int) -> tuple[int, int, int]:
 
 
 def _conv(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
-          kernel_size: int, flip: bool, round_weights: bool) -> torch.Tensor:
+          kernel_size: int, flip: bool) -> torch.Tensor:
     batch, channels, height, width = x.shape
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
     block_w, block_c, num_warps = _tiles(width, channels)
     grid = (batch * height, triton.cdiv(width, block_w), triton.cdiv(channels, block_c))
     _dwconv_fwd_kernel[grid](x, taps, bias if bias is not None else taps, y, height, width, channels, pixel_stride(x),
-                             K=kernel_size, FLIP=flip, HAS_BIAS=bias is not None, ROUND_W=round_weights,
+                             K=kernel_size, FLIP=flip, HAS_BIAS=bias is not None,
+                             ROUND_BIAS=bias is not None and bias.dtype != x.dtype,
                              BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
     return y
 
 
-def _taps(weight: torch.Tensor) -> torch.Tensor:
-    """(C, 1, K, K) weight → (K·K, C): each tap's weights contiguous over the channels, as the tiles
-    read them (a load per tap instead of a gather across C rows of K·K values)."""
+def _taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(C, 1, K, K) weight → (K·K, C) in ``dtype``: each tap's weights contiguous over the channels, as
+    the tiles read them (a load per tap instead of a gather across C rows of K·K values). Under
+    autocast ``dtype`` is the maps' half dtype, so the weights are rounded as autocast rounds them,
+    in the same copy."""
     channels, _, k, _ = weight.shape
-    return weight.detach().reshape(channels, k * k).t().contiguous()
+    taps = torch.empty((k * k, channels), dtype=dtype, device=weight.device)
+    return taps.copy_(weight.detach().reshape(channels, k * k).t())
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    round_weights = out_dtype != torch.float32 and weight.dtype == torch.float32  # autocast
-    return _conv(x, _taps(weight), bias, out_dtype, weight.shape[-1], False, round_weights)
+    return _conv(x, _taps(weight, x.dtype), bias, out_dtype, weight.shape[-1], False)
 
 
 def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -157,8 +162,7 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     batch, channels, height, width = x.shape
     k = weight.shape[-1]
     grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
-    round_weights = x.dtype != torch.float32 and weight.dtype == torch.float32
-    dx = _conv(grad, _taps(weight), None, x.dtype, k, True, round_weights)
+    dx = _conv(grad, _taps(weight, x.dtype), None, x.dtype, k, True)
     k_pow2 = triton.next_power_of_2(k)
     block_w = min(triton.next_power_of_2(width), max(1, _WGRAD_TILE // k_pow2))
     block_c = _WGRAD_BLOCK_C
