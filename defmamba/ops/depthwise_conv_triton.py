@@ -15,7 +15,8 @@ forward kernel computes it (``FLIP``). The weight gradient sums, per channel and
 gradient times the shifted input over every pixel: one program takes a band of rows, one kernel row
 ``kh`` and a block of channels. Per tile it loads the output gradient once and the input shifted by
 each of the row's K taps as one [taps, pixels, channels] block (cache hits), and accumulates the
-products elementwise; they are summed over the pixels once, at the end, into one partial row per
+products elementwise. Blocks have power-of-two sizes, so a row of K = 2^n + 1 taps runs as a block
+of 2^n and the last tap on its own (9 = 8 + 1 instead of 9 padded to 16); they are summed over the pixels once, at the end, into one partial row per
 tap and program, summed afterwards (no atomics). The bias gradient comes from the ``kh = 0``
 programs the same way.
 """
@@ -31,7 +32,7 @@ from .triton_support import IMPORT_ERROR, tl, triton
 __all__ = ["depthwise_conv2d_triton", "pixel_stride"]
 
 _BAND_ROWS = 32  # image rows (of all images, in order) per weight-gradient program
-_WGRAD_TILE = 64  # taps of a kernel row (padded to a power of two) × pixels per weight-gradient tile
+_WGRAD_TILE = 64  # taps of a kernel row's power-of-two block (see _wgrad_taps) × pixels per weight-gradient tile
 _WGRAD_BLOCK_C = 32  # channels per weight-gradient tile
 
 
@@ -72,17 +73,18 @@ if triton is not None:
 
     @triton.jit
     def _dwconv_wgrad_kernel(g_ptr, x_ptr, wpart_ptr, bpart_ptr, rows, height, width, channels, x_pixel_stride,
-                             K: tl.constexpr, K_POW2: tl.constexpr, BAND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                             K: tl.constexpr, K_TILE: tl.constexpr, LAST_APART: tl.constexpr, BAND: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         band = tl.program_id(0).to(tl.int64)
         kh = tl.program_id(1)
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < channels
         pad: tl.constexpr = K // 2
-        kw = tl.arange(0, K_POW2)
+        kw = tl.arange(0, K_TILE)  # the taps of the block; with LAST_APART the last tap K - 1 has its own tile
         w_tile = tl.arange(0, BLOCK_W)
         # acc[kw, pixel, channel]: the tap (kh, kw) products, summed over pixels only at the end.
-        acc = tl.zeros([K_POW2, BLOCK_W, BLOCK_C], dtype=tl.float32)
+        acc = tl.zeros([K_TILE, BLOCK_W, BLOCK_C], dtype=tl.float32)
+        acc_last = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
         acc_bias = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
         for row in range(band * BAND, tl.minimum(band * BAND + BAND, rows)):
             h = row % height
@@ -101,9 +103,16 @@ if triton is not None:
                 xv = tl.load(x_row + iw[:, :, None] * x_pixel_stride + c[None, None, :],
                              mask=ok[:, :, None] & c_ok[None, None, :], other=0.0)
                 acc += xv.to(tl.float32) * g[None, :, :]
-        taps = kh * K + kw
-        tl.store(wpart_ptr + (band * channels + c[None, :]) * (K * K) + taps[:, None], tl.sum(acc, axis=1),
-                 mask=(kw < K)[:, None] & c_ok[None, :])
+                if LAST_APART:
+                    iw_last = w + (K - 1 - pad)
+                    ok_last = row_ok & (iw_last < width)
+                    x_last = tl.load(x_row + iw_last[:, None] * x_pixel_stride + c[None, :],
+                                     mask=ok_last[:, None] & c_ok[None, :], other=0.0)
+                    acc_last += x_last.to(tl.float32) * g
+        wpart_row = wpart_ptr + (band * channels + c) * (K * K) + kh * K  # [channel]: the taps (kh, ·)
+        tl.store(wpart_row[None, :] + kw[:, None], tl.sum(acc, axis=1), mask=(kw < K)[:, None] & c_ok[None, :])
+        if LAST_APART:
+            tl.store(wpart_row + (K - 1), tl.sum(acc_last, axis=0), mask=c_ok)
         if HAS_BIAS:
             tl.store(bpart_ptr + band * channels + c, tl.sum(acc_bias, axis=0), mask=c_ok & (kh == 0))
 
@@ -122,12 +131,29 @@ def pixel_stride(x: torch.Tensor) -> Optional[int]:
     return None
 
 
+def _channel_block(channels: int, largest: int) -> int:
+    """Channels per tile: the largest of ``largest``, 32, 16 that divides the channels (no idle lanes
+    at 48 or 96 channels), else ``largest``."""
+    for block in (largest, 32, 16):
+        if block <= largest and channels % block == 0:
+            return block
+    return largest
+
+
 def _tiles(width: int, channels: int) -> tuple[int, int, int]:
-    """(BLOCK_W, BLOCK_C, num_warps): a row tile of up to 64 pixels × 32 or 64 channels."""
+    """(BLOCK_W, BLOCK_C, num_warps): a row tile of up to 64 pixels × 16 to 64 channels."""
     block_w = min(64, triton.next_power_of_2(width))
-    block_c = 32 if channels <= 96 else 64
+    block_c = _channel_block(channels, 32 if channels <= 96 else 64)
     num_warps = max(1, min(4, block_w * block_c // 256))
     return block_w, block_c, num_warps
+
+
+def _wgrad_taps(kernel_size: int) -> tuple[int, bool]:
+    """(K_TILE, LAST_APART): the taps of a kernel row as one power-of-two block, plus the last tap in
+    a tile of its own when that avoids padding (9 = 8 + 1, 5 = 4 + 1, 3 = 2 + 1; 7 is padded to 8)."""
+    if kernel_size > 1 and (kernel_size - 1) & (kernel_size - 2) == 0:
+        return kernel_size - 1, True
+    return triton.next_power_of_2(kernel_size), False
 
 
 def _conv(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
@@ -163,16 +189,16 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     k = weight.shape[-1]
     grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
     dx = _conv(grad, _taps(weight, x.dtype), None, x.dtype, k, True)
-    k_pow2 = triton.next_power_of_2(k)
-    block_w = min(triton.next_power_of_2(width), max(1, _WGRAD_TILE // k_pow2))
-    block_c = _WGRAD_BLOCK_C
+    k_tile, last_apart = _wgrad_taps(k)
+    block_w = min(triton.next_power_of_2(width), max(1, _WGRAD_TILE // k_tile))
+    block_c = _channel_block(channels, _WGRAD_BLOCK_C)
     rows = batch * height
     bands = triton.cdiv(rows, _BAND_ROWS)
     wpart = torch.empty((bands, channels, k * k), dtype=torch.float32, device=x.device)
     bpart = torch.empty((bands, channels) if has_bias else (1,), dtype=torch.float32, device=x.device)
     grid = (bands, k, triton.cdiv(channels, block_c))
     _dwconv_wgrad_kernel[grid](grad, x, wpart, bpart, rows, height, width, channels, pixel_stride(x),
-                               K=k, K_POW2=k_pow2, BAND=_BAND_ROWS, HAS_BIAS=has_bias,
+                               K=k, K_TILE=k_tile, LAST_APART=last_apart, BAND=_BAND_ROWS, HAS_BIAS=has_bias,
                                BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
     dweight = wpart.sum(0).view(weight.shape)
     dbias = bpart.sum(0) if has_bias else bpart.new_empty((0,))
