@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.gelu_linear import gelu_linear
+from ..ops.gelu_mlp import gelu_mlp
 from ..ops.layer_norm import LayerNorm, LayerNormGELU
 from .dssm import DSSM
 
@@ -56,7 +56,8 @@ def Downsample(dim: int, out_dim: int) -> nn.Sequential:
 class Mlp(nn.Module):
     """fc1 → GELU → fc2 (the official block's channel MLP; its dropouts are 0 and omitted).
 
-    In training, GELU's output is recomputed in the backward instead of being kept."""
+    In training only x and fc1's output are kept: GELU is recomputed in the backward, where the
+    hidden layer's gradient is one kernel on CUDA (``ops/gelu_mlp.py``)."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -64,7 +65,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
+        return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 class ResidualDropPath(nn.Module):
