@@ -9,8 +9,8 @@ fc2's weight gradient), the gradient of h, and that gradient's column sums (fc1'
 As plain ops these are three passes (the recompute, ``gelu_backward`` and a reduction) that read
 h twice and the gradient twice. For CUDA tensors one Triton kernel reads h and GELU's incoming
 gradient once, writes GELU(h) and h's gradient, and sums each column of that gradient (as rounded
-to its dtype) over its block of rows into one float32 partial row per program, added up
-afterwards: four passes over the map instead of six. The formulas are PyTorch's exact (erf)
+to its dtype) over its block of rows into one float32 partial row per program (elementwise
+per tile, across the tile's rows once at the end), added up afterwards: four passes over the map instead of six. The formulas are PyTorch's exact (erf)
 GELU and its derivative, evaluated in float32 as PyTorch's kernels evaluate them.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ if triton is not None:
         col_ok = col < cols
         sqrt1_2: tl.constexpr = 0.7071067811865476  # 1/√2
         inv_sqrt_2pi: tl.constexpr = 0.3989422804014327  # 1/√(2π)
-        col_sum = tl.zeros([BLOCK_COLS], dtype=tl.float32)
+        col_sums = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)  # summed over the rows at the end
         first = block * ROWS_PER_PROGRAM
         for start in range(first, tl.minimum(first + ROWS_PER_PROGRAM, rows), BLOCK_ROWS):
             row = start + tl.arange(0, BLOCK_ROWS)
@@ -55,8 +55,8 @@ if triton is not None:
             slope = 0.5 * erf_term + h * (tl.exp(-0.5 * h * h) * inv_sqrt_2pi)
             grad_h = (grad * slope).to(grad_h_ptr.dtype.element_ty)
             tl.store(grad_h_ptr + offsets, grad_h, mask=ok)
-            col_sum += tl.sum(grad_h.to(tl.float32), axis=0)  # masked entries are 0
-        tl.store(sums_ptr + block * cols + col, col_sum, mask=col_ok)
+            col_sums += grad_h.to(tl.float32)  # masked entries are 0
+        tl.store(sums_ptr + block * cols + col, tl.sum(col_sums, axis=0), mask=col_ok)
 
 
 def _grad_triton(h: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
