@@ -126,11 +126,22 @@ def test_graphed_training_step_follows_the_eager_steps(amp_dtype):
         graphed_losses.append(graphed_loss.item())
 
     # The replays carry on from the third eager step: the weights they read are updated in place.
-    tol = 1e-5 if amp_dtype is None else 2e-3
+    # Two runs are not bit-identical: the sampling backward adds float32 gradients with atomics, in
+    # whatever order they arrive (measured on an H100: losses 1.4e-5 apart in float32 after six
+    # steps). AdamW's normalised step turns that noise into differences of up to ~lr per step in the
+    # few parameters whose gradient is near zero (one bias entry 1.9e-4 apart in fp16), so those are
+    # allowed for 0.1 % of the entries; a replay that skipped or repeated an update would move
+    # every parameter by ~lr.
+    lr = 1e-3
+    tol = 1e-4 if amp_dtype is None else 2e-3
     assert graphed_losses == pytest.approx(eager_losses[3:], rel=tol)
     assert len(set(graphed_losses)) == 3, graphed_losses
+    mismatched = total = 0
     for (name, a), b in zip(eager_model.named_parameters(), graphed_model.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        assert (b - a).abs().max().item() <= 3 * lr, name
+        mismatched += (~torch.isclose(b, a, rtol=1e-3, atol=1e-4)).sum().item()
+        total += a.numel()
+    assert mismatched <= 1e-3 * total, f"{mismatched} of {total} parameter entries differ beyond rtol 1e-3, atol 1e-4"
 
 
 @pytest.mark.cuda
