@@ -16,9 +16,9 @@ gradient times the shifted input over every pixel: one program takes a band of r
 ``kh`` and a block of channels. Per tile it loads the output gradient once and the input shifted by
 each of the row's K taps as one [taps, pixels, channels] block (cache hits), and accumulates the
 products elementwise. Blocks have power-of-two sizes, so a row of K = 2^n + 1 taps runs as a block
-of 2^n and the last tap on its own (9 = 8 + 1 instead of 9 padded to 16); they are summed over the pixels once, at the end, into one partial row per
-tap and program, summed afterwards (no atomics). The bias gradient comes from the ``kh = 0``
-programs the same way.
+of 2^n and the last tap on its own (9 = 8 + 1 instead of 9 padded to 16). The products are summed
+over the pixels once, at the end, into one partial row per tap and program, summed afterwards (no
+atomics). The bias gradient comes from the ``kh = 0`` programs the same way.
 """
 from __future__ import annotations
 

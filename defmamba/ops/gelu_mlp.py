@@ -9,9 +9,10 @@ fc2's weight gradient), the gradient of h, and that gradient's column sums (fc1'
 As plain ops these are three passes (the recompute, ``gelu_backward`` and a reduction) that read
 h twice and the gradient twice. For CUDA tensors one Triton kernel reads h and GELU's incoming
 gradient once, writes GELU(h) and h's gradient, and sums each column of that gradient (as rounded
-to its dtype) over its block of rows into one float32 partial row per program (elementwise
-per tile, across the tile's rows once at the end), added up afterwards: four passes over the map instead of six. The formulas are PyTorch's exact (erf)
-GELU and its derivative, evaluated in float32 as PyTorch's kernels evaluate them.
+to its dtype) over its block of rows into one float32 partial row per program (elementwise per
+tile, across the tile's rows once at the end), added up afterwards: four passes over the map
+instead of six. The formulas are PyTorch's exact (erf) GELU and its derivative, evaluated in
+float32 as PyTorch's kernels evaluate them.
 """
 from __future__ import annotations
 
