@@ -7,7 +7,6 @@ command line, without paying for a new interpreter); the ones that need a real p
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -28,7 +27,6 @@ APP = ROOT / "classification"
 PY = sys.executable
 # CPU runs (the deterministic ones) even on a GPU machine, with the in-process runs' thread count.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-_APP_MODULES = ("main", "config", "engine", "train_step", "modeling", "data", "utils")
 CLASSES = ("cat", "dog", "fox")
 N_TRAIN, N_VAL = 4, 2      # images per class
 
@@ -64,24 +62,18 @@ SAVE_KEEP: 2
 # ---------------------------------------------------------------- fixtures and helpers
 @pytest.fixture(scope="module")
 def app():
-    """`main` imported the way `python classification/main.py` imports it (its folder first on sys.path)."""
-    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in _APP_MODULES}
-    for key in saved:
-        del sys.modules[key]
-    sys.path.insert(0, str(APP))
+    """The application module behind `classification/main.py`, run on CPU with one thread."""
+    from defmamba.train import main as app_main
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)     # tiny tensors: one thread is faster and immune to oversubscription
     cpu_only = pytest.MonkeyPatch()
     cpu_only.setattr(torch.cuda, "is_available", lambda: False)   # the CPU path, also on GPU machines
     try:
-        yield importlib.import_module("main")
+        yield app_main
     finally:
         cpu_only.undo()
         torch.set_num_threads(threads)
-        sys.path.remove(str(APP))
-        for key in [k for k in sys.modules if k.split(".")[0] in _APP_MODULES]:
-            del sys.modules[key]
-        sys.modules.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +145,6 @@ def reference_eval(state: dict, data_dir: Path, size: int = 32) -> tuple[float, 
 
 KILL_WRAPPER = """\
 import io, os, signal, sys
-sys.path.insert(0, {app!r})
 import torch
 _save, _calls = torch.save, [0]
 def save(obj, f, *args, **kwargs):
@@ -164,7 +155,7 @@ def save(obj, f, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return _save(obj, f, *args, **kwargs)
 torch.save = save
-import main
+from defmamba.train import main
 sys.exit(main.main(sys.argv[1:]))
 """
 
@@ -183,7 +174,7 @@ def killed_run(work) -> tuple[Path, subprocess.CompletedProcess]:
     """The same training in a process SIGKILLed half-way through writing its 3rd checkpoint."""
     out = work / "out_killed"
     script = work / "kill_during_save.py"
-    script.write_text(KILL_WRAPPER.format(app=str(APP), kill_at=3))
+    script.write_text(KILL_WRAPPER.format(kill_at=3))
     proc = subprocess.run([PY, str(script), *base_args(work, out)], capture_output=True, text=True, timeout=600,
                           env=ENV)
     return run_dir(out), proc
@@ -250,7 +241,7 @@ def test_throughput_mode(app, work):
 
 def test_digits_dataset_trains_two_epochs(app, work, monkeypatch):
     """The embedded dataset end to end (a tenth of it, to stay fast)."""
-    digits = importlib.import_module("data.digits")
+    from defmamba.train.data import digits
     full_split = digits._split_indices
     monkeypatch.setattr(digits, "_split_indices", lambda labels, split: full_split(labels, split)[::10])
     out = work / "out_digits"

@@ -2,42 +2,29 @@
 EMA, checkpoint files, digits split, throughput measurement). CPU, a few seconds."""
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from defmamba.train import config as app_config
+from defmamba.train import engine as app_engine
+from defmamba.train import main as app_main
+from defmamba.train import modeling
+from defmamba.train import train_step as app_train_step
+from defmamba.train.data import digits, synthetic
+from defmamba.train.utils import checkpoint as run_checkpoint
+from defmamba.train.utils import ema as app_ema
+from defmamba.train.utils import lr_scheduler
+from defmamba.train.utils import optimizer as optimizer_groups
+
 ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "classification"
-_APP_MODULES = ("main", "config", "engine", "train_step", "modeling", "data", "utils")
-
-
-@pytest.fixture(scope="module")
-def app():
-    """Import the application's modules the way `python classification/main.py` sees them."""
-    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in _APP_MODULES}
-    for key in saved:
-        del sys.modules[key]
-    sys.path.insert(0, str(APP))
-    try:
-        mods = {name: importlib.import_module(name) for name in
-                ("config", "utils.lr_scheduler", "utils.optimizer", "utils.ema", "utils.checkpoint", "data.digits",
-                 "data.synthetic", "engine", "train_step", "main")}
-        yield mods
-    finally:
-        sys.path.remove(str(APP))
-        for key in [k for k in sys.modules if k.split(".")[0] in _APP_MODULES]:
-            del sys.modules[key]
-        sys.modules.update(saved)
-
 
 # ---------------------------------------------------------------- config
-def test_config_files_load_with_the_paper_recipe(app):
-    get_config = app["config"].get_config
+def test_config_files_load_with_the_paper_recipe():
+    get_config = app_config.get_config
     expected = {"tiny": (48, [2, 2, 5, 2], 0.2), "small": (96, [2, 2, 6, 2], 0.2), "base": (96, [2, 3, 16, 2], 0.4)}
     for name, (dims, depths, dpr) in expected.items():
         cfg = get_config(cfg_file=str(ROOT / f"configs/classification/defmamba_{name}_224.yaml"))
@@ -49,8 +36,8 @@ def test_config_files_load_with_the_paper_recipe(app):
         assert cfg.DATA.INTERPOLATION == "bicubic" and cfg.TRAIN.OPTIMIZER.NAME == "adamw"
 
 
-def test_config_rejects_unknown_keys_wrong_types_and_bad_values(app, tmp_path):
-    cfgmod = app["config"]
+def test_config_rejects_unknown_keys_wrong_types_and_bad_values(tmp_path):
+    cfgmod = app_config
     with pytest.raises(cfgmod.ConfigError, match="unknown config key TRAIN.EPOCH; did you mean TRAIN.EPOCHS"):
         cfgmod.get_config(opts=["TRAIN.EPOCH", "3"])
     with pytest.raises(cfgmod.ConfigError, match="wrong value type.*TRAIN.EPOCHS"):
@@ -67,8 +54,8 @@ def test_config_rejects_unknown_keys_wrong_types_and_bad_values(app, tmp_path):
         cfgmod.get_config(cfg_file=str(tmp_path / "nope.yaml"))
 
 
-def test_config_inheritance_and_integer_for_float(app, tmp_path):
-    cfgmod = app["config"]
+def test_config_inheritance_and_integer_for_float(tmp_path):
+    cfgmod = app_config
     (tmp_path / "base.yaml").write_text("TRAIN:\n  EPOCHS: 7\n  WARMUP_EPOCHS: 1\n  WEIGHT_DECAY: 0\n")
     (tmp_path / "child.yaml").write_text("BASE: ['base.yaml']\nTRAIN:\n  BASE_LR: 1\n")
     cfg = cfgmod.get_config(cfg_file=str(tmp_path / "child.yaml"), opts=["TRAIN.MIN_LR", "0"])
@@ -76,13 +63,13 @@ def test_config_inheritance_and_integer_for_float(app, tmp_path):
     assert isinstance(cfg.TRAIN.MIN_LR, float) and cfg.TRAIN.MIN_LR == 0.0
 
 
-def test_command_line_flags_map_onto_the_config(app):
-    main = app["main"]
+def test_command_line_flags_map_onto_the_config():
+    main = app_main
     args = main.parse_args(["--batch-size", "3", "--data-path", "/d", "--accumulation-steps", "2", "--use-checkpoint",
                             "--disable_amp", "--amp-dtype", "bfloat16", "--output", "/o", "--tag", "t", "--eval",
                             "--model_ema", "false", "--model_ema_decay", "0.5", "--seed", "9", "--local-rank", "1",
                             "--opts", "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "1"])
-    cfg = app["config"].get_config(args)
+    cfg = app_config.get_config(args)
     assert (cfg.DATA.BATCH_SIZE, cfg.DATA.DATA_PATH, cfg.TRAIN.ACCUMULATION_STEPS) == (3, "/d", 2)
     assert cfg.TRAIN.USE_CHECKPOINT and not cfg.AMP_ENABLE and cfg.AMP_DTYPE == "bfloat16" and cfg.EVAL_MODE
     assert (cfg.OUTPUT, cfg.TAG, cfg.MODEL_EMA, cfg.MODEL_EMA_DECAY, cfg.SEED, cfg.TRAIN.EPOCHS) == ("/o", "t", False, 0.5, 9, 2)
@@ -91,11 +78,11 @@ def test_command_line_flags_map_onto_the_config(app):
 
 
 # ---------------------------------------------------------------- schedule, optimizer, EMA
-def test_lr_schedule_warmup_cosine_and_scaling(app):
-    get_config = app["config"].get_config
+def test_lr_schedule_warmup_cosine_and_scaling():
+    get_config = app_config.get_config
     cfg = get_config(opts=["TRAIN.EPOCHS", "10", "TRAIN.WARMUP_EPOCHS", "2"])
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = app["utils.lr_scheduler"].build_scheduler(cfg, opt, steps_per_epoch=5, lr_scale=2.0)
+    sched = lr_scheduler.build_scheduler(cfg, opt, steps_per_epoch=5, lr_scale=2.0)
     lrs = [sched.lr_at(s) for s in range(51)]
     assert lrs[0] == pytest.approx(2 * 5e-7) and lrs[10] == pytest.approx(2 * 5e-4)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))            # warm-up rises linearly
@@ -105,16 +92,16 @@ def test_lr_schedule_warmup_cosine_and_scaling(app):
     assert lrs[30] == pytest.approx(mid)
     sched.step_update(30)
     assert opt.param_groups[0]["lr"] == pytest.approx(mid)
-    resumed = app["utils.lr_scheduler"].build_scheduler(cfg, opt, steps_per_epoch=5, lr_scale=2.0)
+    resumed = lr_scheduler.build_scheduler(cfg, opt, steps_per_epoch=5, lr_scale=2.0)
     resumed.load_state_dict(sched.state_dict())
     assert opt.param_groups[0]["lr"] == lrs[30]
 
 
-def test_weight_decay_groups_on_the_real_model(app):
+def test_weight_decay_groups_on_the_real_model():
     import defmamba
 
     model = defmamba.DefMamba(dims=16, depths=(1, 1, 1, 1), num_classes=5)
-    decay, no_decay = app["utils.optimizer"].split_decay(model)
+    decay, no_decay = optimizer_groups.split_decay(model)
     assert set(decay).isdisjoint(no_decay)
     assert len(decay) + len(no_decay) == len(list(model.parameters()))
     for suffix in ("A_logs", "Ds", "dt_projs_bias", "rpe_table"):
@@ -128,16 +115,16 @@ def test_weight_decay_groups_on_the_real_model(app):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_adamw_is_fused_on_the_gpu_only(app, device):
-    config = app["config"].get_config()
-    optimizer = app["utils.optimizer"].build_optimizer(config, nn.Linear(3, 2).to(device))
+def test_adamw_is_fused_on_the_gpu_only(device):
+    config = app_config.get_config()
+    optimizer = optimizer_groups.build_optimizer(config, nn.Linear(3, 2).to(device))
     assert optimizer.defaults["fused"] is (True if device == "cuda" else None)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [config.TRAIN.WEIGHT_DECAY, 0.0]
 
 
-def test_ema_update_is_the_exponential_average(app):
+def test_ema_update_is_the_exponential_average():
     model = nn.Linear(3, 2)
-    ema = app["utils.ema"].ModelEma(model, decay=0.75)
+    ema = app_ema.ModelEma(model, decay=0.75)
     before = {k: v.clone() for k, v in ema.state_dict().items()}
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -147,7 +134,7 @@ def test_ema_update_is_the_exponential_average(app):
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
-def test_ema_averages_float_state_copies_integer_buffers_and_follows_moved_tensors(app):
+def test_ema_averages_float_state_copies_integer_buffers_and_follows_moved_tensors():
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
@@ -158,7 +145,7 @@ def test_ema_averages_float_state_copies_integer_buffers_and_follows_moved_tenso
 
     torch.manual_seed(0)
     model = Tied()
-    ema = app["utils.ema"].ModelEma(model, decay=0.9)
+    ema = app_ema.ModelEma(model, decay=0.9)
     before = {k: v.clone() for k, v in ema.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -201,40 +188,40 @@ class _NoSchedule:
         pass
 
 
-def _run_epoch(app, replace: dict[int, float], batches: int = 12, print_freq: int = 10):
+def _run_epoch(replace: dict[int, float], batches: int = 12, print_freq: int = 10):
     import logging
 
-    config = app["config"].get_config(opts=["PRINT_FREQ", str(print_freq), "DATA.BATCH_SIZE", "4"])
-    engine = app["engine"]
+    config = app_config.get_config(opts=["PRINT_FREQ", str(print_freq), "DATA.BATCH_SIZE", "4"])
+    engine = app_engine
     torch.manual_seed(0)
     model, criterion = nn.Linear(3, 2), _ScriptedLoss(replace)
     loader = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(batches)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    step = app["train_step"].TrainStep(model, criterion, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+    step = app_train_step.TrainStep(model, criterion, optimizer, torch.amp.GradScaler("cpu", enabled=False),
                                        engine.AmpSettings(False, torch.float32), clip_grad=1.0)
     stats = engine.train_one_epoch(config, step, loader, 0, None, _NoSchedule(), torch.device("cpu"),
                                    logging.getLogger("test"))
     return stats, criterion.seen
 
 
-def test_training_loop_reads_losses_back_in_batches_and_keeps_their_mean(app):
-    stats, seen = _run_epoch(app, {})
+def test_training_loop_reads_losses_back_in_batches_and_keeps_their_mean():
+    stats, seen = _run_epoch({})
     assert len(seen) == 12
     assert stats["loss"] == pytest.approx(sum(seen) / len(seen), rel=1e-6)
     assert stats["grad_norm"] > 0 and stats["images_per_s"] > 0
 
 
-def test_a_non_finite_loss_stops_training_naming_its_iteration(app):
+def test_a_non_finite_loss_stops_training_naming_its_iteration():
     # Iteration 3 is read back at the check after iteration 9 (PRINT_FREQ 10): the error still
     # names iteration 3, not the iteration where it was noticed.
     with pytest.raises(FloatingPointError, match="training loss is nan at epoch 0 iteration 3; lower TRAIN.BASE_LR"):
-        _run_epoch(app, {3: float("nan")})
+        _run_epoch({3: float("nan")})
     with pytest.raises(FloatingPointError, match="loss is inf at epoch 0 iteration 11"):
-        _run_epoch(app, {11: float("inf")})
+        _run_epoch({11: float("inf")})
 
 
-def test_cuda_graph_train_step_refuses_what_it_cannot_replay(app):
-    ts, engine = app["train_step"], app["engine"]
+def test_cuda_graph_train_step_refuses_what_it_cannot_replay():
+    ts, engine = app_train_step, app_engine
     model = nn.Linear(3, 2)
     amp = engine.AmpSettings(False, torch.float32)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -251,14 +238,14 @@ def test_cuda_graph_train_step_refuses_what_it_cannot_replay(app):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16, torch.float16])
-def test_cuda_graph_train_step_follows_the_eager_steps(app, amp_dtype):
+def test_cuda_graph_train_step_follows_the_eager_steps(amp_dtype):
     """Seven steps with a new batch and a new learning rate each: 3 eager warm-up steps, then the
     recording and 4 replays give the losses, gradient norms, weights and EMA of 7 eager steps."""
     import copy
 
     import defmamba
 
-    ts, engine, ema_module = app["train_step"], app["engine"], app["utils.ema"]
+    ts, engine, ema_module = app_train_step, app_engine, app_ema
     torch.manual_seed(0)
     model = defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=5, drop_path_rate=0.0).cuda()
     twin = copy.deepcopy(model)
@@ -295,7 +282,7 @@ def test_cuda_graph_train_step_follows_the_eager_steps(app, amp_dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_graph_train_step_skips_an_overflowing_fp16_step_as_eager_does(app):
+def test_cuda_graph_train_step_skips_an_overflowing_fp16_step_as_eager_does():
     """fp16: a batch that overflows in a replayed step makes the recorded GradScaler skip the update
     and halve the scale, on the device and without the host, exactly as the eager step does; the
     steps after it train normally with the halved scale."""
@@ -303,7 +290,7 @@ def test_cuda_graph_train_step_skips_an_overflowing_fp16_step_as_eager_does(app)
 
     import defmamba
 
-    ts, engine, ema_module = app["train_step"], app["engine"], app["utils.ema"]
+    ts, engine, ema_module = app_train_step, app_engine, app_ema
     torch.manual_seed(0)
     model = defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=5, drop_path_rate=0.0).cuda()
     twin = copy.deepcopy(model)
@@ -342,8 +329,8 @@ def test_cuda_graph_train_step_skips_an_overflowing_fp16_step_as_eager_does(app)
 
 
 # ---------------------------------------------------------------- checkpoint files
-def test_atomic_save_keeps_the_old_file_when_writing_fails(app, tmp_path, monkeypatch):
-    ck = app["utils.checkpoint"]
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    ck = run_checkpoint
     path = str(tmp_path / "last.pth")
     ck.atomic_save({"epoch": 1}, path)
 
@@ -359,8 +346,8 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(app, tmp_path, monkey
     assert ck.remove_stale_temporaries(str(tmp_path)) == [path + ".tmp"]
 
 
-def test_checkpoint_retention_and_resume_lookup(app, tmp_path):
-    ck = app["utils.checkpoint"]
+def test_checkpoint_retention_and_resume_lookup(tmp_path):
+    ck = run_checkpoint
     out = str(tmp_path)
     assert ck.find_resume_checkpoint(out) is None
     for epoch in range(5):
@@ -376,8 +363,7 @@ def test_checkpoint_retention_and_resume_lookup(app, tmp_path):
 
 
 # ---------------------------------------------------------------- data
-def test_digits_split_is_fixed_disjoint_and_stratified(app):
-    digits = app["data.digits"]
+def test_digits_split_is_fixed_disjoint_and_stratified():
     from sklearn.datasets import load_digits
 
     labels = load_digits().target
@@ -393,8 +379,8 @@ def test_digits_split_is_fixed_disjoint_and_stratified(app):
     assert image.size == (40, 40) and image.mode == "RGB" and target == labels[val_idx[0]]
 
 
-def test_synthetic_images_are_deterministic_and_carry_their_label(app):
-    Synthetic = app["data.synthetic"].SyntheticDataset
+def test_synthetic_images_are_deterministic_and_carry_their_label():
+    Synthetic = synthetic.SyntheticDataset
     train, again = Synthetic("train", 50, 33, 7), Synthetic("train", 50, 33, 7)
     val = Synthetic("val", 5, 33, 7)
     image, label = train[12]
@@ -426,7 +412,7 @@ def test_measure_throughput_on_cpu(mode, amp_dtype):
         measure_throughput(model, 2, 16, mode="fast")
 
 
-def test_randaugment_posterize_at_full_magnitude_does_not_crash(app):
+def test_randaugment_posterize_at_full_magnitude_does_not_crash():
     """rand-m9-mstd0.5-inc1 reaches magnitude 10 = keep 0 bits, which recent Pillow refuses."""
     from PIL import Image
     from timm.data.auto_augment import AugmentOp
@@ -438,12 +424,11 @@ def test_randaugment_posterize_at_full_magnitude_does_not_crash(app):
     assert kept.getpixel((0, 0)) == (192, 64, 0)
 
 
-def test_load_pretrained_keeps_a_new_head_for_another_class_count(app, tmp_path):
+def test_load_pretrained_keeps_a_new_head_for_another_class_count(tmp_path):
     import logging
 
     import defmamba
 
-    modeling = importlib.import_module("modeling")
     source = defmamba.DefMamba(dims=16, depths=(1, 1, 1, 1), num_classes=3, d_state=4)
     torch.save({"model": source.state_dict()}, tmp_path / "src.pth")
     target = defmamba.DefMamba(dims=16, depths=(1, 1, 1, 1), num_classes=5, d_state=4)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from defmamba.cuda_graphs import CudaGraphError, record_graph
+from ..cuda_graphs import CudaGraphError, record_graph
 
 __all__ = ["CudaGraphError", "CudaGraphTrainStep", "TrainStep"]
 

@@ -178,7 +178,7 @@ def _describe(err: Exception) -> str:
     if text.startswith(("Non-existent config key", "Non-existent key")):
         key = text.split(":", 1)[1].strip()
         close = difflib.get_close_matches(key, _all_keys(_C), n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(close)}?" if close else "the valid keys are in classification/config.py"
+        hint = f"did you mean {' or '.join(close)}?" if close else "the valid keys are in defmamba/train/config.py"
         return f"unknown config key {key}; {hint}"
     if "Type mismatch" in text:
         return f"wrong value type: {text}"

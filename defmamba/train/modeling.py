@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 
-import defmamba
-from defmamba.checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, safe_load
 from torch import nn
+
+from ..checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, safe_load
+from ..models import DefMamba
 
 __all__ = ["build_model", "load_pretrained"]
 
@@ -13,7 +14,7 @@ __all__ = ["build_model", "load_pretrained"]
 def build_model(config) -> nn.Module:
     """The DefMamba classifier described by ``config.MODEL``."""
     spec = config.MODEL.DEFMAMBA
-    return defmamba.DefMamba(
+    return DefMamba(
         dims=spec.DIMS, depths=tuple(spec.DEPTHS), num_classes=config.MODEL.NUM_CLASSES,
         drop_path_rate=config.MODEL.DROP_PATH_RATE, d_state=spec.D_STATE, mlp_ratio=spec.MLP_RATIO,
         use_checkpoint=config.TRAIN.USE_CHECKPOINT)

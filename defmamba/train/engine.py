@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.distributed import all_reduce_sum, world_size
+from .utils.distributed import all_reduce_sum, world_size
 
 __all__ = ["AmpSettings", "AverageMeter", "train_one_epoch", "validate", "memory_mb"]
 
