@@ -17,7 +17,11 @@ from torch import nn
 from .cuda_graphs import capture_cuda_graph, require_cuda_for_graphs
 from .models.registry import build_model
 
-__all__ = ["MODES", "ab_table_row", "cuda_time_ms", "measure_model", "measure_throughput"]
+__all__ = ["MODES", "ab_table_row", "cuda_time_ms", "host_cost", "measure_model", "measure_throughput"]
+
+# CUDA runtime / driver calls that launch one kernel each (cuBLAS, cuDNN, ATen and Triton launches).
+_LAUNCH_CALLS = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                           "cudaLaunchCooperativeKernel"})
 
 # Benchmark mode name → (measure_throughput's mode, autocast dtype or None).
 MODES = {
@@ -35,7 +39,8 @@ def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype], cache_enab
 def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int, tuple[int, int]] = 224,
                        mode: str = "infer", amp_dtype: Optional[torch.dtype] = None, warmup: int = 5,
                        repeats: int = 5, iters_per_window: int = 5, device: Union[str, torch.device, None] = None,
-                       in_chans: int = 3, num_classes: Optional[int] = None, cuda_graphs: bool = False) -> dict:
+                       in_chans: int = 3, num_classes: Optional[int] = None, cuda_graphs: bool = False,
+                       with_host_cost: bool = False) -> dict:
     """Images/s of ``model`` on random inputs.
 
     Args:
@@ -51,10 +56,13 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
         cuda_graphs: record the whole step (in training: forward, loss, backward and a
             capturable AdamW step) into one CUDA graph and time its replays, which takes the host's
             launch cost out of the number (GPU only; see :func:`defmamba.cuda_graphs.capture_cuda_graph`).
+        with_host_cost: also measure the eager step's kernel launches, host time and GPU busy time
+            (:func:`host_cost`; GPU, without ``cuda_graphs``), added under those keys.
 
     Returns:
         dict with images_per_s (median), window_images_per_s, ms_per_iter, batch_size, image_size,
-        mode, amp_dtype, device, cuda_graphs, and peak_memory_gib (GPU; None on CPU).
+        mode, amp_dtype, device, cuda_graphs, and peak_memory_gib (GPU; None on CPU); with
+        ``with_host_cost`` also launches_per_step, host_ms_per_step and gpu_ms_per_step.
     """
     if mode not in ("infer", "train"):
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
@@ -68,6 +76,8 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
     device = torch.device(device)
     if cuda_graphs:
         require_cuda_for_graphs(device)
+    if with_host_cost and (device.type != "cuda" or cuda_graphs):
+        raise ValueError("with_host_cost measures the eager step on a CUDA device; drop it for CPU or CUDA graphs")
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     model = model.to(device)
     images = torch.randn(batch_size, in_chans, height, width, device=device)
@@ -122,7 +132,8 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
             seconds = time.perf_counter() - t0
         rates.append(batch_size * iters_per_window / seconds)
     median = statistics.median(rates)
-    return {
+    costs = host_cost(step, device) if with_host_cost else {}
+    return {**costs,
         "mode": mode,
         "amp_dtype": None if amp_dtype is None else str(amp_dtype).replace("torch.", ""),
         "batch_size": batch_size,
@@ -134,6 +145,47 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
         "ms_per_iter": 1000.0 * batch_size / median,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if on_gpu else None,
     }
+
+
+def host_cost(step: Callable[[], object], device: torch.device, steps: int = 5) -> dict:
+    """What one eager call of ``step`` costs the host and the GPU (``step`` already warmed up).
+
+    Returns launches_per_step (kernel launches the host issues: CUDA runtime/driver launch calls
+    under the profiler), host_ms_per_step (median wall time for the host to issue one step,
+    starting from an idle GPU, without waiting for it) and gpu_ms_per_step (median time the GPU
+    is busy with the step's kernels and copies: the union of their intervals). A step whose
+    host_ms exceeds its gpu_ms is host-bound: the GPU waits for launches.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    issue_ms = []
+    for _ in range(steps):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        issue_ms.append(1000.0 * (time.perf_counter() - start))
+    torch.cuda.synchronize(device)
+    launches, busy_ms = [], []
+    for _ in range(min(steps, 3)):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize(device)
+        events = prof.events()
+        launches.append(sum(1 for e in events if e.name in _LAUNCH_CALLS))
+        busy_ms.append(_busy_ms([(e.time_range.start, e.time_range.end) for e in events
+                                 if e.device_type == torch.autograd.DeviceType.CUDA]))
+    return {"launches_per_step": int(statistics.median(launches)), "host_ms_per_step": statistics.median(issue_ms),
+            "gpu_ms_per_step": statistics.median(busy_ms)}
+
+
+def _busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length (ms) of the union of (start, end) intervals given in microseconds."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total / 1000.0
 
 
 def _event_time_ms(fn: Callable[[], object]) -> float:

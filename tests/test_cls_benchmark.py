@@ -167,3 +167,41 @@ def test_a_model_that_a_graph_cannot_hold_becomes_an_error_row(bench, monkeypatc
     assert bench.measure_one("convnext_tiny", "train_bf16", args, torch.device("cpu")) == {
         "error": "CUDA graph capture failed"}
     assert "operation not permitted" in capsys.readouterr().err
+
+
+def test_host_cost_needs_an_eager_gpu_step(bench, capsys):
+    from defmamba.benchmark import measure_throughput
+
+    with pytest.raises(ValueError, match="eager step on a CUDA device"):
+        measure_throughput(torch.nn.Linear(4, 2), 2, 8, device="cpu", with_host_cost=True)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--host-cost", "--cuda-graphs"])
+    assert "drop --cuda-graphs/--compile" in capsys.readouterr().err
+    assert bench.main(["--device", "cpu", "--host-cost", "--models", "defmamba_tiny", "--peers"]) == 2
+    assert "--host-cost needs a CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_busy_time_is_the_union_of_kernel_intervals():
+    from defmamba.benchmark import _busy_ms
+
+    rng = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, 10_000, (200,), generator=rng).tolist()
+    lengths = torch.randint(1, 300, (200,), generator=rng).tolist()
+    intervals = [(float(s), float(s + n)) for s, n in zip(starts, lengths)]
+    covered = torch.zeros(10_400, dtype=torch.bool)        # one flag per microsecond
+    for s, e in intervals:
+        covered[int(s):int(e)] = True
+    assert _busy_ms(intervals) == pytest.approx(covered.sum().item() / 1000.0)
+    assert _busy_ms([]) == 0.0
+
+
+@pytest.mark.cuda
+def test_host_cost_counts_launches_and_times_the_step():
+    from defmamba.benchmark import measure_throughput
+
+    result = measure_throughput(_small_model(2), 4, (64, 96), mode="train", amp_dtype=torch.bfloat16, warmup=2,
+                                repeats=2, iters_per_window=2, with_host_cost=True)
+    # forward, backward and the fused optimizer of four stages: hundreds of kernels, each timed
+    assert 100 < result["launches_per_step"] < 5000
+    assert result["host_ms_per_step"] > 0 and result["gpu_ms_per_step"] > 0
+    assert result["gpu_ms_per_step"] < result["ms_per_iter"] * 3

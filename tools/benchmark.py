@@ -3,6 +3,7 @@
     python tools/benchmark.py                              # T/S/B + ConvNeXt-T/S + Swin-T/S, batch 128, 224²
     python tools/benchmark.py --backend triton --compile [reduce-overhead] --json out.json
     python tools/benchmark.py --cuda-graphs --modes infer_fp16 train_bf16   # host launch cost taken out
+    python tools/benchmark.py --host-cost --modes train_fp16 train_bf16 infer_fp16   # eager vs graphed, launches
     python tools/benchmark.py --device cpu --models defmamba_tiny --peers convnext_tiny \
         --batch-size 2 --image-size 64 --modes infer_fp32 train_bf16 --warmup 1 --repeats 2 --iters 1
 
@@ -13,6 +14,9 @@ iterations after --warmup iterations (defmamba.benchmark.measure_throughput, the
 as `classification/main.py --throughput`). With --cuda-graphs each step (in training: forward,
 loss, backward and a fused, capturable AdamW step) is recorded once into a CUDA graph and
 replayed, so the numbers show the GPU's own time without the host's Python and launch cost.
+With --host-cost every model and mode is measured eager and graphed in the same run, and the
+table adds kernel launches per eager step, the host's time to issue one step, the GPU's busy
+time per step (profiler) and the eager/graphed ratio (defmamba.benchmark.host_cost).
 """
 from __future__ import annotations
 
@@ -48,12 +52,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "'reduce-overhead' replays CUDA graphs, for host-bound models)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="record each step into one CUDA graph and time its replays (GPU; eager models)")
+    parser.add_argument("--host-cost", action="store_true",
+                        help="measure each model eager and graphed, with launches, host ms and GPU ms per step (GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=10, help="untimed iterations")
     parser.add_argument("--repeats", type=int, default=10, help="timed windows (the median is reported)")
     parser.add_argument("--iters", type=int, default=10, help="iterations per timed window")
     parser.add_argument("--json", type=str, default=None, help="write all results to this file")
     args = parser.parse_args(argv)
+    if args.host_cost and (args.cuda_graphs or args.compile):
+        parser.error("--host-cost measures the eager model and its CUDA graph itself; drop --cuda-graphs/--compile")
     if args.cuda_graphs and args.compile == "reduce-overhead":
         parser.error("--cuda-graphs and --compile reduce-overhead both replay CUDA graphs; choose one")
     for problem in unknown_model_names(args.models, args.peers):  # before any model is measured
@@ -122,10 +130,16 @@ def measure_one(name: str, mode: str, args: argparse.Namespace, device: torch.de
         # later measurements run uncompiled.
         torch._dynamo.reset()
         model = torch.compile(model, mode=args.compile)
+    settings = dict(mode=kind, amp_dtype=dtype, warmup=args.warmup, repeats=args.repeats,
+                    iters_per_window=args.iters, device=device)
     try:
-        return measure_throughput(model, args.batch_size, args.image_size, mode=kind, amp_dtype=dtype,
-                                  warmup=args.warmup, repeats=args.repeats, iters_per_window=args.iters,
-                                  device=device, cuda_graphs=args.cuda_graphs)
+        if not args.host_cost:
+            return measure_throughput(model, args.batch_size, args.image_size, cuda_graphs=args.cuda_graphs, **settings)
+        eager = measure_throughput(model, args.batch_size, args.image_size, with_host_cost=True, **settings)
+        graphed = measure_throughput(model, args.batch_size, args.image_size, cuda_graphs=True, **settings)
+        return {**eager, "graphed_images_per_s": graphed["images_per_s"],
+                "graphed_peak_memory_gib": graphed["peak_memory_gib"],
+                "eager_over_graphed": eager["images_per_s"] / graphed["images_per_s"]}
     except torch.cuda.OutOfMemoryError:
         return {"error": "out of memory"}
     except CudaGraphError as err:  # one model that a graph cannot hold does not end the run
@@ -156,21 +170,38 @@ def table(results: dict, modes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def host_cost_table(results: dict, modes: list[str]) -> str:
+    """Markdown table of --host-cost: eager and graphed images/s, their ratio, launches, host and GPU ms."""
+    lines = ["| model | mode | eager img/s | graphed img/s | eager/graphed | launches/step | host ms/step "
+             "| GPU ms/step |", "|---|---|---|---|---|---|---|---|"]
+    for name, by_mode in results.items():
+        for m in modes:
+            r = by_mode.get(m, {})
+            if "error" in r:
+                lines.append(f"| {name} | {m} | {r['error']} | | | | | |")
+                continue
+            lines.append(f"| {name} | {m} | {r['images_per_s']:.1f} | {r['graphed_images_per_s']:.1f} | "
+                         f"{r['eager_over_graphed']:.2f} | {r['launches_per_step']} | {r['host_ms_per_step']:.1f} | "
+                         f"{r['gpu_ms_per_step']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible; pass --device cpu", file=sys.stderr)
         return 2
-    if args.cuda_graphs and device.type != "cuda":
-        print(f"error: --cuda-graphs needs a CUDA device, got --device {device}; drop --cuda-graphs", file=sys.stderr)
+    if (args.cuda_graphs or args.host_cost) and device.type != "cuda":
+        flag = "--cuda-graphs" if args.cuda_graphs else "--host-cost"
+        print(f"error: {flag} needs a CUDA device, got --device {device}; drop {flag}", file=sys.stderr)
         return 2
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as in training: cuDNN autotunes the fixed-size convs
     env = environment(device)
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     print(f"batch {args.batch_size}, {args.image_size}², scan backend {args.backend}, compile {args.compile}, "
-          f"CUDA graphs {'on' if args.cuda_graphs else 'off'}, "
+          f"CUDA graphs {'eager and graphed' if args.host_cost else 'on' if args.cuda_graphs else 'off'}, "
           f"median of {args.repeats} windows × {args.iters} iterations after {args.warmup} warm-up", flush=True)
     results: dict = {}
     for name in list(args.models) + list(args.peers):
@@ -183,6 +214,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"  {name:32s} {mode:11s} {shown}", flush=True)
     print()
     print(table(results, args.modes))
+    if args.host_cost:
+        print()
+        print(host_cost_table(results, args.modes))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
