@@ -5,7 +5,7 @@ launch cost: the way to see, and to get, the GPU's own time per step for host-bo
 """
 from __future__ import annotations
 
-from typing import Callable, TypeVar, Union
+from typing import Callable, Optional, TypeVar, Union
 
 import torch
 
@@ -49,14 +49,17 @@ def capture_cuda_graph(step: Callable[[], object], device: Union[str, torch.devi
     return graph.replay
 
 
-def record_graph(fn: Callable[[], T], capture_error_mode: str = "global") -> tuple[torch.cuda.CUDAGraph, T]:
+def record_graph(fn: Callable[[], T], capture_error_mode: str = "global",
+                 stream: Optional[torch.cuda.Stream] = None) -> tuple[torch.cuda.CUDAGraph, T]:
     """Record one call of ``fn`` (already warmed up) into a new CUDA graph; returns the graph and
     what the recorded call returned (tensors the replays overwrite in place). A failure to record
     is a :class:`CudaGraphError` naming the fix. ``capture_error_mode`` as for ``torch.cuda.graph``
-    ("thread_local" lets other threads, such as a data loader's, use CUDA meanwhile)."""
+    ("thread_local" lets other threads, such as a data loader's, use CUDA meanwhile). ``stream``:
+    the stream to record on (default: PyTorch's capture stream); a DDP model must be recorded on
+    the stream it was built and warmed up on."""
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode=capture_error_mode):
             result = fn()
     except RuntimeError as err:
         raise CudaGraphError(f"recording the step into a CUDA graph failed ({err}); "

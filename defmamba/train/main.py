@@ -31,7 +31,7 @@ from .engine import AmpSettings, train_one_epoch, validate
 from .modeling import build_model, load_pretrained
 from .train_step import CudaGraphError, CudaGraphTrainStep, TrainStep
 from .utils.checkpoint import find_resume_checkpoint, remove_stale_temporaries, save_checkpoint
-from .utils.distributed import DistInfo, barrier, cleanup, init_distributed
+from .utils.distributed import DistInfo, barrier, cleanup, init_distributed, is_distributed
 from .utils.ema import ModelEma
 from .utils.logger import create_logger
 from .utils.lr_scheduler import build_scheduler
@@ -222,9 +222,9 @@ def _train(config, data, model: nn.Module, run_model: nn.Module, model_ema, chec
     if config.TRAIN.ACCUMULATION_STEPS > len(data.loader_train):
         raise UsageError(f"TRAIN.ACCUMULATION_STEPS ({config.TRAIN.ACCUMULATION_STEPS}) is larger than the "
                          f"{len(data.loader_train)} batches of an epoch; lower --accumulation-steps")
-    if config.TRAIN.CUDA_GRAPHS and (device.type != "cuda" or info.world_size > 1):
-        raise UsageError("TRAIN.CUDA_GRAPHS replays the training step on one GPU in one process; "
-                         f"this run has device {device} and {info.world_size} process(es): turn the graphs off")
+    if config.TRAIN.CUDA_GRAPHS and device.type != "cuda":
+        raise UsageError(f"TRAIN.CUDA_GRAPHS replays the training step on a GPU; this run has device {device}: "
+                         "turn the graphs off")
     optimizer = build_optimizer(config, model)
     steps_per_epoch = len(data.loader_train) // config.TRAIN.ACCUMULATION_STEPS
     global_batch = config.DATA.BATCH_SIZE * info.world_size * config.TRAIN.ACCUMULATION_STEPS
@@ -248,15 +248,18 @@ def _train(config, data, model: nn.Module, run_model: nn.Module, model_ema, chec
         max_acc_ema = float(checkpoint.get("max_accuray_ema", checkpoint.get("max_accuracy_ema", 0.0)))
         logger.info(f"resuming at epoch {start_epoch} (best top-1 so far {max_acc:.3f}%)")
 
+    # With graphs, DDP is built on the stream its step is warmed up and recorded on.
+    graph_stream = torch.cuda.Stream(device) if config.TRAIN.CUDA_GRAPHS else None
     train_model = run_model
-    if info.world_size > 1:
-        train_model = DistributedDataParallel(run_model, device_ids=[info.local_rank] if device.type == "cuda" else None,
-                                              broadcast_buffers=False)
+    if is_distributed():     # under a launcher, as the authors' loop: DDP also with one process
+        with torch.cuda.stream(graph_stream):    # no-op without graphs (None)
+            train_model = DistributedDataParallel(
+                run_model, device_ids=[info.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
     train_step = TrainStep(train_model, criterion, optimizer, scaler, amp, clip_grad=config.TRAIN.CLIP_GRAD,
                            accumulation=config.TRAIN.ACCUMULATION_STEPS, model_ema=model_ema, ema_source=model)
     if config.TRAIN.CUDA_GRAPHS:
-        train_step = CudaGraphTrainStep(train_step)
-        logger.info("training steps are replayed from a CUDA graph after 3 eager warm-up steps")
+        train_step = CudaGraphTrainStep(train_step, stream=graph_stream)
+        logger.info(f"training steps are replayed from a CUDA graph after {train_step.warmup} eager warm-up steps")
     tb_writer = _tensorboard(output_dir, logger) if info.is_main else None
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
     if info.is_main:

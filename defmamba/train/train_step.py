@@ -16,7 +16,11 @@ from torch import nn
 
 from ..cuda_graphs import CudaGraphError, record_graph
 
-__all__ = ["CudaGraphError", "CudaGraphTrainStep", "TrainStep"]
+__all__ = ["CudaGraphError", "CudaGraphTrainStep", "DDP_WARMUP_STEPS", "TrainStep"]
+
+# Eager steps a DistributedDataParallel model takes before its step is recorded: DDP rebuilds its
+# gradient buckets after the first iterations, and the recorded all-reduces must see the final ones.
+DDP_WARMUP_STEPS = 11
 
 
 class TrainStep:
@@ -74,7 +78,7 @@ class TrainStep:
 
 
 class CudaGraphTrainStep:
-    """A :class:`TrainStep` (one micro-batch per update, one process) replayed from a CUDA graph.
+    """A :class:`TrainStep` (one micro-batch per update) replayed from a CUDA graph.
 
     The first ``warmup`` batches train eagerly on a side stream, which settles cuDNN autotuning,
     Triton compilation and the optimizer's and GradScaler's state. The next batch is copied into
@@ -83,19 +87,29 @@ class CudaGraphTrainStep:
     group is read from a device tensor that is refreshed from ``param_groups`` before each replay,
     so the schedule keeps working; everything else the graph reads is fixed when it is recorded
     (batch shape, weight decay, the model's train mode). The optimizer must be ``capturable``.
+
+    Under DistributedDataParallel the gradient all-reduce is recorded too (NCCL collectives can be
+    captured): build the DDP wrapper while ``stream`` is the current stream and pass that stream
+    here, so that warm-up, DDP's setup and the recording share it; such a model takes at least
+    :data:`DDP_WARMUP_STEPS` eager steps first. Every rank records and replays the same step.
     """
 
-    def __init__(self, step: TrainStep, warmup: int = 3) -> None:
+    def __init__(self, step: TrainStep, warmup: int = 3, stream: Optional[torch.cuda.Stream] = None) -> None:
         if step.accumulation != 1:
             raise ValueError("CUDA graphs record one micro-batch per optimizer step; set TRAIN.ACCUMULATION_STEPS 1")
         if not all(group.get("capturable") for group in step.optimizer.param_groups):
             raise ValueError("the optimizer must be built with capturable=True to be recorded into a CUDA graph")
         if warmup < 1:
             raise ValueError(f"warmup must be ≥ 1 (the state the graph relies on is created there), got {warmup}")
+        if isinstance(step.model, torch.nn.parallel.DistributedDataParallel):
+            if stream is None:
+                raise ValueError("a DDP model is recorded on the stream it was built on: build it under "
+                                 "`with torch.cuda.stream(stream)` and pass that stream")
+            warmup = max(warmup, DDP_WARMUP_STEPS)
         self.step, self.warmup = step, warmup
         self.eager_steps = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self._side_stream: Optional[torch.cuda.Stream] = None
+        self._side_stream = stream
 
     @property
     def model(self) -> nn.Module:
@@ -149,7 +163,8 @@ class CudaGraphTrainStep:
             torch.cuda.synchronize(samples.device)
             # thread_local: the data loader's pin-memory thread may allocate host memory meanwhile
             self.graph, (self._loss, self._norm) = record_graph(lambda: self.step(self._samples, self._targets),
-                                                                capture_error_mode="thread_local")
+                                                                capture_error_mode="thread_local",
+                                                                stream=self._side_stream)
         except CudaGraphError as err:
             raise CudaGraphError(f"{err} (training: turn TRAIN.CUDA_GRAPHS off)") from err
         finally:
