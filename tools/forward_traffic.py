@@ -108,8 +108,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--amp", default="bfloat16", choices=["float32", "float16", "bfloat16"],
                         help="autocast dtype (float32: no autocast)")
     parser.add_argument("--bandwidth-tbps", type=float, default=2.99,
-                        help="bytes per second for the time column (default: the H100 copy bandwidth measured "
-                             "in docs/benchmarks.md)")
+                        help="bytes per second for the time column (default: the H100 copy bandwidth of the "
+                             "first selective-scan run, docs/perf-history/benchmarks-rounds.md)")
     parser.add_argument("--top", type=int, default=25, help="operators listed")
     parser.add_argument("--json", default=None, help="write the per-operator totals to this file")
     args = parser.parse_args(argv)
