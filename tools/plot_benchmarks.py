@@ -147,16 +147,13 @@ _LABEL_SPOTS = (((7, 5), "left"), ((7, -13), "left"), ((-7, 5), "right"), ((-7, 
 
 def _label_points(ax, points: list[Point], renderer) -> None:
     """Name every marker, DefMamba first, each label inside the panel where it covers no other label or marker."""
-    to_pixels = ax.transData.transform
     marker_radius = 8 * ax.figure.dpi / 72
-    markers = [to_pixels((p.peak_memory_gib, p.images_per_s)) for p in points]
+    markers = {point: ax.transData.transform((point.peak_memory_gib, point.images_per_s)) for point in points}
     frame = ax.get_window_extent(renderer)
     taken: list = []
-    ordered = sorted(points, key=lambda p: display_name(p.model)[0] != "DefMamba")
-    for point in ordered:
+    for point in sorted(points, key=lambda p: display_name(p.model)[0] != "DefMamba"):
         family, label = display_name(point.model)
         ours = family == "DefMamba"
-        own = to_pixels((point.peak_memory_gib, point.images_per_s))
         first = None
         for offset, align in _LABEL_SPOTS:
             text = ax.annotate(label, (point.peak_memory_gib, point.images_per_s), xytext=offset,
@@ -166,7 +163,7 @@ def _label_points(ax, points: list[Point], renderer) -> None:
             box = text.get_window_extent(renderer).expanded(1.05, 1.1)
             hits_marker = any(
                 box.x0 - marker_radius < x < box.x1 + marker_radius and box.y0 - marker_radius < y < box.y1 + marker_radius
-                for x, y in markers if (x, y) != tuple(own))
+                for other, (x, y) in markers.items() if other is not point)
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             if inside and not hits_marker and not any(box.overlaps(other) for other in taken):
                 taken.append(box)
