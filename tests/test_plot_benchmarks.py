@@ -15,21 +15,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 MODELS = ["defmamba_tiny", "defmamba_small", "convnext_tiny", "swin_tiny_patch4_window7_224"]
 
 
-def _measurement(rng: random.Random, mode: str, on_gpu: bool = True) -> dict:
-    """One result as defmamba.benchmark.measure_throughput writes it, plus keys the tool does not know."""
-    return {"mode": mode.split("_")[0], "amp_dtype": None, "batch_size": 8, "image_size": [64, 64],
-            "device": "cuda" if on_gpu else "cpu", "cuda_graphs": False, "images_per_s": rng.uniform(100, 5000),
-            "window_images_per_s": [rng.uniform(100, 5000) for _ in range(3)], "ms_per_iter": rng.uniform(1, 50),
-            "peak_memory_gib": rng.uniform(0.5, 20) if on_gpu else None,
-            "launches_per_step": rng.randrange(500, 3000), "host_ms_per_step": rng.uniform(5, 150)}
+def _measurement(rng: random.Random, mode: str, on_gpu: bool = True, host_cost: bool = False) -> dict:
+    """One result as tools/benchmark.py writes it (with --host-cost: eager, graphed and the host's
+    cost), plus a key the tool does not know."""
+    result = {"mode": mode.split("_")[0], "amp_dtype": None, "batch_size": 8, "image_size": [64, 64],
+              "device": "cuda" if on_gpu else "cpu", "cuda_graphs": False, "images_per_s": rng.uniform(100, 5000),
+              "window_images_per_s": [rng.uniform(100, 5000) for _ in range(3)], "ms_per_iter": rng.uniform(1, 50),
+              "peak_memory_gib": rng.uniform(0.5, 20) if on_gpu else None, "kernel_names": ["a", "b"]}
+    if host_cost:
+        result.update(graphed_images_per_s=rng.uniform(100, 5000), graphed_peak_memory_gib=rng.uniform(0.5, 20),
+                      eager_over_graphed=rng.uniform(0.3, 1), launches_per_step=rng.randrange(500, 3000),
+                      host_ms_per_step=rng.uniform(5, 150), gpu_ms_per_step=rng.uniform(5, 150))
+    return result
 
 
-def _run(rng: random.Random, modes: list[str], on_gpu: bool = True) -> dict:
-    results = {model: {mode: _measurement(rng, mode, on_gpu) for mode in modes} for model in MODELS}
+def _run(rng: random.Random, modes: list[str], on_gpu: bool = True, host_cost: bool = False) -> dict:
+    results = {model: {mode: _measurement(rng, mode, on_gpu, host_cost) for mode in modes} for model in MODELS}
     results["swin_tiny_patch4_window7_224"][modes[0]] = {"error": "out of memory"}
     return {"environment": {"gpu": "Test GPU 80GB", "torch": "2.11.0"},
             "settings": {"models": MODELS[:2], "peers": MODELS[2:], "modes": modes, "batch_size": 8,
-                         "image_size": 64, "cuda_graphs": True, "compile": None},
+                         "image_size": 64, "cuda_graphs": not host_cost, "host_cost": host_cost, "compile": None},
             "results": results}
 
 
@@ -62,6 +67,26 @@ def test_writes_a_png_with_one_panel_per_mode(tmp_path):
     assert tool.main([str(path), "--out", str(out), "--modes", "train_fp16"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plt.imread(out).shape[0] > 100
+
+
+def test_a_host_cost_run_has_an_eager_and_a_graphed_panel_per_mode(tmp_path):
+    run = _run(random.Random(11), ["train_bf16", "infer_fp16"], host_cost=True)
+    tool = load_tool("plot_benchmarks")
+    panels = tool.points_by_mode(run)
+    assert list(panels) == ["train_bf16 eager", "train_bf16 graphed", "infer_fp16 eager", "infer_fp16 graphed"]
+    expected = run["results"]["defmamba_tiny"]["infer_fp16"]
+    tiny = next(p for p in panels["infer_fp16 graphed"] if p.model == "defmamba_tiny")
+    assert (tiny.peak_memory_gib, tiny.images_per_s) == (expected["graphed_peak_memory_gib"],
+                                                         expected["graphed_images_per_s"])
+    fig = tool.plot_run(run)
+    try:
+        axes = [ax for ax in fig.axes if ax.get_visible()]
+        assert [ax.get_title() for ax in axes] == ["train bf16 eager", "train bf16 graphed", "infer fp16 eager",
+                                                   "infer fp16 graphed"]
+        assert axes[0].get_ylim() == axes[1].get_ylim() and axes[0].get_xlim() == axes[1].get_xlim()
+        assert "eager and CUDA graphs" in fig.get_suptitle()
+    finally:
+        plt.close(fig)
 
 
 def test_names_of_models():

@@ -6,9 +6,10 @@
 
 Each panel is one mode of the run (train_fp16, infer_fp32, ...): x is the peak GPU memory of that
 mode in GiB, y the median images/s, one labelled marker per model; DefMamba is drawn in red and
-larger, each model family (DefMamba, Swin, ConvNeXt) joined by a thin line. The title names the
-card, the date, batch and image size, and whether the steps ran eager, replayed from CUDA graphs
-or compiled; the footer names the JSON. Keys the tool does not know (per-step launch counts, host
+larger, each model family (DefMamba, Swin, ConvNeXt) joined by a thin line. A ``--host-cost`` run
+holds each mode eager and graphed: it gets two panels per mode on the same scales. The title names
+the card, the date, batch and image size, and whether the steps ran eager, replayed from CUDA
+graphs or compiled; the footer names the JSON. Keys the tool does not know (launch counts, host
 times, ...) are ignored, so newer benchmark files plot as well. Needs matplotlib.
 """
 from __future__ import annotations
@@ -36,6 +37,12 @@ class Point(NamedTuple):
     model: str
     peak_memory_gib: float
     images_per_s: float
+
+
+# Where a result keeps its images/s and peak memory: the measurement itself, and in a --host-cost
+# run also the graphed replay of the same step.
+_EAGER_OR_ONLY = ("", "images_per_s", "peak_memory_gib")
+_GRAPHED = (" graphed", "graphed_images_per_s", "graphed_peak_memory_gib")
 
 
 def display_name(model: str) -> tuple[str, str]:
@@ -68,8 +75,9 @@ def load_run(path: Path) -> dict[str, Any]:
 
 
 def points_by_mode(run: dict[str, Any], modes: Optional[list[str]] = None) -> dict[str, list[Point]]:
-    """Markers per mode, in the run's mode order; a mode without a single peak-memory figure
-    (CPU runs record none) has no panel, and failed measurements ({"error": ...}) are left out."""
+    """Markers per panel, in the run's mode order, keyed 'train_fp16' (or, for a --host-cost run,
+    'train_fp16 eager' and 'train_fp16 graphed'). A panel without a single peak-memory figure (CPU
+    runs record none) is left out, and so are failed measurements ({"error": ...})."""
     results: dict[str, dict] = run["results"]
     known = list(run.get("settings", {}).get("modes") or [])
     known += [mode for by_mode in results.values() for mode in by_mode if mode not in known]
@@ -78,18 +86,20 @@ def points_by_mode(run: dict[str, Any], modes: Optional[list[str]] = None) -> di
         if unknown:
             raise BenchmarkFileError(f"modes {unknown} are not in this run; it has {known}")
         known = list(modes)
+    both = bool(run.get("settings", {}).get("host_cost"))
     panels: dict[str, list[Point]] = {}
     for mode in known:
-        points = []
-        for model, by_mode in results.items():
-            result = by_mode.get(mode)
-            if not isinstance(result, dict) or "error" in result:
-                continue
-            peak, speed = result.get("peak_memory_gib"), result.get("images_per_s")
-            if peak is not None and speed is not None:
-                points.append(Point(model, float(peak), float(speed)))
-        if points:
-            panels[mode] = points
+        for suffix, speed_key, peak_key in (_EAGER_OR_ONLY, _GRAPHED):
+            points = []
+            for model, by_mode in results.items():
+                result = by_mode.get(mode)
+                if not isinstance(result, dict) or "error" in result:
+                    continue
+                peak, speed = result.get(peak_key), result.get(speed_key)
+                if peak is not None and speed is not None:
+                    points.append(Point(model, float(peak), float(speed)))
+            if points:
+                panels[mode + (suffix or (" eager" if both else ""))] = points
     if not panels:
         raise BenchmarkFileError(f"no result of modes {known} has both images_per_s and peak_memory_gib; peak "
                                  f"memory is recorded on GPU runs only")
@@ -97,6 +107,8 @@ def points_by_mode(run: dict[str, Any], modes: Optional[list[str]] = None) -> di
 
 
 def _how_it_ran(settings: dict[str, Any]) -> str:
+    if settings.get("host_cost"):
+        return "eager and CUDA graphs"
     if settings.get("cuda_graphs"):
         return "CUDA graphs"
     if settings.get("compile"):
@@ -116,7 +128,7 @@ def _title(run: dict[str, Any], date: Optional[str]) -> str:
     return f"Throughput against peak memory: {head}\n{shape}"
 
 
-def _draw_panel(ax, mode: str, points: list[Point]) -> None:
+def _draw_panel(ax, title: str, points: list[Point], x_max: float, y_max: float) -> None:
     families: dict[str, list[Point]] = {}
     for point in points:
         families.setdefault(display_name(point.model)[0], []).append(point)
@@ -130,11 +142,11 @@ def _draw_panel(ax, mode: str, points: list[Point]) -> None:
         ax.scatter([p.peak_memory_gib for p in members], [p.images_per_s for p in members], color=colour,
                    marker="*" if ours else "o", s=220 if ours else 60, edgecolors="black", linewidths=0.5,
                    zorder=3 if ours else 2)
-    ax.set_title(mode.replace("_", " "), fontsize=11)
+    ax.set_title(title.replace("_", " "), fontsize=11)
     ax.set_xlabel("peak memory (GiB)")
     ax.set_ylabel("images/s")
-    ax.set_xlim(left=0, right=max(p.peak_memory_gib for p in points) * 1.2)
-    ax.set_ylim(bottom=0, top=max(p.images_per_s for p in points) * 1.15)
+    ax.set_xlim(left=0, right=x_max * 1.2)
+    ax.set_ylim(bottom=0, top=y_max * 1.15)
     ax.grid(True, alpha=0.3)
     ax.text(0.02, 0.97, "better ↖", transform=ax.transAxes, fontsize=8, color="gray", va="top")
 
@@ -180,7 +192,8 @@ def _label_points(ax, points: list[Point], renderer) -> None:
 
 def plot_run(run: dict[str, Any], modes: Optional[list[str]] = None, date: Optional[str] = None,
              source: Optional[str] = None):
-    """The figure (one panel per mode with peak memory); the caller saves and closes it."""
+    """The figure (one panel per mode with peak memory, two for a --host-cost run); the caller
+    saves and closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,8 +203,13 @@ def plot_run(run: dict[str, Any], modes: Optional[list[str]] = None, date: Optio
     columns = min(2, len(panels))
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 4.6 * rows), squeeze=False)
-    for ax, (mode, points) in zip(axes.flat, panels.items()):
-        _draw_panel(ax, mode, points)
+    by_mode: dict[str, list[Point]] = {}  # the eager and graphed panels of a mode share their scales
+    for title, points in panels.items():
+        by_mode.setdefault(title.split(" ")[0], []).extend(points)
+    for ax, (title, points) in zip(axes.flat, panels.items()):
+        same_mode = by_mode[title.split(" ")[0]]
+        _draw_panel(ax, title, points, x_max=max(p.peak_memory_gib for p in same_mode),
+                    y_max=max(p.images_per_s for p in same_mode))
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(_title(run, date), fontsize=12)
