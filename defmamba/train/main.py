@@ -99,15 +99,16 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def count_params_and_flops(model: nn.Module, img_size: int) -> tuple[int, float | None]:
+    """Parameters and FLOPs (None when fvcore, which counts them, is not installed)."""
+    from ..flops import count_flops, count_params
+
     try:
-        from ..flops import count_flops, count_params
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # tracing warnings of the counter, not of the model
+            flops, _ = count_flops(model, input_size=(3, img_size, img_size))
     except ImportError:
-        return sum(p.numel() for p in model.parameters()), None
-    n_params = count_params(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")     # tracing warnings of the counter, not of the model
-        flops, _ = count_flops(model, input_size=(3, img_size, img_size))
-    return n_params, flops
+        flops = None
+    return count_params(model), flops
 
 
 def _tensorboard(output_dir: str, logger):
@@ -174,7 +175,7 @@ def _setup_model(config, info: DistInfo, logger) -> nn.Module:
         logger.info(f"model: DefMamba dims {config.MODEL.DEFMAMBA.DIMS} depths {list(config.MODEL.DEFMAMBA.DEPTHS)}, "
                     f"{n_params / 1e6:.2f} M parameters, "
                     + (f"{flops / 1e9:.3f} GFLOPs at {config.DATA.IMG_SIZE}²" if flops is not None
-                       else "FLOPs not counted (defmamba.flops not available)"))
+                       else "FLOPs not counted (install fvcore to count them)"))
     return model
 
 
