@@ -15,10 +15,12 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 import torch
 import torch.nn as nn
+
+from .variants import architecture_of, variant_of
 
 __all__ = ["CheckpointError", "LoadReport", "safe_load", "extract_state_dict", "load_checkpoint", "load_state_dict_checked"]
 
@@ -146,20 +148,8 @@ def _shape_mismatches(model_state: Mapping[str, torch.Tensor], state: Mapping[st
 def _likely_cause(model: nn.Module, state: Mapping[str, torch.Tensor], mismatched: list[str], missing: list[str],
                   unexpected: list[str]) -> str:
     """A one-line guess at why a checkpoint does not fit, for the error message."""
-    from .models.defmamba import VARIANTS
-
-    def signature(keys) -> tuple[Optional[int], tuple[int, ...]]:
-        width = state["patch_embed.5.weight"].shape[0] if "patch_embed.5.weight" in state else None
-        depths = []
-        for i in range(8):
-            blocks = {k.split(".")[3] for k in keys if k.startswith(f"layers.{i}.blocks.")}
-            if not blocks:
-                break
-            depths.append(len(blocks))
-        return width, tuple(depths)
-
-    width, depths = signature(state)
-    variant = next((name for name, spec in VARIANTS.items() if spec.dims == width and spec.depths == depths), None)
+    width, depths = architecture_of(state)
+    variant = variant_of(state)
     found = f"DefMamba-{variant.capitalize()}" if variant else f"a model with width {width} and depths {depths}"
     model_dims = getattr(model, "dims", [None])[0]
     model_depths = getattr(model, "depths", None)

@@ -1,4 +1,5 @@
 """DefMamba model definitions."""
-from .defmamba import VARIANTS, DefMamba, DefMambaBackbone, VariantSpec
+from ..variants import VARIANTS, VariantSpec
+from .defmamba import DefMamba, DefMambaBackbone
 
 __all__ = ["DefMamba", "DefMambaBackbone", "VARIANTS", "VariantSpec"]

@@ -6,7 +6,6 @@ Parameter names match the official checkpoints, which load with ``strict=True``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -16,27 +15,11 @@ from torch.utils.checkpoint import checkpoint
 from ..ops.layer_norm import LayerNorm
 from .blocks import DMBlock, Downsample, PatchEmbed
 
-__all__ = ["DefMamba", "DefMambaBackbone", "VariantSpec", "VARIANTS", "DEFORM_KERNEL_SIZES", "MIN_INPUT_SIZE"]
+__all__ = ["DefMamba", "DefMambaBackbone", "DEFORM_KERNEL_SIZES", "MIN_INPUT_SIZE"]
 
 DEFORM_KERNEL_SIZES = (9, 7, 5, 3)  # offset-network kernel of each stage
 MIN_INPUT_SIZE = 32
 NO_WEIGHT_DECAY_NAMES = ("A_logs", "Ds", "dt_projs_bias", "rpe_table")
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    """Architecture of one published variant."""
-
-    dims: int
-    depths: tuple[int, ...]
-    drop_path_rate: float
-
-
-VARIANTS = {
-    "tiny": VariantSpec(dims=48, depths=(2, 2, 5, 2), drop_path_rate=0.2),
-    "small": VariantSpec(dims=96, depths=(2, 2, 6, 2), drop_path_rate=0.2),
-    "base": VariantSpec(dims=96, depths=(2, 3, 16, 2), drop_path_rate=0.4),
-}
 
 
 class Stage(nn.Module):

@@ -17,7 +17,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import FeatureGetterNet
 
 from ..checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, safe_load
-from .defmamba import VARIANTS, DefMamba
+from ..variants import VARIANTS
+from .defmamba import DefMamba
 
 __all__ = ["build_model", "checkpoint_filter_fn", "OFFICIAL_RELEASE", "OFFICIAL_CHECKPOINTS"]
 
