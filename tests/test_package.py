@@ -1,4 +1,5 @@
-"""Packaging contracts: the one-way import between the checkpoint loader and the model registry."""
+"""Packaging contracts: the torch floor checked at import and stated in pyproject.toml, and the
+one-way import between the checkpoint loader and the model registry."""
 from __future__ import annotations
 
 import ast
@@ -8,9 +9,41 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from defmamba import torch_version
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "defmamba"
+
+
+MAJOR, MINOR = torch_version.MIN_TORCH
+FLOOR = f"{MAJOR}.{MINOR}"
+
+
+@pytest.mark.parametrize("found", [f"{MAJOR}.{MINOR - 1}.1", f"{MAJOR}.{MINOR - 1}.1+cu124", f"{MAJOR - 1}.13.0"])
+def test_torch_older_than_the_floor_is_refused_with_the_fix(monkeypatch, found):
+    monkeypatch.setattr(torch, "__version__", found)
+    with pytest.raises(ImportError) as err:
+        torch_version.check_torch_version()
+    assert str(err.value) == f"defmamba needs torch>={FLOOR} (found {found}); upgrade with pip install -U torch"
+
+
+@pytest.mark.parametrize("found", [f"{FLOOR}.0", f"{FLOOR}.0a0+git4f3c2b1", f"{MAJOR}.{MINOR + 4}.0+cpu",
+                                   f"{MAJOR + 1}.0.0"])
+def test_torch_at_or_above_the_floor_passes(monkeypatch, found):
+    monkeypatch.setattr(torch, "__version__", found)
+    torch_version.check_torch_version()  # e.g. "2.10" must not compare below "2.6" as strings do
+
+
+def test_pyproject_states_the_same_torch_floor():
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch_req = next(Requirement(r) for r in project["dependencies"] if Requirement(r).name == "torch")
+    floors = [spec.version for spec in torch_req.specifier if spec.operator == ">="]
+    assert floors == [FLOOR]
 
 
 def _defmamba_imports(module: str) -> set[str]:
