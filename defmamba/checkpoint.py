@@ -5,7 +5,8 @@ A checkpoint is untrusted input. Files are read with ``torch.load(weights_only=T
 only extra classes allowed are the plain containers that real checkpoints carry (the official
 files hold a yacs ``CfgNode``; mmengine's hold its config and message-hub objects). Anything
 else is refused with the class named, unless the caller opts in with ``allow_pickle=True``
-for a file they trust.
+for a file they trust. ``.safetensors`` files (tensors only, no pickle; made from a ``.pth`` by
+tools/convert_checkpoint.py) are read with the safetensors package.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ __all__ = ["CheckpointError", "LoadReport", "safe_load", "extract_state_dict", "
 
 StateDict = dict[str, torch.Tensor]
 PathLike = Union[str, os.PathLike]
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -69,8 +71,24 @@ def _numpy_array_globals() -> list:
     return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtype_classes]
 
 
+def _load_safetensors(path: Path, map_location: Any) -> StateDict:
+    """The tensors of a ``.safetensors`` file, on ``map_location`` when it names a device, else on the CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: it is not a valid .safetensors file; it is "
+                              f"truncated or corrupt ({err})") from err
+
+
 def safe_load(path: PathLike, allow_pickle: bool = False, map_location: Any = "cpu") -> Any:
     """Read a checkpoint file with ``weights_only=True`` and a small allowlist of plain classes.
+
+    A ``.safetensors`` file holds one set of weights and is returned as ``{'model': weights}``,
+    the layout of the official files, so everything that takes those takes it.
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or holds a class outside the
@@ -79,6 +97,8 @@ def safe_load(path: PathLike, allow_pickle: bool = False, map_location: Any = "c
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return {"model": _load_safetensors(path, map_location)}
     if allow_pickle:
         try:
             return torch.load(path, map_location=map_location, weights_only=False)
@@ -96,8 +116,9 @@ def safe_load(path: PathLike, allow_pickle: bool = False, map_location: Any = "c
                 "types allowed in checkpoints. If you trust this file, load it with allow_pickle=True "
                 "(command line: --unsafe-load); this runs arbitrary code from the file.") from err
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt ({err})") from err
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt ({err})") from err
+    except Exception as err:  # the weights-only unpickler fails in many ways (IndexError, ...) on bytes that are no checkpoint
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt, or not a PyTorch "
+                              f"checkpoint ({type(err).__name__}: {err})") from err
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -192,8 +213,8 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, A
     """Load weights from a file or an already loaded checkpoint object into ``model``.
 
     Accepts the official format (``{'model': ..., 'model_ema': ...}``; ``key='model_ema'`` picks
-    the EMA weights), our training checkpoints, mmengine's ``state_dict`` and plain state dicts,
-    with or without a DDP ``module.`` prefix. Loads strictly by default.
+    the EMA weights), our training checkpoints, mmengine's ``state_dict``, plain state dicts and
+    ``.safetensors`` files, with or without a DDP ``module.`` prefix. Loads strictly by default.
 
     Raises:
         CheckpointError: unreadable file, no weights in it, or weights that do not fit the model

@@ -10,44 +10,16 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from checkpoint_fixtures import authors_config, official_tensors
 from timm.scheduler.cosine_lr import CosineLRScheduler
-from yacs.config import CfgNode
 
 import defmamba
 from defmamba.checkpoint import CheckpointError, load_checkpoint
 
-KEYS_TINY = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys_tiny.txt"
-if not KEYS_TINY.is_file():
-    KEYS_TINY = Path("/work/shared/reference/keys_tiny.txt")
-
-
-def _official_tensors(seed: int) -> dict[str, torch.Tensor]:
-    """Random weights under the official DefMamba-T key names and shapes (from the reference key list)."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for line in KEYS_TINY.read_text().splitlines():
-        name, shape = line.split("\t")
-        dims = [int(d) for d in shape.strip("[]").split(",") if d.strip()]
-        state[name] = torch.randn(*dims, generator=g) * 0.02
-    return state
-
-
-def _authors_config() -> CfgNode:
-    """A yacs config shaped like the authors' (nested nodes, lists, floats, strings, bools)."""
-    return CfgNode({
-        "MODEL": CfgNode({"TYPE": "vssm", "NAME": "defmamba_tiny", "NUM_CLASSES": 1000, "DROP_PATH_RATE": 0.2,
-                          "VSSM": CfgNode({"EMBED_DIM": 48, "DEPTHS": [2, 2, 5, 2], "D_STATE": 1,
-                                           "SSM_RATIO": 1.0, "PATCH_NORM": True})}),
-        "DATA": CfgNode({"IMG_SIZE": 224, "DATASET": "imagenet", "INTERPOLATION": "bicubic"}),
-        "TRAIN": CfgNode({"EPOCHS": 300, "BASE_LR": 1e-3, "WEIGHT_DECAY": 0.05,
-                          "OPTIMIZER": CfgNode({"NAME": "adamw", "BETAS": (0.9, 0.999)})}),
-        "AMP_ENABLE": True, "OUTPUT": "output/defmamba_tiny", "TAG": "default",
-    })
-
 
 @pytest.fixture(scope="module")
 def official_file(tmp_path_factory) -> tuple[Path, dict, dict]:
-    weights, ema = _official_tensors(0), _official_tensors(1)
+    weights, ema = official_tensors(0), official_tensors(1)
     params = [torch.nn.Parameter(v.clone()) for v in weights.values() if v.dim() > 0]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     sum(p.sum() for p in params).backward()
@@ -57,7 +29,7 @@ def official_file(tmp_path_factory) -> tuple[Path, dict, dict]:
     path = tmp_path_factory.mktemp("official") / "defmamba_tiny.pth"
     torch.save({"model": weights, "model_ema": ema, "optimizer": optimizer.state_dict(),
                 "lr_scheduler": scheduler.state_dict(), "max_accuracy": 78.61, "epoch": 299,
-                "max_accuray_ema": 78.7, "config": _authors_config()}, path)
+                "max_accuray_ema": 78.7, "config": authors_config()}, path)
     return path, weights, ema
 
 
