@@ -15,19 +15,12 @@ import torch
 from torch import nn
 
 from .cuda_graphs import capture_cuda_graph, require_cuda_for_graphs
-from .models.registry import build_model
 
-__all__ = ["MODES", "ab_table_row", "cuda_time_ms", "host_cost", "measure_model", "measure_throughput"]
+__all__ = ["host_cost", "measure_throughput"]
 
 # CUDA runtime / driver calls that launch one kernel each (cuBLAS, cuDNN, ATen and Triton launches).
 _LAUNCH_CALLS = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
                            "cudaLaunchCooperativeKernel"})
-
-# Benchmark mode name → (measure_throughput's mode, autocast dtype or None).
-MODES = {
-    "infer_fp32": ("infer", None), "infer_fp16": ("infer", torch.float16), "infer_bf16": ("infer", torch.bfloat16),
-    "train_fp32": ("train", None), "train_fp16": ("train", torch.float16), "train_bf16": ("train", torch.bfloat16),
-}
 
 
 def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype], cache_enabled: bool = True):
@@ -186,41 +179,3 @@ def _busy_ms(intervals: list[tuple[float, float]]) -> float:
             total += end - max(start, reach)
             reach = end
     return total / 1000.0
-
-
-def _event_time_ms(fn: Callable[[], object]) -> float:
-    """CUDA time of one call of ``fn`` on the current stream, from events around it."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
-def cuda_time_ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 20) -> float:
-    """Median CUDA-event time (ms) of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    return statistics.median(_event_time_ms(fn) for _ in range(repeats))
-
-
-def measure_model(name: str, mode: str, batch_size: int = 128, warmup: int = 3, repeats: int = 5,
-                  iters_per_window: int = 3) -> dict:
-    """``measure_throughput`` of a freshly built DefMamba variant on the GPU at 224² in one of
-    :data:`MODES`; the model is freed afterwards (A/B runs measure one model after another)."""
-    kind, amp_dtype = MODES[mode]
-    model = build_model(name).cuda()
-    try:
-        return measure_throughput(model, batch_size, 224, mode=kind, amp_dtype=amp_dtype, warmup=warmup,
-                                  repeats=repeats, iters_per_window=iters_per_window)
-    finally:
-        del model
-        torch.cuda.empty_cache()
-
-
-def ab_table_row(model: str, mode: str, base: dict, new: dict) -> str:
-    """A markdown row of an A/B: model, mode, both images/s, the change and both peaks (GiB)."""
-    peaks = "/".join(f"{r['peak_memory_gib']:.2f}" if r.get("peak_memory_gib") else "-" for r in (base, new))
-    return (f"| {model} | {mode} | {base['images_per_s']:.1f} | {new['images_per_s']:.1f} | "
-            f"{new['images_per_s'] / base['images_per_s'] - 1:+.1%} | {peaks} |")

@@ -196,3 +196,23 @@ def test_host_cost_counts_launches_and_times_the_step():
     assert 100 < result["launches_per_step"] < 5000
     assert result["host_ms_per_step"] > 0 and result["gpu_ms_per_step"] > 0
     assert result["gpu_ms_per_step"] < result["ms_per_iter"] * 3
+
+
+def test_ab_table_row_reports_both_rates_the_change_and_the_peaks():
+    helpers = load_tool("benchmark_helpers")
+    base_rate, new_rate = 100 + 900 * torch.rand(2).double()
+    base = {"images_per_s": base_rate.item(), "peak_memory_gib": 5.25}
+    new = {"images_per_s": new_rate.item(), "peak_memory_gib": None}
+    cells = [c.strip() for c in helpers.ab_table_row("defmamba_tiny", "train_bf16", base, new).strip("|").split("|")]
+    assert cells[:2] == ["defmamba_tiny", "train_bf16"]
+    assert float(cells[2]) == pytest.approx(base_rate.item(), abs=0.05)
+    assert float(cells[3]) == pytest.approx(new_rate.item(), abs=0.05)
+    assert float(cells[4].rstrip("%")) == pytest.approx(100 * (new_rate / base_rate - 1).item(), abs=0.05)
+    assert cells[5] == "5.25/-"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("tool", ["benchmark_sampling", "benchmark_depthwise_conv"])
+def test_ab_benchmarks_load_their_helpers_and_refuse_without_a_gpu(tool, capsys):
+    assert load_tool(tool).main(["--models", "defmamba_tiny"]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from defmamba.benchmark import MODES
+from benchmark_helpers import MODES
 
 DEFAULT_MODELS = ["defmamba_tiny", "defmamba_small", "defmamba_base"]
 DEFAULT_PEERS = ["convnext_tiny", "convnext_small", "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224"]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import defmamba
-from defmamba.benchmark import MODES, ab_table_row, cuda_time_ms, measure_model
+from benchmark_helpers import MODES, ab_table_row, cuda_time_ms, measure_model
 from defmamba.ops import triton_support
 from defmamba.ops.depthwise_conv import DepthwiseConv2d, cudnn_formulation, depthwise_conv2d
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from defmamba.benchmark import MODES, ab_table_row, measure_model
+from benchmark_helpers import MODES, ab_table_row, measure_model
 from defmamba.ops import deformable_sampling, triton_support
 
 DEFAULT_MODES = ["infer_fp32", "infer_fp16", "train_fp16", "train_bf16"]
