@@ -11,13 +11,14 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py requirements.txt
+$(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
-# Optional OpenMMLab stack for detection/ and segmentation/ (mmcv built from source, wheel cached).
+# Optional OpenMMLab stack for detection/ and segmentation/: the `mm` extra, mmengine and mmcv
+# (built from source, wheel cached).
 mm: $(VENV)/.mm-installed
 
 $(VENV)/.mm-installed: $(VENV)/.installed tools/install_mm.sh

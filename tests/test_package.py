@@ -98,3 +98,22 @@ def test_module_imports_first_in_a_fresh_interpreter(module):
     result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
+
+
+def test_build_backend_asks_for_ninja_only_when_it_compiles_the_extension(monkeypatch):
+    import importlib.util
+
+    kernel_dir = ROOT / "kernels" / "selective_scan"
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("DEFMAMBA_BUILD_CUDA", raising=False)
+    spec = importlib.util.spec_from_file_location("defmamba_build_backend", kernel_dir / "_build_backend.py")
+    backend = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(backend)
+    for hook in ("get_requires_for_build_wheel", "get_requires_for_build_editable"):
+        monkeypatch.setattr(backend._setuptools, hook, lambda config_settings=None: ["setuptools-own"])
+    assert backend.get_requires_for_build_wheel() == ["setuptools-own"]  # the library, pure Python
+    monkeypatch.setenv("DEFMAMBA_BUILD_CUDA", "1")
+    assert backend.get_requires_for_build_editable() == ["setuptools-own", "ninja"]  # the library with the extension
+    monkeypatch.delenv("DEFMAMBA_BUILD_CUDA")
+    monkeypatch.chdir(kernel_dir)
+    assert backend.get_requires_for_build_wheel() == ["setuptools-own", "ninja"]  # the extension package

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install the optional OpenMMLab stack used by detection/ and segmentation/:
-#   mmengine 0.10.7, mmcv 2.1.0 (compiled ops, built from the PyPI sdist against
-#   the installed torch), mmdet 3.3.0, mmsegmentation 1.2.2 and their runtime deps.
+#   the library's `mm` extra (mmdet 3.3.0, mmsegmentation 1.2.2 and the run-time dependencies of
+#   the stack, listed in pyproject.toml), then mmengine 0.10.7 and mmcv 2.1.0 (compiled ops, built
+#   from the PyPI sdist against the installed torch) without their own dependency lists.
 #
 # Usage: tools/install_mm.sh [--force-build]
-#   VENV=/path/to/venv          virtual environment to install into
+#   VENV=/path/to/venv          virtual environment to install into, with defmamba installed
 #                               (default: the repository's .venv)
 #   DEFMAMBA_WHEEL_CACHE=DIR    root of the mmcv wheel cache
 #                               (default: ~/.cache/defmamba/wheels)
@@ -13,9 +14,9 @@
 #   --force-build               rebuild mmcv from source even if a cached wheel exists
 #
 # Nothing here touches torch or numpy: both are pinned to the versions already
-# installed, and the OpenMMLab packages are installed with --no-deps next to an
-# explicit list of their runtime dependencies. setuptools is held below 81 (still
-# satisfying torch's >= 77.0.3) because mmengine and mmcv's build need pkg_resources.
+# installed. mmengine is installed without its dependencies because it asks for
+# opencv-python, which would sit next to the headless OpenCV of the extra; mmcv
+# because its wheel is built here.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +26,7 @@ FORCE_BUILD=0
 for arg in "$@"; do
   case "$arg" in
     --force-build) FORCE_BUILD=1 ;;
-    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "install_mm.sh: unknown argument '$arg' (only --force-build is accepted)" >&2; exit 2 ;;
   esac
 done
@@ -58,13 +59,29 @@ printf 'torch==%s\nnumpy==%s\n' "$TORCH_VERSION" "$NUMPY_VERSION" > "$WORK/const
 
 echo "== installing into $VENV (torch $TORCH_VERSION, numpy $NUMPY_VERSION, mmcv ops: $FLAVOUR)"
 
-# 1. Runtime dependencies of the OpenMMLab packages, listed explicitly. mmengine (config
-#    `mmdet::`/`mmseg::` lookups) and mmcv's setup.py import pkg_resources, which setuptools
-#    >= 81 no longer ships.
-"${PIP[@]}" install -c "$WORK/constraints.txt" 'setuptools<81' \
-  addict yapf rich termcolor pyyaml packaging Pillow matplotlib scipy \
-  'opencv-python-headless>=3' pycocotools shapely six terminaltables tqdm \
-  prettytable ftfy regex
+# 1. The library's `mm` extra (read from the installed defmamba's metadata, so pyproject.toml
+#    stays the one list): mmdet, mmsegmentation and what the stack needs at run time.
+MM_REQUIREMENTS="$("$PY" - <<'EOF'
+import sys
+from importlib.metadata import PackageNotFoundError, requires
+
+from packaging.requirements import Requirement
+
+try:
+    declared = requires("defmamba") or []
+except PackageNotFoundError:
+    sys.exit("install_mm.sh: defmamba is not installed in this environment; install it first: pip install -e '.[mm]'")
+for line in declared:
+    marker = Requirement(line).marker
+    if marker is not None and marker.evaluate({"extra": "mm"}) and not marker.evaluate({"extra": ""}):
+        print(line.split(";")[0].strip())
+EOF
+)"
+[[ -n "$MM_REQUIREMENTS" ]] || {
+  echo "install_mm.sh: the defmamba installed in $VENV declares no 'mm' extra; reinstall it from this checkout: pip install -e '.[mm]'" >&2
+  exit 1; }
+mapfile -t MM_REQUIREMENTS <<< "$MM_REQUIREMENTS"
+"${PIP[@]}" install -c "$WORK/constraints.txt" "${MM_REQUIREMENTS[@]}"
 
 # 2. mmengine (pure python).
 "${PIP[@]}" install -c "$WORK/constraints.txt" --no-deps 'mmengine==0.10.7'
@@ -107,10 +124,7 @@ else
 fi
 "${PIP[@]}" install -c "$WORK/constraints.txt" --no-deps --force-reinstall "$WHEEL"
 
-# 4. mmdet and mmsegmentation (pure python).
-"${PIP[@]}" install -c "$WORK/constraints.txt" --no-deps 'mmdet==3.3.0' 'mmsegmentation==1.2.2'
-
-# 5. Check the stack imports and the compiled ops load.
+# 4. Check the stack imports and the compiled ops load.
 "$PY" - <<'EOF'
 import mmcv, mmdet, mmengine, mmseg
 from mmcv.ops import RoIAlign, nms  # noqa: F401  (compiled ops)
