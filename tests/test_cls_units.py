@@ -455,3 +455,16 @@ def test_parameters_are_counted_and_flops_skipped_without_fvcore(monkeypatch):
     monkeypatch.setitem(sys.modules, "fvcore.nn", None)
     n_params, flops = app_main.count_params_and_flops(model, 32)
     assert flops is None and n_params == sum(p.numel() for p in model.parameters())
+
+
+def test_the_app_without_the_train_extra_names_the_install_command():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['yacs'] = None\n"
+            "import importlib.util as u; real = u.find_spec\n"
+            "u.find_spec = lambda name, *a: None if name == 'yacs' else real(name, *a)\n"
+            "import defmamba.train.main")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "needs yacs" in proc.stderr and "pip install 'defmamba[train]'" in proc.stderr
