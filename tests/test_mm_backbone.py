@@ -134,7 +134,7 @@ class _LooksUpAnotherMethod:
 def test_mmengine_checkpoints_load_but_other_getattr_lookups_are_refused(tmp_path):
     from mmengine.logging import HistoryBuffer, MessageHub
 
-    from defmamba.mm_runner import _safe_local_loader
+    from defmamba.mm.checkpoint import _safe_local_loader
 
     hub = MessageHub("test_hub")
     hub.update_scalar("train/loss", 0.5)

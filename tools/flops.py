@@ -79,7 +79,7 @@ def count_task(task: str, model_name: str, config: Optional[str], size: tuple[in
         print(f"error: config {config_path} not found; pass --config PATH", file=sys.stderr)
         return 2
     try:
-        from defmamba.mm_runner import count_task_flops
+        from defmamba.mm.runner import count_task_flops
 
         total = count_task_flops(task, str(config_path), (3, *size))
     except ImportError as err:
