@@ -17,7 +17,7 @@ from torch import nn
 
 from ..models import DefMambaBackbone
 
-__all__ = ["MM_DefMamba"]
+__all__ = ["MM_DefMamba", "pretrained_init_cfg"]
 
 _REGISTRIES = []
 try:
@@ -41,6 +41,42 @@ from mmengine.logging import print_log  # noqa: E402  (mmengine comes with mmdet
 from .checkpoint import BackboneLoadReport, load_backbone_weights  # noqa: E402
 
 
+_INIT_CFG_FORM = "dict(type='Pretrained', checkpoint=PATH[, key='auto'|'model'|'model_ema'])"
+
+
+def pretrained_init_cfg(pretrained: Optional[str], init_cfg: Optional[Mapping]) -> Optional[dict]:
+    """The backbone's ``init_cfg`` from its ``pretrained`` and ``init_cfg`` arguments.
+
+    ``pretrained=PATH`` (the VMamba-family argument; ``--cfg-options model.backbone.pretrained=PATH``)
+    names the checkpoint: alone it stands for ``dict(type='Pretrained', checkpoint=PATH)``; beside a
+    Pretrained ``init_cfg`` (our configs carry one naming the default file) it replaces that
+    checkpoint and keeps the other entries (``key``). An ``init_cfg`` of another kind next to
+    ``pretrained`` contradicts it and is an error, as is any ``init_cfg`` but None or a Pretrained one.
+    """
+    if pretrained is not None and not isinstance(pretrained, str):
+        raise ValueError(f"MM_DefMamba pretrained must be the path or URL of a checkpoint (or None), got {pretrained!r}")
+    if init_cfg is not None and not isinstance(init_cfg, Mapping):
+        raise ValueError(f"MM_DefMamba init_cfg must be None or {_INIT_CFG_FORM}, got {init_cfg!r}. --cfg-options "
+                         "cannot write a dict in braces: set its entries one by one, e.g. "
+                         "model.backbone.init_cfg.key=model_ema")
+    if pretrained is not None:
+        kind = (init_cfg or {}).get("type", "Pretrained")
+        if kind != "Pretrained":
+            raise ValueError(f"MM_DefMamba got pretrained={pretrained!r} and init_cfg={dict(init_cfg)!r}, which "
+                             "disagree: pretrained loads a checkpoint; drop one of them")
+        replaced = (init_cfg or {}).get("checkpoint")
+        if replaced and replaced != pretrained:
+            print_log(f"MM_DefMamba: pretrained={pretrained!r} replaces init_cfg's checkpoint {replaced!r}",
+                      logger="current")
+        init_cfg = {**(init_cfg or {}), "type": "Pretrained", "checkpoint": pretrained}
+    if init_cfg is None:
+        return None
+    if init_cfg.get("type") != "Pretrained" or not init_cfg.get("checkpoint"):
+        raise ValueError(f"MM_DefMamba init_cfg must be None or {_INIT_CFG_FORM}, got {dict(init_cfg)!r}; "
+                         "the backbone initialises its own weights otherwise")
+    return dict(init_cfg)
+
+
 class MM_DefMamba(DefMambaBackbone):  # noqa: N801  (OpenMMLab registry naming)
     """DefMamba backbone for mmdet/mmseg detectors and segmentors.
 
@@ -49,8 +85,8 @@ class MM_DefMamba(DefMambaBackbone):  # noqa: N801  (OpenMMLab registry naming)
             as :class:`~defmamba.DefMambaBackbone`.
         frozen_stages: -1 trains everything; k ≥ 0 freezes the patch embedding and, for k ≥ 1,
             stages ``0 .. k-1`` with their ``outnorm``s (kept in eval mode and without gradients).
-        pretrained: path or URL of a checkpoint to load in :meth:`init_weights` (shortcut for
-            ``init_cfg=dict(type='Pretrained', checkpoint=...)``).
+        pretrained: path or URL of a checkpoint to load in :meth:`init_weights`: the checkpoint of
+            the Pretrained ``init_cfg`` (see :func:`pretrained_init_cfg`).
         init_cfg: ``None`` or ``dict(type='Pretrained', checkpoint=PATH, [key='auto'|'model'|'model_ema'])``.
         allow_pickle: load a trusted checkpoint that carries classes outside the safe allowlist.
     """
@@ -61,15 +97,7 @@ class MM_DefMamba(DefMambaBackbone):  # noqa: N801  (OpenMMLab registry naming)
                  pretrained: Optional[str] = None, init_cfg: Optional[dict] = None, allow_pickle: bool = False) -> None:
         super().__init__(dims=dims, depths=depths, out_indices=out_indices, drop_path_rate=drop_path_rate,
                          d_state=d_state, mlp_ratio=mlp_ratio, in_chans=in_chans, use_checkpoint=use_checkpoint)
-        if pretrained is not None and init_cfg is not None:
-            raise ValueError("give either pretrained=PATH or init_cfg=dict(type='Pretrained', checkpoint=PATH), not both")
-        if pretrained is not None:
-            init_cfg = dict(type="Pretrained", checkpoint=pretrained)
-        if init_cfg is not None:
-            if not isinstance(init_cfg, Mapping) or init_cfg.get("type") != "Pretrained" or not init_cfg.get("checkpoint"):
-                raise ValueError(f"MM_DefMamba init_cfg must be None or dict(type='Pretrained', checkpoint=PATH), "
-                                 f"got {init_cfg!r}; the backbone initialises its own weights otherwise")
-            init_cfg = dict(init_cfg)
+        init_cfg = pretrained_init_cfg(pretrained, init_cfg)
         if not -1 <= frozen_stages <= len(self.layers):
             raise ValueError(f"frozen_stages must be in [-1, {len(self.layers)}], got {frozen_stages}")
         self.init_cfg = init_cfg

@@ -117,9 +117,10 @@ def _resolve_source(source: str) -> str:
         return target
     path = os.path.expanduser(source)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone checkpoint {source!r} does not exist; pass the path of an official "
-                                "DefMamba classification checkpoint (e.g. defmamba_small.pth) or set "
-                                "pretrained=None to start from random weights")
+        raise FileNotFoundError(f"backbone checkpoint {source!r} does not exist; put the official DefMamba "
+                                "classification checkpoint there (docs/pretrained.md), name another file with "
+                                "--cfg-options model.backbone.pretrained=PATH, or start from random weights with "
+                                "--cfg-options model.backbone.init_cfg=None (and no model.backbone.pretrained)")
     return path
 
 
