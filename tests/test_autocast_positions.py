@@ -111,12 +111,13 @@ def _backbone_under_autocast(device: str, dtype: torch.dtype, height: int, width
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("height,width", [(224, 224), (800, 1344), (1344, 800), (1056, 1088)])
+@pytest.mark.parametrize("height,width", [(224, 224), (800, 1344), (1344, 800), (1064, 1096)])
 def test_backbone_under_autocast_gpu(dtype, height, width):
-    """Small widths, detection-sized inputs: 800 × 1344 and 1344 × 800 have 67,200 stage-1 tokens,
-    beyond float16's largest finite value, 1056 × 1088 has 71,808 (odd stage sizes: 264 × 272 →
-    33 × 34 at stage 4). Forward and backward are finite, and each deformable layer's positions
-    and order are those of float32 positions from the same offsets."""
+    """Small widths, one block per stage. 224²: 3,136 stage-1 tokens, beyond float16's exact
+    neighbour spacing; 800 × 1344 and 1344 × 800: 67,200, beyond float16's largest finite value;
+    1064 × 1096: 72,884 with odd sizes further down (266 × 274 → 133 × 137 → 67 × 69 → 34 × 35).
+    Forward and backward are finite, and each deformable layer's positions and order are those
+    of float32 positions from the same offsets."""
     features, grad, model, layers = _backbone_under_autocast("cuda", dtype, height, width)
     assert all(torch.isfinite(f).all() for f in features)
     assert torch.isfinite(grad).all()
