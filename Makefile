@@ -18,10 +18,10 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 # Optional OpenMMLab stack for detection/ and segmentation/: the `mm` extra, mmengine and mmcv
-# (built from source, wheel cached).
+# (built from source, wheel cached; CUDA ops where a GPU is visible or FORCE_CUDA=1, see tools/install_mm.sh).
 mm: $(VENV)/.mm-installed
 
-$(VENV)/.mm-installed: $(VENV)/.installed tools/install_mm.sh
+$(VENV)/.mm-installed: $(VENV)/.installed tools/install_mm.sh tools/check_mm.py
 	VENV=$(VENV) bash tools/install_mm.sh
 	touch $@
 

@@ -1,5 +1,5 @@
 """Train a DefMamba segmentor (command line of OpenMMLab's tools/train.py; see README.md)."""
-from defmamba.mm_runner import train
+from defmamba.mm.runner import train
 
 if __name__ == "__main__":
     train("seg")

@@ -207,3 +207,27 @@ def test_cli_segmentation_task(capsys):
     backbone, _ = count_flops(defmamba.DefMambaBackbone(dims=48, depths=(2, 2, 5, 2)), input_size=(3, 64, 96))
     assert gflops > backbone / 1e9  # the backbone plus a decoder at full resolution
     assert "paper" not in out  # the paper's 950 G is for 512×2048 only
+
+
+@pytest.mark.parametrize("argv,config,paper", [
+    (["--task", "det"], "mask-rcnn_defmamba-t_fpn_1x_coco.py", "DefMamba-S only"),
+    (["--task", "det", "--model", "defmamba_small"], "mask-rcnn_defmamba-s_fpn_1x_coco.py", "(paper, DefMamba-S: 273G)"),
+    (["--task", "seg", "--model", "defmamba_base"], "upernet_defmamba-b_8xb2-160k_ade20k-512x512.py", "DefMamba-S only"),
+    (["--task", "seg", "--config", str(REPO / "configs" / "segmentation" / "upernet_defmamba-s_8xb2-160k_ade20k-512x512.py")],
+     "upernet_defmamba-s_8xb2-160k_ade20k-512x512.py", "(paper, DefMamba-S: 950G)"),
+])
+def test_cli_task_prints_the_paper_number_of_the_counted_variant(argv, config, paper, monkeypatch, capsys):
+    """The paper gives detection/segmentation FLOPs for DefMamba-S alone: beside a count of another
+    variant's config it says so rather than print S's number. (The count itself is stubbed: what
+    is checked is which config is counted and what is printed beside it.)"""
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmseg")
+    import defmamba.mm.runner as runner
+
+    counted = []
+    monkeypatch.setattr(runner, "count_task_flops", lambda task, path, shape: counted.append(Path(path).name) or 2.5e11)
+    assert _load_tool().main(argv) == 0
+    out = capsys.readouterr().out
+    assert counted == [config] and f"with {config}" in out and "250.0 G" in out
+    assert paper in out
+    assert ("273G" in out) == ("273G" in paper) and ("950G" in out) == ("950G" in paper)

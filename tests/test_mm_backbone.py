@@ -1,5 +1,8 @@
-"""The mmdet/mmseg backbone wrapper: registration, official-checkpoint loading, frozen stages."""
+"""The mmdet/mmseg backbone wrapper: registration, official-checkpoint loading, frozen stages,
+and every documented way of choosing its weights on the command line."""
+import re
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 import torch
@@ -134,7 +137,7 @@ class _LooksUpAnotherMethod:
 def test_mmengine_checkpoints_load_but_other_getattr_lookups_are_refused(tmp_path):
     from mmengine.logging import HistoryBuffer, MessageHub
 
-    from defmamba.mm_runner import _safe_local_loader
+    from defmamba.mm.checkpoint import _safe_local_loader
 
     hub = MessageHub("test_hub")
     hub.update_scalar("train/loss", 0.5)
@@ -152,3 +155,102 @@ def test_mmengine_checkpoints_load_but_other_getattr_lookups_are_refused(tmp_pat
         _safe_local_loader(allow_pickle=False)(str(evil))
     with pytest.raises(CheckpointError):
         load_backbone_weights(MM_DefMamba(dims=16, depths=(1, 1, 1, 1)), str(evil))
+
+
+# ---------------------------------------------------------------- the documented --cfg-options
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DET_CONFIG = REPO / "configs" / "detection" / "mask-rcnn_defmamba-t_fpn_1x_coco.py"
+WEIGHT_DOCS = (REPO / "docs" / "pretrained.md", REPO / "detection" / "README.md", REPO / "segmentation" / "README.md")
+DOCUMENTED_PATH = "/path/to/defmamba_small.pth"
+# What each documented option set loads: (file, entry); "config" is the file the config names,
+# "named" the one on the command line; None: no checkpoint is read.
+DOCUMENTED_WEIGHT_OPTIONS = {
+    ("model.backbone.pretrained=" + DOCUMENTED_PATH,): ("named", "model"),
+    ("model.backbone.init_cfg.key=model_ema",): ("config", "model_ema"),
+    ("model.backbone.pretrained=" + DOCUMENTED_PATH, "model.backbone.init_cfg.key=model_ema"): ("named", "model_ema"),
+    ("model.backbone.init_cfg=None",): None,
+}
+# Value added to every tensor of each (file, entry), so the loaded weights tell which one was read.
+SHIFTS = {("config", "model"): 0.0, ("config", "model_ema"): 1.0, ("named", "model"): 10.0, ("named", "model_ema"): 11.0}
+
+
+def _documented_weight_options() -> set[tuple[str, ...]]:
+    """Every `--cfg-options model.backbone.…` set that the docs show."""
+    pattern = re.compile(r"--cfg-options((?:\s+model\.backbone\.[\w.]+=[^\s`]+)+)")
+    return {tuple(m.group(1).split()) for doc in WEIGHT_DOCS for m in pattern.finditer(doc.read_text())}
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """The Tiny config's default file (pretrained/defmamba_tiny.pth under a working directory) and a
+    file stored elsewhere, both in the authors' layout, and the untouched weights."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in defmamba.DefMamba(**TINY).state_dict().items()}
+    files = {"config": root / "work" / "pretrained" / "defmamba_tiny.pth", "named": root / "elsewhere" / "tiny.pth"}
+    for which, path in files.items():
+        path.parent.mkdir(parents=True)
+        torch.save({entry: {k: v + SHIFTS[which, entry] for k, v in state.items()} for entry in ("model", "model_ema")},
+                   path)
+    return root / "work", files["named"], state
+
+
+def _backbone_from_command_line(cfg_options: Sequence[str]) -> MM_DefMamba:
+    """The backbone as detection/train.py builds it from the Tiny config and these --cfg-options,
+    after the runner's init_weights."""
+    from mmdet.registry import MODELS
+
+    from defmamba.mm.runner import _train_parser, load_task_config
+
+    args = _train_parser("det").parse_args([str(TINY_DET_CONFIG), *(["--cfg-options", *cfg_options] if cfg_options else [])])
+    cfg = load_task_config("det", args.config, args.cfg_options)
+    backbone = MODELS.build(cfg.model.backbone)
+    backbone.init_weights()
+    return backbone
+
+
+def test_every_documented_weight_option_is_tested():
+    assert _documented_weight_options() == set(DOCUMENTED_WEIGHT_OPTIONS)
+
+
+@pytest.mark.parametrize("options", sorted(DOCUMENTED_WEIGHT_OPTIONS), ids=" ".join)
+def test_documented_weight_options_load_what_the_docs_say(options, weight_files, monkeypatch):
+    workdir, named, state = weight_files
+    monkeypatch.chdir(workdir)  # the config names its file relative to the working directory
+    backbone = _backbone_from_command_line([o.replace(DOCUMENTED_PATH, str(named)) for o in options])
+    expected = DOCUMENTED_WEIGHT_OPTIONS[options]
+    name = "layers.2.blocks.4.op.A_logs"
+    if expected is None:
+        assert backbone.load_report is None and backbone.init_cfg is None
+        torch.testing.assert_close(backbone.state_dict()[name], state[name], rtol=0, atol=0)  # the same seed's init
+        return
+    which, entry = expected
+    assert backbone.load_report.source == ("pretrained/defmamba_tiny.pth" if which == "config" else str(named))
+    torch.testing.assert_close(backbone.state_dict()[name], state[name] + SHIFTS[expected], rtol=0, atol=0)
+
+
+def test_missing_checkpoint_hint_works(tmp_path, monkeypatch):
+    """The error for a missing file names the option that trains without one; that option works."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="pretrained/defmamba_tiny.pth") as error:
+        _backbone_from_command_line([])
+    hint = re.search(r"random weights with --cfg-options (\S+)", str(error.value))
+    assert hint, str(error.value)
+    assert _backbone_from_command_line([hint.group(1)]).load_report is None
+
+
+def test_pretrained_and_init_cfg_that_disagree_are_refused():
+    with pytest.raises(ValueError, match="disagree"):
+        MM_DefMamba(**TINY, pretrained="a.pth", init_cfg=dict(type="Kaiming"))
+    with pytest.raises(ValueError, match="path or URL"):
+        MM_DefMamba(**TINY, pretrained=True)
+    # A dict in braces reaches the backbone as a list of strings; the error says how to write it.
+    with pytest.raises(ValueError, match="one by one.*init_cfg.key=model_ema"):
+        _backbone_from_command_line(["model.backbone.init_cfg={type:'Pretrained',checkpoint:'x.pth',key:'model_ema'}"])
+
+
+def test_pretrained_keeps_the_other_init_cfg_entries():
+    backbone = MM_DefMamba(**TINY, pretrained="b.pth", init_cfg=dict(type="Pretrained", checkpoint="a.pth", key="model"))
+    assert backbone.init_cfg == dict(type="Pretrained", checkpoint="b.pth", key="model")
+    assert MM_DefMamba(**TINY, pretrained="b.pth").init_cfg == dict(type="Pretrained", checkpoint="b.pth")

@@ -22,7 +22,7 @@ pytest.importorskip("mmseg", reason="mmsegmentation not installed (optional extr
 from PIL import Image  # noqa: E402
 
 from defmamba.mm import MM_DefMamba  # noqa: E402
-from defmamba.mm_runner import (_adapt_to_cpu_distributed, build_task_model, configure_threads,  # noqa: E402
+from defmamba.mm.runner import (_adapt_to_cpu_distributed, build_task_model, configure_threads,  # noqa: E402
                                 load_task_config)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -397,7 +397,7 @@ def test_dist_train_and_test_upernet_on_cpu():
 def test_task_flops_count_backbone_and_heads(task, tmp_path):
     pytest.importorskip("fvcore", reason="FLOP counting needs fvcore")
     from defmamba.flops import count_flops
-    from defmamba.mm_runner import count_task_flops
+    from defmamba.mm.runner import count_task_flops
 
     config = write_det_config(tmp_path) if task == "det" else write_seg_config(tmp_path)
     size = (3, 96, 128)

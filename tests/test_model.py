@@ -83,10 +83,11 @@ def test_one_pixel_axis_has_no_offset_along_it(h, w):
 
 def _positions_by_the_formulas(offsets: torch.Tensor, like: torch.Tensor):
     """Sample points, bias-table points and path positions written out one axis at a time, as the
-    original code computes them (reference points and key grid in the activation dtype)."""
+    original code computes them, in float32 for half-precision activations (float64 for float64)."""
     from defmamba.models.deformable import _key_coords, _offset_scale, _reference_coords
 
     batch, _, h, w = offsets.shape
+    offsets = offsets.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
     pos_y = _reference_coords(h, like)[None, :, None] + torch.tanh(offsets[:, 0]) * _offset_scale(h)
     pos_x = _reference_coords(w, like)[None, None, :] + torch.tanh(offsets[:, 1]) * _offset_scale(w)
     disp_y = (_key_coords(h, like)[None, :, None] - pos_y) * 0.5

@@ -19,9 +19,11 @@ REPO = Path(__file__).resolve().parents[1]  # the configs live in the checkout
 MODELS = ("defmamba_tiny", "defmamba_small", "defmamba_base")
 LETTER = {"defmamba_tiny": "t", "defmamba_small": "s", "defmamba_base": "b"}
 
-# The paper's numbers: ImageNet classifiers at 224², DefMamba-S in Mask R-CNN 1× and in UperNet.
+# The paper's numbers: ImageNet classifiers at 224², and only DefMamba-S in Mask R-CNN 1× (at
+# 1280×800) and in UperNet (at 512×2048).
 PAPER_CLS = {"defmamba_tiny": ("8M", "1.3G"), "defmamba_small": ("30M", "5.0G"), "defmamba_base": ("49M", "8.9G")}
-PAPER_TASK = {"det": "273G", "seg": "950G"}  # DefMamba-S, Mask R-CNN 1× at 1280×800, UperNet at 512×2048
+PAPER_TASK = {("det", "defmamba_small"): "273G", ("seg", "defmamba_small"): "950G"}
+PAPER_NAME = {"defmamba_tiny": "DefMamba-T", "defmamba_small": "DefMamba-S", "defmamba_base": "DefMamba-B"}
 
 DEFAULT_SIZE = {"cls": (224, 224), "det": (800, 1280), "seg": (512, 2048)}
 TASK_NAMES = {"det": "Mask R-CNN", "seg": "UperNet"}
@@ -33,6 +35,34 @@ def default_config(task: str, model: str) -> Path:
     if task == "det":
         return REPO / "configs" / "detection" / f"mask-rcnn_defmamba-{letter}_fpn_1x_coco.py"
     return REPO / "configs" / "segmentation" / f"upernet_defmamba-{letter}_8xb2-160k_ade20k-512x512.py"
+
+
+def config_variant(task: str, config_path: Path) -> Optional[str]:
+    """The published variant (defmamba_tiny/small/base) whose backbone a det/seg config builds, or
+    None for other widths and depths."""
+    from defmamba.mm.runner import load_task_config
+    from defmamba.models import VARIANTS
+
+    def stage_widths(dims) -> list[int]:
+        return [dims * 2 ** i for i in range(4)] if isinstance(dims, int) else list(dims)
+
+    backbone = load_task_config(task, str(config_path)).model.backbone
+    if "dims" not in backbone or "depths" not in backbone:
+        return None
+    for name, spec in VARIANTS.items():
+        if stage_widths(backbone.dims) == stage_widths(spec.dims) and tuple(backbone.depths) == spec.depths:
+            return f"defmamba_{name}"
+    return None
+
+
+def paper_task_note(task: str, variant: Optional[str], size: tuple[int, int]) -> str:
+    """The paper's FLOPs of the counted variant, where the paper gives them (at its input size)."""
+    if variant is None or tuple(size) != DEFAULT_SIZE[task]:
+        return ""
+    paper = PAPER_TASK.get((task, variant))
+    if paper is None:
+        return f"   (the paper gives {TASK_NAMES[task]} FLOPs for DefMamba-S only)"
+    return f"   (paper, {PAPER_NAME[variant]}: {paper})"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -79,17 +109,17 @@ def count_task(task: str, model_name: str, config: Optional[str], size: tuple[in
         print(f"error: config {config_path} not found; pass --config PATH", file=sys.stderr)
         return 2
     try:
-        from defmamba.mm_runner import count_task_flops
+        from defmamba.mm.runner import count_task_flops
 
         total = count_task_flops(task, str(config_path), (3, *size))
+        variant = config_variant(task, config_path)
     except ImportError as err:
         package = "mmdet" if task == "det" else "mmseg"
         hint = "" if "install_mm" in str(err) else "; install it with `bash tools/install_mm.sh` (or `make mm`)"
         print(f"error: --task {task} needs the OpenMMLab stack (mmengine, mmcv, {package}): {err}{hint}", file=sys.stderr)
         return 2
     print(f"{TASK_NAMES[task]} with {config_path.name}, input 3×{size[0]}×{size[1]}")
-    paper = f"   (paper, DefMamba-S: {PAPER_TASK[task]})" if tuple(size) == DEFAULT_SIZE[task] else ""
-    print(f"  FLOPs  {total / 1e9:>10.1f} G{paper}")
+    print(f"  FLOPs  {total / 1e9:>10.1f} G{paper_task_note(task, variant, size)}")
     return 0
 
 

@@ -7,11 +7,21 @@
 # Usage: tools/install_mm.sh [--force-build]
 #   VENV=/path/to/venv          virtual environment to install into, with defmamba installed
 #                               (default: the repository's .venv)
-#   DEFMAMBA_WHEEL_CACHE=DIR    root of the mmcv wheel cache
-#                               (default: ~/.cache/defmamba/wheels)
-#   FORCE_CUDA=0|1              build the CUDA ops (default: 1 when torch sees a GPU)
+#   FORCE_CUDA=0|1              build mmcv's CUDA ops (default: 1 when torch sees a GPU);
+#                               FORCE_CUDA=1 builds them on a node without a GPU too
+#   TORCH_CUDA_ARCH_LIST=LIST   GPU architectures of the CUDA ops (default: "8.0;9.0+PTX",
+#                               plus the visible GPUs' own: A100, H100/H200, newer via PTX)
+#   CUDA_HOME=DIR               CUDA toolkit for the CUDA ops (default: torch's guess,
+#                               else /usr/local/cuda)
+#   DEFMAMBA_WHEEL_CACHE=DIR    root of the mmcv wheel cache (default: ~/.cache/defmamba/wheels);
+#                               one folder per build: torch-<version>/cpu, or
+#                               torch-<version>/cuda-<CUDA version>-arch-<arch list>
 #   MAX_JOBS=N                  parallel compile jobs (default: number of cores)
 #   --force-build               rebuild mmcv from source even if a cached wheel exists
+#
+# The last step (tools/check_mm.py) runs mmcv's ops; where CUDA ops were wanted it fails unless
+# mmcv was compiled with CUDA and, with a GPU visible, its ops run there. A wheel enters the
+# cache only after passing it.
 #
 # Nothing here touches torch or numpy: both are pinned to the versions already
 # installed. mmengine is installed without its dependencies because it asks for
@@ -26,7 +36,7 @@ FORCE_BUILD=0
 for arg in "$@"; do
   case "$arg" in
     --force-build) FORCE_BUILD=1 ;;
-    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "install_mm.sh: unknown argument '$arg' (only --force-build is accepted)" >&2; exit 2 ;;
   esac
 done
@@ -43,11 +53,49 @@ fi
 PIP=("$PY" -m pip)
 TORCH_VERSION="$("$PY" -c 'import torch; print(torch.__version__)')"
 NUMPY_VERSION="$("$PY" -c 'import numpy; print(numpy.__version__)')"
-if [[ -z "${FORCE_CUDA:-}" ]]; then
-  FORCE_CUDA="$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')"
+case "${FORCE_CUDA:-}" in
+  "") WANT_CUDA="$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')" ;;
+  0|1) WANT_CUDA="$FORCE_CUDA" ;;
+  *) echo "install_mm.sh: FORCE_CUDA must be 0 or 1, got '$FORCE_CUDA'" >&2; exit 2 ;;
+esac
+if [[ "$WANT_CUDA" == "1" ]]; then
+  TORCH_CUDA="$("$PY" -c 'import torch; print(torch.version.cuda or "")')"
+  if [[ -z "$TORCH_CUDA" ]]; then
+    echo "install_mm.sh: CUDA ops wanted, but torch $TORCH_VERSION is a CPU build; install a CUDA build" \
+         "of torch, or set FORCE_CUDA=0 for CPU ops only" >&2
+    exit 1
+  fi
+  # torch takes the toolkit to be the folder above `nvcc` on PATH, which misses it where nvcc is
+  # a wrapper script (as kernels/selective_scan/build_config.py also handles).
+  NVCC_ON_PATH="$(command -v nvcc || true)"
+  if [[ -z "${CUDA_HOME:-}${CUDA_PATH:-}" && -f /usr/local/cuda/include/cuda_runtime_api.h ]] &&
+     [[ -z "$NVCC_ON_PATH" || ! -f "$(dirname "$(readlink -f "$NVCC_ON_PATH")")/../include/cuda_runtime_api.h" ]]; then
+    export CUDA_HOME=/usr/local/cuda
+  fi
+  TOOLKIT="$("$PY" -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or "")' 2>/dev/null)"
+  if [[ -z "$TOOLKIT" || ! -x "$TOOLKIT/bin/nvcc" ]]; then
+    echo "install_mm.sh: CUDA ops wanted, but no CUDA toolkit (nvcc) found; set CUDA_HOME, or FORCE_CUDA=0" \
+         "for CPU ops only" >&2
+    exit 1
+  fi
+  CUDA_VERSION="$("$TOOLKIT/bin/nvcc" --version | sed -n 's/.*release \([0-9][0-9.]*\),.*/\1/p')"
+  # Without a list torch compiles for the visible GPUs only, and fails with none visible.
+  if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+    TORCH_CUDA_ARCH_LIST="$("$PY" -c '
+import torch
+archs = {(8, 0), (9, 0)} | {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+print(";".join(f"{major}.{minor}" for major, minor in sorted(archs)) + "+PTX")')"
+  fi
+  export TORCH_CUDA_ARCH_LIST
+  FLAVOUR="cuda-${CUDA_VERSION}-arch-$(tr ' ;' '__' <<<"$TORCH_CUDA_ARCH_LIST")"
+  # mmcv's setup.py builds the CUDA ops when FORCE_CUDA=1 or torch sees a GPU.
+  BUILD_ENV=(FORCE_CUDA=1)
+  DESCRIPTION="CUDA $CUDA_VERSION, archs $TORCH_CUDA_ARCH_LIST"
+else
+  FLAVOUR=cpu
+  BUILD_ENV=(FORCE_CUDA=0 CUDA_VISIBLE_DEVICES=)  # CPU ops only, even where a GPU is visible
+  DESCRIPTION="CPU"
 fi
-FLAVOUR=cpu
-[[ "$FORCE_CUDA" == "1" ]] && FLAVOUR=cuda
 NPROC="$(nproc 2>/dev/null || echo 2)"
 CACHE_DIR="${DEFMAMBA_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/defmamba/wheels}/torch-${TORCH_VERSION}/${FLAVOUR}"
 mkdir -p "$CACHE_DIR"
@@ -57,7 +105,7 @@ trap 'rm -rf "$WORK"' EXIT
 # Keep torch and numpy exactly as they are.
 printf 'torch==%s\nnumpy==%s\n' "$TORCH_VERSION" "$NUMPY_VERSION" > "$WORK/constraints.txt"
 
-echo "== installing into $VENV (torch $TORCH_VERSION, numpy $NUMPY_VERSION, mmcv ops: $FLAVOUR)"
+echo "== installing into $VENV (torch $TORCH_VERSION, numpy $NUMPY_VERSION, mmcv ops: $DESCRIPTION)"
 
 # 1. The library's `mm` extra (read from the installed defmamba's metadata, so pyproject.toml
 #    stays the one list): mmdet, mmsegmentation and what the stack needs at run time.
@@ -107,27 +155,34 @@ WHEEL=""
 [[ "$FORCE_BUILD" == "0" ]] && WHEEL="$(cached_wheel)"
 if [[ -n "$WHEEL" ]]; then
   echo "== mmcv: using cached wheel $WHEEL"
+  BUILT=0
 else
-  echo "== mmcv: building 2.1.0 from source (MAX_JOBS=${MAX_JOBS:-$NPROC}; about 6 minutes on 2 cores)"
+  echo "== mmcv: building 2.1.0 from source (MAX_JOBS=${MAX_JOBS:-$NPROC}; about 6 minutes on 2 cores for" \
+       "CPU ops, far longer with CUDA ops)"
   "${PIP[@]}" download --no-deps --no-binary :all: --no-build-isolation 'mmcv==2.1.0' -d "$WORK/sdist"
   tar -xzf "$WORK/sdist/mmcv-2.1.0.tar.gz" -C "$WORK"
   # torch >= 2.10 headers need C++20; mmcv 2.1.0 hard-codes -std=c++17.
   sed -i "s/'-std=c++17'/'-std=c++20'/g" "$WORK/mmcv-2.1.0/setup.py"
   grep -q "'-std=c++20'" "$WORK/mmcv-2.1.0/setup.py" || {
     echo "install_mm.sh: could not patch the C++ standard in mmcv's setup.py" >&2; exit 1; }
-  MMCV_WITH_OPS=1 FORCE_CUDA="$FORCE_CUDA" MAX_JOBS="${MAX_JOBS:-$NPROC}" CFLAGS="${CFLAGS:--g0}" \
+  env "${BUILD_ENV[@]}" MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$NPROC}" CFLAGS="${CFLAGS:--g0}" \
     "${PIP[@]}" wheel --no-build-isolation --no-deps -w "$WORK/wheel" "$WORK/mmcv-2.1.0"
   WHEEL="$(ls "$WORK"/wheel/mmcv-2.1.0-*.whl)"
-  cp "$WHEEL" "$CACHE_DIR/"
-  WHEEL="$CACHE_DIR/$(basename "$WHEEL")"
-  echo "== mmcv: cached $WHEEL"
+  BUILT=1
 fi
 "${PIP[@]}" install -c "$WORK/constraints.txt" --no-deps --force-reinstall "$WHEEL"
 
-# 4. Check the stack imports and the compiled ops load.
-"$PY" - <<'EOF'
-import mmcv, mmdet, mmengine, mmseg
-from mmcv.ops import RoIAlign, nms  # noqa: F401  (compiled ops)
-print(f"mmengine {mmengine.__version__}, mmcv {mmcv.__version__}, "
-      f"mmdet {mmdet.__version__}, mmseg {mmseg.__version__}: ok")
-EOF
+# 4. Check the stack imports and mmcv's ops run (on the GPU too where CUDA ops were wanted);
+#    only a wheel that passes is cached.
+CHECK_ARGS=()
+[[ "$WANT_CUDA" == "1" ]] && CHECK_ARGS=(--cuda)
+if ! "$PY" "$REPO_ROOT/tools/check_mm.py" ${CHECK_ARGS[@]+"${CHECK_ARGS[@]}"}; then
+  if [[ "$BUILT" == "0" ]]; then
+    echo "install_mm.sh: the cached wheel $WHEEL failed the check; rebuild with --force-build" >&2
+  fi
+  exit 1
+fi
+if [[ "$BUILT" == "1" ]]; then
+  cp "$WHEEL" "$CACHE_DIR/"
+  echo "== mmcv: cached $CACHE_DIR/$(basename "$WHEEL")"
+fi

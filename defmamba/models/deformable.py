@@ -5,6 +5,12 @@ Shapes: x is the (B, D, h, w) output of the DSSM's depthwise conv + SiLU; L = h�
 high (or wide) map has no room to move along that axis; there the offset, reference point and key
 grid along the axis are defined as 0 (the only point of a size-1 axis under
 ``align_corners=True``), where the original formulas divide by zero.
+
+Positions (reference points, key grid, offset scaling, sample points, path positions) are float32
+whatever the activation dtype (float64 for float64 activations): under float16/bfloat16 autocast
+the offsets come out of the offset network in half precision, but positions built in it would
+overflow float16 beyond 65,504 tokens and tie neighbouring path positions beyond 2,048 (bfloat16:
+256). For float32 and float64 activations this is the original computation unchanged.
 """
 from __future__ import annotations
 
@@ -65,36 +71,46 @@ def _offset_scale(size: int) -> float:
     return math.ldexp(round(mantissa * 2 ** 24) / 2 ** 24, exponent)
 
 
+def _position_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype positions are computed in for activations like ``like``: float64 for float64,
+    float32 otherwise (float16 and bfloat16 included)."""
+    return torch.float64 if like.dtype == torch.float64 else torch.float32
+
+
 def _reference_coords(size: int, like: torch.Tensor) -> torch.Tensor:
-    """Cell-centre reference points (i + 0.5)/(size − 1)·2 − 1 of the original code (0 if size == 1)."""
-    coords = torch.linspace(0.5, size - 0.5, size, dtype=like.dtype, device=like.device)
+    """Cell-centre reference points (i + 0.5)/(size − 1)·2 − 1 of the original code (0 if size == 1),
+    in :func:`_position_dtype`."""
+    coords = torch.linspace(0.5, size - 0.5, size, dtype=_position_dtype(like), device=like.device)
     return coords * (2 * _inverse_extent(size)) - 1 if size > 1 else torch.zeros_like(coords)
 
 
 def _key_coords(size: int, like: torch.Tensor) -> torch.Tensor:
-    """Key grid linspace(0, size, size)/(size − 1)·2 − 1 of the original code (0 if size == 1)."""
-    coords = torch.linspace(0, size, size, dtype=like.dtype, device=like.device)
+    """Key grid linspace(0, size, size)/(size − 1)·2 − 1 of the original code (0 if size == 1), in
+    :func:`_position_dtype`."""
+    coords = torch.linspace(0, size, size, dtype=_position_dtype(like), device=like.device)
     return coords * (2 * _inverse_extent(size)) - 1 if size > 1 else torch.zeros_like(coords)
 
 
 def reference_points(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
-    """(h, w, 2) reference points (x, y) of an h × w map, in ``like``'s dtype and device."""
+    """(h, w, 2) reference points (x, y) of an h × w map on ``like``'s device, in float32 (float64 for
+    a float64 ``like``)."""
     return torch.stack(torch.meshgrid(_reference_coords(w, like), _reference_coords(h, like), indexing="xy"), dim=-1)
 
 
 class _GridConstants(NamedTuple):
-    """The input-independent tensors of the position computation for one map size and dtype."""
+    """The input-independent tensors of the position computation for one map size, all in the
+    position dtype (float32, or float64 for float64 activations) but the offset scales."""
 
     offset_scale_xy: torch.Tensor  # (2,) float32: offset scales along x and y (_offset_scale)
     reference_xy: torch.Tensor  # (h, w, 2) reference points (x, y)
     half_key_xy: torch.Tensor  # (h, w, 2) key grid (x, y) times 0.5
     reference_path: torch.Tensor  # (h·w,) reference path positions
     table_weight_y: Optional[torch.Tensor]  # (h, table rows) bilinear resize of the bias table along y
-    table_weight_x: Optional[torch.Tensor]  # (w, table columns) and along x; float32 (float64 for float64)
+    table_weight_x: Optional[torch.Tensor]  # (w, table columns) and along x
 
 
 _GRID_CONSTANTS: "OrderedDict[tuple, _GridConstants]" = OrderedDict()
-# map sizes × dtypes × devices; an entry holds 20 bytes per pixel in float32 (1.3 MB for the
+# map sizes × position dtypes × devices; an entry holds 20 bytes per pixel in float32 (1.3 MB for the
 # 200 × 334 first stage of an 800 × 1333 detection input) and 28 bytes per row and column
 _GRID_CONSTANTS_KEPT = 32
 
@@ -111,11 +127,12 @@ def _capturing(like: torch.Tensor) -> bool:
 
 def _grid_constants(h: int, w: int, like: torch.Tensor, table_size: tuple[int, int]) -> _GridConstants:
     """Reference points, key grid, offset scales and the bias-table resize weights for an h × w map
-    in ``like``'s dtype and device, computed once per size (the formulas of _reference_coords,
+    in the position dtype of ``like`` and on its device, computed once per size (the formulas of _reference_coords,
     _key_coords, _offset_scale and ops/table_resize.py) and kept: in eager mode each forward would
     otherwise launch a dozen tiny kernels per block for them. A CUDA graph recording reuses kept
     constants but keeps none of its own."""
-    key = (h, w, table_size, like.dtype, like.device)
+    dtype = _position_dtype(like)
+    key = (h, w, table_size, dtype, like.device)
     eager = _eager(like)
     kept = _GRID_CONSTANTS.get(key) if eager else None
     if kept is not None:
@@ -127,7 +144,6 @@ def _grid_constants(h: int, w: int, like: torch.Tensor, table_size: tuple[int, i
     with torch.inference_mode(False) if keep else contextlib.nullcontext(), torch.no_grad():
         key_x, key_y = _key_coords(w, like), _key_coords(h, like)
         scale = [torch.full((), _offset_scale(size), dtype=torch.float32, device=like.device) for size in (w, h)]
-        table_dtype = torch.promote_types(like.dtype, torch.float32)
         tracing = torch.jit.is_tracing()
         constants = _GridConstants(
             offset_scale_xy=torch.stack(scale),
@@ -135,8 +151,8 @@ def _grid_constants(h: int, w: int, like: torch.Tensor, table_size: tuple[int, i
             half_key_xy=torch.stack(torch.meshgrid(key_x, key_y, indexing="xy"), dim=-1) * 0.5,
             reference_path=_reference_coords(h * w, like),
             # a traced model resizes with F.interpolate (DeformableLayer.forward) and needs none
-            table_weight_y=None if tracing else bilinear_weights(table_size[0], h, like.device, table_dtype),
-            table_weight_x=None if tracing else bilinear_weights(table_size[1], w, like.device, table_dtype),
+            table_weight_y=None if tracing else bilinear_weights(table_size[0], h, like.device, dtype),
+            table_weight_x=None if tracing else bilinear_weights(table_size[1], w, like.device, dtype),
         )
     if keep:
         _GRID_CONSTANTS[key] = constants
@@ -168,9 +184,13 @@ class DeformableLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> DeformableOutput:
         batch, _, h, w = x.shape
         constants = _grid_constants(h, w, x, tuple(self.rpe_table.shape[1:]))
-        bounded = torch.tanh(self.conv_offset(x)).permute(0, 2, 3, 1)  # (B, h, w, 3): dy, dx, path
+        offsets = self.conv_offset(x)  # under autocast in its dtype; positions are built in float32
+        dtype = _position_dtype(x)
+        if offsets.dtype != dtype:
+            offsets = offsets.to(dtype)
+        bounded = torch.tanh(offsets).permute(0, 2, 3, 1)  # (B, h, w, 3): dy, dx, path
         # Sample points (x, y) = reference point + tanh(offset) · grid step, in few launches: the
-        # channel pair is flipped to (dx, dy) once and scaled in place (in its own dtype, as a
+        # channel pair is flipped to (dx, dy) once and scaled in place (in the position dtype, as a
         # Python scalar factor would be).
         grid = bounded[..., :2].flip(-1).mul_(constants.offset_scale_xy) + constants.reference_xy
         # The resized bias table is the same for every image: resize once for the batch, as two small

@@ -80,10 +80,18 @@ def path_order(z: torch.Tensor, path: torch.Tensor) -> tuple[torch.Tensor, torch
 def _sample_torch(x: torch.Tensor, grid: torch.Tensor, table: torch.Tensor, disp: torch.Tensor,
                   path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, channels, h, w = x.shape
-    sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    bias = F.grid_sample(table[None].expand(batch, -1, -1, -1), disp, mode="bilinear", padding_mode="zeros",
-                         align_corners=True)
+    sampled = F.grid_sample(*_common_dtype(x, grid), mode="bilinear", padding_mode="zeros", align_corners=True)
+    bias = F.grid_sample(*_common_dtype(table[None].expand(batch, -1, -1, -1), disp), mode="bilinear",
+                         padding_mode="zeros", align_corners=True)
     return path_order((sampled + bias).reshape(batch, channels, h * w).to(x.dtype), path)
+
+
+def _common_dtype(values: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 points of a half-precision map: both in float32, as autocast's grid_sample takes them."""
+    if values.dtype == points.dtype:
+        return values, points
+    dtype = torch.promote_types(values.dtype, points.dtype)
+    return values.to(dtype), points.to(dtype)
 
 
 @contextlib.contextmanager

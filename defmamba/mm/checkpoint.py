@@ -1,49 +1,29 @@
-"""DefMamba as an mmdet / mmseg backbone.
+"""Checkpoints in the OpenMMLab tools: classification (or detector/segmentor) weights into the
+DefMamba backbone, and mmengine's own checkpoints read through
+:func:`defmamba.checkpoint.safe_load`.
 
-Importing this module registers :class:`MM_DefMamba` in the ``MODELS`` registry of
-every installed OpenMMLab task package (mmdet, mmseg). Configs reach it with
-``custom_imports=dict(imports=['defmamba.mm'])`` and ``backbone=dict(type='MM_DefMamba', ...)``.
-
-The wrapper is the library's :class:`~defmamba.DefMambaBackbone` itself (a subclass,
-so its state-dict keys are the authors' backbone keys unchanged) plus what the
-OpenMMLab runners expect: ``init_cfg``/``pretrained`` loading of classification
-checkpoints with a report, ``frozen_stages`` and an ``init_weights`` method.
+mmengine 0.10.7 loads its checkpoints with a bare ``torch.load``, which torch ≥ 2.6 refuses
+(``weights_only``); :func:`use_safe_checkpoint_loading` makes it read local files with the safe
+loader instead, which accepts the one extra call mmengine's files carry
+(:func:`mmengine_checkpoint_globals`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import os.path as osp
 import pickle
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
-from torch import nn
+from mmengine.logging import HistoryBuffer
 
-from .checkpoint import CheckpointError, extract_state_dict, safe_load
-from .models import DefMambaBackbone
+from ..checkpoint import CheckpointError, extract_state_dict, safe_load
+from ..models import DefMambaBackbone
 
-__all__ = ["MM_DefMamba", "BackboneLoadReport", "load_backbone_weights"]
-
-_REGISTRIES = []
-try:
-    from mmdet.registry import MODELS as _MMDET_MODELS
-
-    _REGISTRIES.append(_MMDET_MODELS)
-except ImportError:
-    pass
-try:
-    from mmseg.registry import MODELS as _MMSEG_MODELS
-
-    _REGISTRIES.append(_MMSEG_MODELS)
-except ImportError:
-    pass
-if not _REGISTRIES:
-    raise ImportError("defmamba.mm needs mmdet and/or mmsegmentation; install the optional "
-                      "OpenMMLab stack with `bash tools/install_mm.sh` (or `make mm`)")
-
-from mmengine.logging import HistoryBuffer, print_log  # noqa: E402  (mmengine comes with mmdet/mmseg)
+__all__ = ["BackboneLoadReport", "load_backbone_weights", "mmengine_checkpoint_globals", "use_safe_checkpoint_loading"]
 
 _HISTORY_STATISTICS = ("min", "max", "current", "mean")
 
@@ -67,6 +47,25 @@ def mmengine_checkpoint_globals():
     :func:`_history_buffer_method`)."""
     with torch.serialization.safe_globals([(_history_buffer_method, "builtins.getattr")]):
         yield
+
+
+def _safe_local_loader(allow_pickle: bool) -> Callable[[str, Any], Any]:
+    """mmengine's loader for local files, through the safe loader."""
+
+    def load_from_local(filename: str, map_location: Any = None) -> Any:
+        with mmengine_checkpoint_globals():
+            return safe_load(osp.expanduser(filename), allow_pickle=allow_pickle,
+                             map_location=map_location if map_location is not None else "cpu")
+
+    return load_from_local
+
+
+def use_safe_checkpoint_loading(allow_pickle: bool = False) -> None:
+    """Make mmengine read local checkpoints (``load_from``, ``--resume``, test checkpoints) with
+    :func:`defmamba.checkpoint.safe_load`, which reloads mmengine's own files under torch ≥ 2.6."""
+    from mmengine.runner import CheckpointLoader
+
+    CheckpointLoader.register_scheme(prefixes="", loader=_safe_local_loader(allow_pickle), force=True)
 
 
 @dataclass
@@ -118,9 +117,10 @@ def _resolve_source(source: str) -> str:
         return target
     path = os.path.expanduser(source)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone checkpoint {source!r} does not exist; pass the path of an official "
-                                "DefMamba classification checkpoint (e.g. defmamba_small.pth) or set "
-                                "pretrained=None to start from random weights")
+        raise FileNotFoundError(f"backbone checkpoint {source!r} does not exist; put the official DefMamba "
+                                "classification checkpoint there (docs/pretrained.md), name another file with "
+                                "--cfg-options model.backbone.pretrained=PATH, or start from random weights with "
+                                "--cfg-options model.backbone.init_cfg=None (and no model.backbone.pretrained)")
     return path
 
 
@@ -176,76 +176,3 @@ def load_backbone_weights(backbone: DefMambaBackbone, source: Union[str, Mapping
     backbone.load_state_dict(state, strict=False)
     return BackboneLoadReport(source=name, loaded=sorted(state),
                               kept_initialised=sorted(k for k in own if k not in state), ignored=sorted(ignored))
-
-
-class MM_DefMamba(DefMambaBackbone):  # noqa: N801  (OpenMMLab registry naming)
-    """DefMamba backbone for mmdet/mmseg detectors and segmentors.
-
-    Args:
-        dims, depths, drop_path_rate, d_state, mlp_ratio, in_chans, use_checkpoint, out_indices:
-            as :class:`~defmamba.DefMambaBackbone`.
-        frozen_stages: -1 trains everything; k ≥ 0 freezes the patch embedding and, for k ≥ 1,
-            stages ``0 .. k-1`` with their ``outnorm``s (kept in eval mode and without gradients).
-        pretrained: path or URL of a checkpoint to load in :meth:`init_weights` (shortcut for
-            ``init_cfg=dict(type='Pretrained', checkpoint=...)``).
-        init_cfg: ``None`` or ``dict(type='Pretrained', checkpoint=PATH, [key='auto'|'model'|'model_ema'])``.
-        allow_pickle: load a trusted checkpoint that carries classes outside the safe allowlist.
-    """
-
-    def __init__(self, dims: Union[int, Sequence[int]] = 96, depths: Sequence[int] = (2, 2, 6, 2),
-                 out_indices: Sequence[int] = (0, 1, 2, 3), drop_path_rate: float = 0.2, d_state: int = 16,
-                 mlp_ratio: float = 4.0, in_chans: int = 3, use_checkpoint: bool = False, frozen_stages: int = -1,
-                 pretrained: Optional[str] = None, init_cfg: Optional[dict] = None, allow_pickle: bool = False) -> None:
-        super().__init__(dims=dims, depths=depths, out_indices=out_indices, drop_path_rate=drop_path_rate,
-                         d_state=d_state, mlp_ratio=mlp_ratio, in_chans=in_chans, use_checkpoint=use_checkpoint)
-        if pretrained is not None and init_cfg is not None:
-            raise ValueError("give either pretrained=PATH or init_cfg=dict(type='Pretrained', checkpoint=PATH), not both")
-        if pretrained is not None:
-            init_cfg = dict(type="Pretrained", checkpoint=pretrained)
-        if init_cfg is not None:
-            if not isinstance(init_cfg, Mapping) or init_cfg.get("type") != "Pretrained" or not init_cfg.get("checkpoint"):
-                raise ValueError(f"MM_DefMamba init_cfg must be None or dict(type='Pretrained', checkpoint=PATH), "
-                                 f"got {init_cfg!r}; the backbone initialises its own weights otherwise")
-            init_cfg = dict(init_cfg)
-        if not -1 <= frozen_stages <= len(self.layers):
-            raise ValueError(f"frozen_stages must be in [-1, {len(self.layers)}], got {frozen_stages}")
-        self.init_cfg = init_cfg
-        self.frozen_stages = frozen_stages
-        self.allow_pickle = allow_pickle
-        self.load_report: Optional[BackboneLoadReport] = None
-        self._freeze_stages()
-
-    def init_weights(self) -> None:
-        """Load ``init_cfg``'s checkpoint (called by the OpenMMLab runner) and log what was loaded."""
-        if self.init_cfg is None:
-            return
-        self.load_report = load_backbone_weights(self, self.init_cfg["checkpoint"], key=self.init_cfg.get("key", "auto"),
-                                                 allow_pickle=self.allow_pickle)
-        print_log(self.load_report.summary(), logger="current")
-        self._freeze_stages()
-
-    def _frozen_modules(self) -> list[nn.Module]:
-        if self.frozen_stages < 0:
-            return []
-        modules: list[nn.Module] = [self.patch_embed]
-        for i in range(self.frozen_stages):
-            modules.append(self.layers[i])
-            if hasattr(self, f"outnorm{i}"):
-                modules.append(getattr(self, f"outnorm{i}"))
-        return modules
-
-    def _freeze_stages(self) -> None:
-        for module in self._frozen_modules():
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True) -> "MM_DefMamba":
-        """Switch mode, keeping frozen stages in eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        return self
-
-
-for _registry in _REGISTRIES:
-    _registry.register_module(name="MM_DefMamba", module=MM_DefMamba, force=True)

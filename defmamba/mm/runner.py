@@ -11,7 +11,7 @@ and add what those lack here:
 * Safe checkpoint reading: mmengine 0.10.7 loads its own checkpoints with a bare ``torch.load``,
   which torch ≥ 2.6 refuses (``weights_only``); local checkpoints are read through
   :func:`defmamba.checkpoint.safe_load` instead (``--unsafe-load`` for trusted files with
-  other classes).
+  other classes; see :mod:`defmamba.mm.checkpoint`).
 
 ``count_task_flops`` gives the FLOPs of a detector or segmentor built from one of our configs.
 """
@@ -21,11 +21,13 @@ import argparse
 import os
 import os.path as osp
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .checkpoint import use_safe_checkpoint_loading
 
 __all__ = ["train", "test", "count_task_flops", "build_task_model", "load_task_config"]
 
@@ -81,26 +83,6 @@ def configure_threads() -> int:
     os.environ.setdefault("MKL_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
     return threads
-
-
-def _safe_local_loader(allow_pickle: bool) -> Callable[[str, Any], Any]:
-    from .checkpoint import safe_load
-    from .mm import mmengine_checkpoint_globals
-
-    def load_from_local(filename: str, map_location: Any = None) -> Any:
-        with mmengine_checkpoint_globals():
-            return safe_load(osp.expanduser(filename), allow_pickle=allow_pickle,
-                             map_location=map_location if map_location is not None else "cpu")
-
-    return load_from_local
-
-
-def use_safe_checkpoint_loading(allow_pickle: bool = False) -> None:
-    """Make mmengine read local checkpoints (``load_from``, ``--resume``, test checkpoints) with
-    :func:`defmamba.checkpoint.safe_load`, which reloads mmengine's own files under torch ≥ 2.6."""
-    from mmengine.runner import CheckpointLoader
-
-    CheckpointLoader.register_scheme(prefixes="", loader=_safe_local_loader(allow_pickle), force=True)
 
 
 def init_cpu_distributed(launcher: str) -> bool:
@@ -342,7 +324,7 @@ def count_task_flops(task: str, config_path: str, input_shape: Sequence[int]) ->
     (``task="det"``) or segmentor (``"seg"``) of a config for one image of ``input_shape``
     ((H, W) or (3, H, W); the paper uses 800×1280 for Mask R-CNN and 512×2048 for UperNet).
     """
-    from .flops import count_flops
+    from ..flops import count_flops
 
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 2:
