@@ -228,21 +228,46 @@ def test_tiny_detector_and_segmentor_build_from_shipped_configs():
     assert logits.shape == (1, 150, 16, 24)
 
 
-def test_weight_decay_spares_norms_biases_and_ssm_parameters(tmp_path):
+def _authors_no_decay_keys() -> list[str]:
+    """The custom keys with decay_mult 0 of the authors' mm rule, as tests/fixtures records it."""
+    import re
+
+    rule = json.loads((REPO / "tests" / "fixtures" / "recipe_param_groups.json").read_text())["mm_rule"]
+    keys = re.findall(r"'(\w+)': decay_mult 0", rule)
+    assert keys and "biases included, decayed" in rule, rule
+    return keys
+
+
+# (task, the variant's shipped configs, the base AdamW weight decay); a variant's configs share one model
+SHIPPED_CONFIGS = [("det", [f"mask-rcnn_defmamba-{v}_fpn_{s}_coco.py" for s in ("1x", "ms-crop-3x")], 0.05)
+                   for v in "tsb"] + [("seg", [f"upernet_defmamba-{v}_8xb2-160k_ade20k-512x512.py"], 0.01) for v in "tsb"]
+
+
+@pytest.mark.parametrize("task,names,weight_decay", SHIPPED_CONFIGS, ids=lambda x: x[0] if isinstance(x, list) else None)
+def test_weight_decay_is_the_authors_rule(task, names, weight_decay):
+    """mmengine's optimizer constructor on each shipped config gives every parameter of the whole
+    model the authors' decay: 0 where the name contains one of their keys (mmengine's substring
+    match), the base AdamW weight decay everywhere else, biases and SSM parameters included."""
     from mmengine.optim import build_optim_wrapper
 
-    make_coco(tmp_path)
-    cfg = load_task_config("det", str(write_det_config(tmp_path)))
-    model = build_task_model("det", cfg)
-    optim = build_optim_wrapper(model, cfg.optim_wrapper)
-    decay = {id(p): group["weight_decay"] for group in optim.optimizer.param_groups for p in group["params"]}
+    keys = _authors_no_decay_keys()
+    configs = [load_task_config(task, str((DET if task == "det" else SEG) / name), {"model.backbone.init_cfg": None})
+               for name in names]
+    assert all(cfg.model == configs[0].model for cfg in configs)
+    model = build_task_model(task, configs[0])
     named = dict(model.named_parameters())
-    block = "backbone.layers.0.blocks.0."
-    for name in ("op.A_logs", "op.Ds", "op.dt_projs_bias", "op.DS.rpe_table", "norm.weight", "mlp.fc1.bias"):
-        assert decay[id(named[block + name])] == 0.0, name
-    for name in ("op.x_proj_weight", "op.dt_projs_weight", "mlp.fc1.weight", "op.in_proj.weight"):
-        assert decay[id(named[block + name])] == pytest.approx(0.05), name
-    assert decay[id(named["neck.lateral_convs.0.conv.weight"])] == pytest.approx(0.05)
+    expected = {n: 0.0 if any(k in n for k in keys) else weight_decay for n in named}
+    for name, cfg in zip(names, configs):
+        assert cfg.optim_wrapper.optimizer.weight_decay == weight_decay, name
+        optim = build_optim_wrapper(model, cfg.optim_wrapper)
+        decay = {id(p): group["weight_decay"] for group in optim.optimizer.param_groups for p in group["params"]}
+        assert len(decay) == len(named), name
+        assert {n: decay[id(p)] for n, p in named.items()} == expected, name
+    exempt = {n for n, wd in expected.items() if wd == 0.0}
+    # what the rule means for DefMamba: the block and output norms are exempt, and nothing else
+    assert "backbone.layers.0.blocks.0.norm.weight" in exempt and "backbone.outnorm3.bias" in exempt
+    for kept in ("op.A_logs", "op.Ds", "op.dt_projs_bias", "op.DS.rpe_table", "mlp.fc1.bias", "op.DS.conv_offset.ln.weight"):
+        assert "backbone.layers.0.blocks.0." + kept not in exempt, kept
 
 
 # ---------------------------------------------------------------- one iteration in-process

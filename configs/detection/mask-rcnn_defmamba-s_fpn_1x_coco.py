@@ -1,7 +1,10 @@
 # Mask R-CNN 1x (12 epochs) on COCO with a DefMamba-Small backbone, as in the paper
 # (47.5 box AP / 42.8 mask AP). Everything not set here (Mask R-CNN heads, COCO pipeline,
 # AdamW lr 1e-4 / wd 0.05, 12-epoch schedule, 8 GPUs x 2 images) comes from mmdet's
-# Swin-T Mask R-CNN config, which the authors' configs also start from.
+# Swin-T Mask R-CNN config, which the authors' configs also start from. That includes their
+# weight-decay rule, Swin's paramwise_cfg: no decay for parameters whose name contains 'norm'
+# (or 'absolute_pos_embed' / 'relative_position_bias_table', which DefMamba does not have);
+# every other parameter, biases and the SSM parameters included, is decayed.
 _base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py']
 custom_imports = dict(imports=['defmamba.mm'], allow_failed_imports=False)
 
@@ -20,17 +23,3 @@ model = dict(
         use_checkpoint=False,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     neck=dict(in_channels=[96, 192, 384, 768]))
-
-# No weight decay on norms, biases and the SSM parameters A_logs, Ds, dt_projs_bias, rpe_table.
-optim_wrapper = dict(
-    paramwise_cfg=dict(
-        _delete_=True,
-        norm_decay_mult=0.,
-        bias_decay_mult=0.,
-        flat_decay_mult=0.,
-        custom_keys={
-            '.A_logs': dict(decay_mult=0.),
-            '.Ds': dict(decay_mult=0.),
-            '.dt_projs_bias': dict(decay_mult=0.),
-            '.rpe_table': dict(decay_mult=0.),
-        }))

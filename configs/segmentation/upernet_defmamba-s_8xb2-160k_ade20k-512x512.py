@@ -2,7 +2,10 @@
 # (48.8 mIoU single-scale, 49.6 multi-scale with segmentation/test.py --tta). Everything not set
 # here (UperNet/FCN heads, ADE20K pipeline and TTA pipeline, AdamW lr 6e-5 / wd 0.01, poly
 # schedule with 1500 warm-up iterations, 8 GPUs x 2 images) comes from mmseg's Swin-T UperNet
-# config, which the authors' configs also start from.
+# config, which the authors' configs also start from. That includes their weight-decay rule,
+# Swin's paramwise_cfg: no decay for parameters whose name contains 'norm' (or
+# 'absolute_pos_embed' / 'relative_position_bias_table', which DefMamba does not have); every
+# other parameter, biases and the SSM parameters included, is decayed.
 _base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
 custom_imports = dict(imports=['defmamba.mm'], allow_failed_imports=False)
 
@@ -22,17 +25,3 @@ model = dict(
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
     auxiliary_head=dict(in_channels=384, num_classes=150))
-
-# No weight decay on norms, biases and the SSM parameters A_logs, Ds, dt_projs_bias, rpe_table.
-optim_wrapper = dict(
-    paramwise_cfg=dict(
-        _delete_=True,
-        norm_decay_mult=0.,
-        bias_decay_mult=0.,
-        flat_decay_mult=0.,
-        custom_keys={
-            '.A_logs': dict(decay_mult=0.),
-            '.Ds': dict(decay_mult=0.),
-            '.dt_projs_bias': dict(decay_mult=0.),
-            '.rpe_table': dict(decay_mult=0.),
-        }))
