@@ -243,11 +243,20 @@ def test_pretrained_cfg_records_paper_metadata():
     assert "top1=84.2" in cfg["notes"] and cfg["origin_url"].startswith("https://drive.google.com/")
 
 
-def test_build_model_and_no_weight_decay():
-    model = defmamba.build_model("defmamba_tiny", num_classes=10)
-    names = model.no_weight_decay()
-    assert {n.rsplit(".", 1)[-1] for n in names} == {"A_logs", "Ds", "dt_projs_bias", "rpe_table"}
-    assert len(names) == 4 * sum(model.depths)
+def test_build_model_and_timm_optimizer_groups_are_the_authors():
+    """Like the authors' model, ours lists no ``no_weight_decay()`` names, so timm's optimizer
+    factory (which reads them) groups its parameters as the authors' training code does."""
+    import json
+
+    from timm.optim import create_optimizer_v2
+
+    reference = json.loads((REFERENCE / "recipe_param_groups.json").read_text())["classification"]["tiny"]
+    model = defmamba.build_model("defmamba_tiny")
+    assert not hasattr(model, "no_weight_decay")
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in optimizer.param_groups}
+    assert groups == {0.05: reference["decay"], 0.0: reference["no_decay"]}
     with pytest.raises(ValueError, match="unknown model"):
         defmamba.build_model("defmamba_huge")
 

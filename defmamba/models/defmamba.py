@@ -19,7 +19,6 @@ __all__ = ["DefMamba", "DefMambaBackbone", "DEFORM_KERNEL_SIZES", "MIN_INPUT_SIZ
 
 DEFORM_KERNEL_SIZES = (9, 7, 5, 3)  # offset-network kernel of each stage
 MIN_INPUT_SIZE = 32
-NO_WEIGHT_DECAY_NAMES = ("A_logs", "Ds", "dt_projs_bias", "rpe_table")
 
 
 class Stage(nn.Module):
@@ -96,11 +95,6 @@ class _DefMambaTrunk(nn.Module):
         """Recompute each block in backward instead of storing its activations."""
         for stage in self.layers:
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """Names of SSM parameters excluded from weight decay (norms and biases are 1-D anyway)."""
-        return {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY_NAMES}
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
