@@ -379,6 +379,31 @@ def test_digits_split_is_fixed_disjoint_and_stratified():
     assert image.size == (40, 40) and image.mode == "RGB" and target == labels[val_idx[0]]
 
 
+@pytest.mark.parametrize("crop_pct,size", [(0.875, 32), (0.875, 57), (1.0, 33)])
+def test_evaluation_transform_resizes_crops_and_normalises_as_before(crop_pct, size):
+    """timm's evaluation transform = the authors' (short side to floor(size / crop_pct), bicubic,
+    centre crop; crop_pct 1: resize to size × size), on non-square images of both orientations."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from defmamba.train.data.build import build_transform
+
+    cfg = app_config.get_config(opts=["DATA.IMG_SIZE", str(size), "TEST.CROP_PCT", str(crop_pct)])
+    bicubic = T.InterpolationMode.BICUBIC
+    resize = [T.Resize(math.floor(size / crop_pct), interpolation=bicubic), T.CenterCrop(size)] if crop_pct < 1 \
+        else [T.Resize((size, size), interpolation=bicubic)]
+    reference = T.Compose(resize + [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    rng = np.random.default_rng(size)
+    for height, width in ((45, 70), (101, 58)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        out = build_transform(False, cfg)(image)
+        assert out.shape == (3, size, size)
+        assert torch.equal(out, reference(image))
+
+
 def test_synthetic_images_are_deterministic_and_carry_their_label():
     Synthetic = synthetic.SyntheticDataset
     train, again = Synthetic("train", 50, 33, 7), Synthetic("train", 50, 33, 7)

@@ -97,7 +97,7 @@ _C.AUG.MIXUP_MODE = "batch"
 
 # ---------------------------------------------------------------- evaluation
 _C.TEST = CN()
-_C.TEST.CROP_PCT = 0.875   # resize to IMG_SIZE / CROP_PCT, then centre-crop IMG_SIZE
+_C.TEST.CROP_PCT = 0.875   # resize the short side to IMG_SIZE / CROP_PCT, centre-crop IMG_SIZE; 1.0: resize to IMG_SIZE²
 
 # ---------------------------------------------------------------- misc
 _C.AMP_ENABLE = True

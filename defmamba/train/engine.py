@@ -10,11 +10,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from timm.utils import AverageMeter
 from torch import nn
 
 from .utils.distributed import all_reduce_sum, world_size
 
-__all__ = ["AmpSettings", "AverageMeter", "train_one_epoch", "validate", "memory_mb"]
+__all__ = ["AmpSettings", "train_one_epoch", "validate", "memory_mb"]
 
 
 @dataclass(frozen=True)
@@ -31,23 +32,6 @@ class AmpSettings:
     @property
     def uses_scaler(self) -> bool:
         return self.enabled and self.dtype == torch.float16
-
-
-class AverageMeter:
-    """Latest value and running average."""
-
-    def __init__(self) -> None:
-        self.val = self.sum = 0.0
-        self.count = 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.val = value
-        self.sum += value * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / max(1, self.count)
 
 
 def memory_mb(device: torch.device) -> float:

@@ -46,12 +46,10 @@ if _pillow_rejects_zero_bits():
         if _fn is timm_auto_augment.posterize:
             timm_auto_augment.NAME_TO_OP[_name] = _posterize_keeping_zero_bits
 
-_INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
-           "nearest": T.InterpolationMode.NEAREST}
-
-
 def build_transform(is_train: bool, config) -> T.Compose:
-    """timm training augmentation, or resize to IMG_SIZE / CROP_PCT + centre crop for evaluation."""
+    """timm's training augmentation, or timm's evaluation transform: resize the short side to
+    IMG_SIZE / CROP_PCT and centre-crop IMG_SIZE (the authors' TEST.CROP), or with CROP_PCT 1.0
+    resize to IMG_SIZE × IMG_SIZE (their TEST.CROP False)."""
     size = config.DATA.IMG_SIZE
     if is_train:
         aug = config.AUG
@@ -61,11 +59,10 @@ def build_transform(is_train: bool, config) -> T.Compose:
             auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT not in ("", "none") else None,
             re_prob=aug.REPROB, re_mode=aug.REMODE, re_count=aug.RECOUNT,
             interpolation=config.DATA.INTERPOLATION, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-    interp = _INTERP[config.DATA.INTERPOLATION]
     crop_pct = config.TEST.CROP_PCT
-    steps = [T.Resize(int(math.floor(size / crop_pct)), interpolation=interp), T.CenterCrop(size)] \
-        if crop_pct < 1.0 else [T.Resize((size, size), interpolation=interp)]
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    return create_transform(
+        input_size=size, is_training=False, crop_pct=crop_pct, crop_mode="center" if crop_pct < 1.0 else "squash",
+        interpolation=config.DATA.INTERPOLATION, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
 class ShardSampler(Sampler[int]):
