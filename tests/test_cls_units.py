@@ -24,17 +24,58 @@ from defmamba.train.utils import optimizer as optimizer_groups
 ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- config
-def test_config_files_load_with_the_paper_recipe():
-    get_config = app_config.get_config
-    expected = {"tiny": (48, [2, 2, 5, 2], 0.2), "small": (96, [2, 2, 6, 2], 0.2), "base": (96, [2, 3, 16, 2], 0.4)}
-    for name, (dims, depths, dpr) in expected.items():
-        cfg = get_config(cfg_file=str(ROOT / f"configs/classification/defmamba_{name}_224.yaml"))
-        assert (cfg.MODEL.DEFMAMBA.DIMS, list(cfg.MODEL.DEFMAMBA.DEPTHS), cfg.MODEL.DROP_PATH_RATE) == (dims, depths, dpr)
+PAPER_VARIANTS = {"tiny": (48, [2, 2, 5, 2], 0.2), "small": (96, [2, 2, 6, 2], 0.2), "base": (96, [2, 3, 16, 2], 0.4)}
+
+
+@pytest.fixture(scope="module")
+def paper_models() -> dict:
+    """(config, model) of defmamba_{tiny,small,base}_224.yaml, built once for the tests below."""
+    built = {}
+    for name in PAPER_VARIANTS:
+        cfg = app_config.get_config(cfg_file=str(ROOT / f"configs/classification/defmamba_{name}_224.yaml"))
+        built[name] = (cfg, modeling.build_model(cfg))
+    return built
+
+
+def test_config_files_load_with_the_paper_recipe(paper_models):
+    for name, (dims, depths, dpr) in PAPER_VARIANTS.items():
+        cfg, model = paper_models[name]
+        assert cfg.MODEL.ARCH == f"defmamba_{name}" and cfg.MODEL.NAME == f"defmamba_{name}_224"
+        last_block = model.layers[-1].blocks[-1]
+        assert (model.dims[0], list(model.depths), last_block.drop_path.drop_prob) == (dims, depths, pytest.approx(dpr))
+        assert (last_block.op.A_logs.shape[-1], last_block.mlp.fc1.out_features) == (16, 4 * model.dims[-1])
         assert (cfg.TRAIN.EPOCHS, cfg.TRAIN.WARMUP_EPOCHS, cfg.TRAIN.BASE_LR) == (300, 20, 5e-4)
         assert (cfg.TRAIN.WARMUP_LR, cfg.TRAIN.MIN_LR, cfg.TRAIN.WEIGHT_DECAY, cfg.TRAIN.CLIP_GRAD) == (5e-7, 5e-6, 0.05, 5.0)
         assert (cfg.AUG.MIXUP, cfg.AUG.CUTMIX, cfg.AUG.REPROB, cfg.AUG.AUTO_AUGMENT) == (0.8, 1.0, 0.25, "rand-m9-mstd0.5-inc1")
         assert (cfg.MODEL.LABEL_SMOOTHING, cfg.MODEL_EMA_DECAY, cfg.DATA.IMG_SIZE, cfg.TEST.CROP_PCT) == (0.1, 0.9999, 224, 0.875)
         assert cfg.DATA.INTERPOLATION == "bicubic" and cfg.TRAIN.OPTIMIZER.NAME == "adamw"
+
+
+def test_variant_files_name_the_architecture_and_inherit_the_recipe():
+    """Each variant file holds its names and the base file; widths, depths and the recipe live elsewhere."""
+    import yaml
+
+    for name in PAPER_VARIANTS:
+        raw = yaml.safe_load((ROOT / f"configs/classification/defmamba_{name}_224.yaml").read_text())
+        assert raw == {"BASE": ["_base_imagenet.yaml"],
+                       "MODEL": {"NAME": f"defmamba_{name}_224", "ARCH": f"defmamba_{name}"}}
+
+
+def test_custom_architecture_overrides_the_named_variant():
+    cfg = app_config.get_config(opts=["MODEL.ARCH", "defmamba_small", "MODEL.DEFMAMBA.DIMS", "16",
+                                      "MODEL.DEFMAMBA.DEPTHS", "[1, 1, 2, 1]", "MODEL.DEFMAMBA.D_STATE", "4",
+                                      "MODEL.DEFMAMBA.MLP_RATIO", "2.0", "MODEL.DROP_PATH_RATE", "0.3",
+                                      "MODEL.NUM_CLASSES", "7"])
+    model = modeling.build_model(cfg)
+    assert (model.dims, model.depths, model.num_classes) == ([16, 32, 64, 128], (1, 1, 2, 1), 7)
+    block = model.layers[-1].blocks[-1]
+    assert (block.op.A_logs.shape[-1], block.mlp.fc1.out_features, block.drop_path.drop_prob) == (4, 256, pytest.approx(0.3))
+    with pytest.raises(app_config.ConfigError, match="MODEL.ARCH = 'defmamba_huge' is not one of"):
+        app_config.get_config(opts=["MODEL.ARCH", "defmamba_huge"])
+    with pytest.raises(app_config.ConfigError, match="MODEL.DEFMAMBA.DEPTHS must be a list of 4 stage depths"):
+        app_config.get_config(opts=["MODEL.DEFMAMBA.DEPTHS", "[2, 2]"])
+    with pytest.raises(app_config.ConfigError, match=r"MODEL.DROP_PATH_RATE must be a number in \[0, 1\)"):
+        app_config.get_config(opts=["MODEL.DROP_PATH_RATE", "1.5"])
 
 
 def test_config_rejects_unknown_keys_wrong_types_and_bad_values(tmp_path):

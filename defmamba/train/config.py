@@ -14,6 +14,8 @@ from typing import Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
+from ..models import VARIANTS
+
 __all__ = ["ConfigError", "get_config", "default_config", "AMP_DTYPES"]
 
 AMP_DTYPES = ("float16", "bfloat16")
@@ -21,6 +23,7 @@ DATASETS = ("imagenet", "digits", "synthetic")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "step")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+ARCHS = tuple(f"defmamba_{variant}" for variant in VARIANTS)
 
 
 class ConfigError(ValueError):
@@ -44,16 +47,17 @@ _C.DATA.NUM_WORKERS = 8
 # ---------------------------------------------------------------- model
 _C.MODEL = CN()
 _C.MODEL.NAME = "defmamba_tiny_224"   # names the output folder
+_C.MODEL.ARCH = "defmamba_tiny"       # registered variant: its widths, depths and drop path (defmamba.models.VARIANTS)
 _C.MODEL.PRETRAINED = ""              # weights to start from (model only)
 _C.MODEL.RESUME = ""                  # full training state to continue from / evaluate
 _C.MODEL.NUM_CLASSES = 1000
-_C.MODEL.DROP_PATH_RATE = 0.2
+_C.MODEL.DROP_PATH_RATE = None        # null: the variant's
 _C.MODEL.LABEL_SMOOTHING = 0.1
-_C.MODEL.DEFMAMBA = CN()
-_C.MODEL.DEFMAMBA.DIMS = 48
-_C.MODEL.DEFMAMBA.DEPTHS = [2, 2, 5, 2]
-_C.MODEL.DEFMAMBA.D_STATE = 16
-_C.MODEL.DEFMAMBA.MLP_RATIO = 4.0
+_C.MODEL.DEFMAMBA = CN()              # custom architectures: a key set here replaces the variant's value
+_C.MODEL.DEFMAMBA.DIMS = None         # width of stage 0 (doubled per stage)
+_C.MODEL.DEFMAMBA.DEPTHS = None       # blocks per stage, 4 entries
+_C.MODEL.DEFMAMBA.D_STATE = None      # SSM state size
+_C.MODEL.DEFMAMBA.MLP_RATIO = None    # MLP expansion
 
 # ---------------------------------------------------------------- training
 _C.TRAIN = CN()
@@ -215,8 +219,7 @@ def _check_choices(config: CN) -> None:
         raise ConfigError(f"DATA.IMG_SIZE must be at least 32 (the model downsamples by 32), got {config.DATA.IMG_SIZE}")
     if not 0 < config.TEST.CROP_PCT <= 1:
         raise ConfigError(f"TEST.CROP_PCT must be in (0, 1], got {config.TEST.CROP_PCT}")
-    if len(config.MODEL.DEFMAMBA.DEPTHS) != 4:
-        raise ConfigError(f"MODEL.DEFMAMBA.DEPTHS must list 4 stage depths, got {list(config.MODEL.DEFMAMBA.DEPTHS)}")
+    _check_architecture(config.MODEL)
     if config.AUG.CUTMIX_MINMAX and len(config.AUG.CUTMIX_MINMAX) != 2:
         raise ConfigError(f"AUG.CUTMIX_MINMAX must be empty or [min, max], got {list(config.AUG.CUTMIX_MINMAX)}")
     if len(config.AUG.SCALE) != 2:
@@ -228,6 +231,32 @@ def _check_choices(config: CN) -> None:
         raise ConfigError("TRAIN.CUDA_GRAPHS and --compile cannot be combined; choose one")
     if not 0 <= config.TRAIN.WARMUP_EPOCHS <= config.TRAIN.EPOCHS:
         raise ConfigError(f"TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be within [0, TRAIN.EPOCHS={config.TRAIN.EPOCHS}]")
+
+
+def _is_int_list(value, length: int) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == length and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+
+
+def _check_architecture(model: CN) -> None:
+    """MODEL.ARCH names a variant; each override of its values is null or of a usable type."""
+    if model.ARCH not in ARCHS:
+        raise ConfigError(f"MODEL.ARCH = {model.ARCH!r} is not one of {', '.join(map(repr, ARCHS))}; "
+                          "set MODEL.DEFMAMBA.* for other widths and depths")
+    number = (int, float)
+    rules = [
+        ("MODEL.DEFMAMBA.DIMS", model.DEFMAMBA.DIMS, lambda v: (isinstance(v, int) and v > 0) or _is_int_list(v, 4),
+         "a positive integer (stage-0 width) or 4 stage widths"),
+        ("MODEL.DEFMAMBA.DEPTHS", model.DEFMAMBA.DEPTHS, lambda v: _is_int_list(v, 4), "a list of 4 stage depths"),
+        ("MODEL.DEFMAMBA.D_STATE", model.DEFMAMBA.D_STATE, lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+        ("MODEL.DEFMAMBA.MLP_RATIO", model.DEFMAMBA.MLP_RATIO, lambda v: isinstance(v, number) and v > 0,
+         "a positive number"),
+        ("MODEL.DROP_PATH_RATE", model.DROP_PATH_RATE, lambda v: isinstance(v, number) and 0 <= v < 1,
+         "a number in [0, 1)"),
+    ]
+    for key, value, valid, expected in rules:
+        if value is not None and (isinstance(value, bool) or not valid(value)):
+            raise ConfigError(f"{key} must be {expected} (or null for the value of {model.ARCH}), got {value!r}")
 
 
 def get_config(args: argparse.Namespace | None = None, cfg_file: str | None = None,

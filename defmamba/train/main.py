@@ -172,7 +172,7 @@ def _setup_model(config, info: DistInfo, logger) -> nn.Module:
     model = build_model(config).to(info.device)
     if info.is_main:
         n_params, flops = count_params_and_flops(model, config.DATA.IMG_SIZE)
-        logger.info(f"model: DefMamba dims {config.MODEL.DEFMAMBA.DIMS} depths {list(config.MODEL.DEFMAMBA.DEPTHS)}, "
+        logger.info(f"model: {config.MODEL.ARCH} dims {model.dims} depths {list(model.depths)}, "
                     f"{n_params / 1e6:.2f} M parameters, "
                     + (f"{flops / 1e9:.3f} GFLOPs at {config.DATA.IMG_SIZE}²" if flops is not None
                        else "FLOPs not counted (install fvcore to count them)"))

@@ -6,18 +6,25 @@ import logging
 from torch import nn
 
 from ..checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, safe_load
-from ..models import DefMamba
+from ..models.registry import build_model as build_registered_model
 
-__all__ = ["build_model", "load_pretrained"]
+__all__ = ["architecture_overrides", "build_model", "load_pretrained"]
+
+
+def architecture_overrides(config) -> dict:
+    """The DefMamba arguments that ``config.MODEL`` sets in place of the variant's values
+    (MODEL.DEFMAMBA.* and MODEL.DROP_PATH_RATE; null keys keep the variant's)."""
+    spec = config.MODEL.DEFMAMBA
+    values = {"dims": spec.DIMS, "depths": spec.DEPTHS, "d_state": spec.D_STATE, "mlp_ratio": spec.MLP_RATIO,
+              "drop_path_rate": config.MODEL.DROP_PATH_RATE}
+    return {name: tuple(v) if isinstance(v, (list, tuple)) else v for name, v in values.items() if v is not None}
 
 
 def build_model(config) -> nn.Module:
-    """The DefMamba classifier described by ``config.MODEL``."""
-    spec = config.MODEL.DEFMAMBA
-    return DefMamba(
-        dims=spec.DIMS, depths=tuple(spec.DEPTHS), num_classes=config.MODEL.NUM_CLASSES,
-        drop_path_rate=config.MODEL.DROP_PATH_RATE, d_state=spec.D_STATE, mlp_ratio=spec.MLP_RATIO,
-        use_checkpoint=config.TRAIN.USE_CHECKPOINT)
+    """The registered variant MODEL.ARCH (its spec in ``defmamba.models.VARIANTS``) with the
+    overrides of ``config.MODEL``, MODEL.NUM_CLASSES outputs and TRAIN.USE_CHECKPOINT."""
+    return build_registered_model(config.MODEL.ARCH, num_classes=config.MODEL.NUM_CLASSES,
+                                  use_checkpoint=config.TRAIN.USE_CHECKPOINT, **architecture_overrides(config))
 
 
 def load_pretrained(model: nn.Module, path: str, logger: logging.Logger, allow_pickle: bool = False) -> None:
