@@ -196,7 +196,9 @@ def test_training_writes_checkpoints_logs_and_metrics(reference_run):
             "epoch", "config"} <= set(ckpt)
     assert ckpt["epoch"] == 3 and isinstance(ckpt["config"], str) and "DIMS: 16" in ckpt["config"]
     assert ckpt["max_accuracy"] == max(r["val_acc1"] for r in records)
-    assert ckpt["lr_scheduler"]["last_step"] == 4 * 3            # 3 steps per epoch
+    schedule = ckpt["lr_scheduler"]                                # timm's CosineLRScheduler, 3 steps per epoch
+    assert (schedule["warmup_t"], schedule["t_initial"]) == (1 * 3, (4 - 1) * 3)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-6 * 4 / 512)   # MIN_LR × batch/512 at the end
     assert load(out / "best.pth")["max_accuracy"] == ckpt["max_accuracy"]
     log = (out / "log_rank0.txt").read_text()
     for text in ("M parameters", "eta ", "lr ", "grad_norm ", "mem ", "Train: [3/4][2/3]", "training finished",
@@ -276,7 +278,8 @@ def test_gradient_accumulation_matches_the_larger_batch(app, work):
     status_b, _ = call(app, base_args(work, work / "out_b2x2") + ["--batch-size", "2", "--accumulation-steps", "2"] + plain)
     assert status_a == status_b == 0
     big, accumulated = load(run_dir(work / "out_b4") / "last.pth"), load(run_dir(work / "out_b2x2") / "last.pth")
-    assert big["lr_scheduler"]["last_step"] == accumulated["lr_scheduler"]["last_step"] == 3
+    assert big["lr_scheduler"]["t_initial"] == accumulated["lr_scheduler"]["t_initial"] == 3   # optimizer steps
+    assert big["lr_scheduler"]["base_values"] == accumulated["lr_scheduler"]["base_values"] == [5.0 * 4 / 512] * 2
     import defmamba
 
     torch.manual_seed(0)       # the run's seed: the weights both runs started from

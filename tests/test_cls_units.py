@@ -49,6 +49,7 @@ def test_config_files_load_with_the_paper_recipe(paper_models):
         assert (cfg.AUG.MIXUP, cfg.AUG.CUTMIX, cfg.AUG.REPROB, cfg.AUG.AUTO_AUGMENT) == (0.8, 1.0, 0.25, "rand-m9-mstd0.5-inc1")
         assert (cfg.MODEL.LABEL_SMOOTHING, cfg.MODEL_EMA_DECAY, cfg.DATA.IMG_SIZE, cfg.TEST.CROP_PCT) == (0.1, 0.9999, 224, 0.875)
         assert cfg.DATA.INTERPOLATION == "bicubic" and cfg.TRAIN.OPTIMIZER.NAME == "adamw"
+        assert not cfg.TRAIN.NO_DECAY_SSM_PARAMS
 
 
 def test_variant_files_name_the_architecture_and_inherit_the_recipe():
@@ -119,49 +120,121 @@ def test_command_line_flags_map_onto_the_config():
     assert main.parse_args(["--model_ema"]).model_ema is True
 
 
-# ---------------------------------------------------------------- schedule, optimizer, EMA
-def test_lr_schedule_warmup_cosine_and_scaling():
-    get_config = app_config.get_config
-    cfg = get_config(opts=["TRAIN.EPOCHS", "10", "TRAIN.WARMUP_EPOCHS", "2"])
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = lr_scheduler.build_scheduler(cfg, opt, steps_per_epoch=5, lr_scale=2.0)
-    lrs = [sched.lr_at(s) for s in range(51)]
-    assert lrs[0] == pytest.approx(2 * 5e-7) and lrs[10] == pytest.approx(2 * 5e-4)
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))            # warm-up rises linearly
-    assert all(a > b for a, b in zip(lrs[10:50], lrs[11:51]))         # cosine falls
-    assert lrs[50] == pytest.approx(2 * 5e-6)
-    mid = 2 * (5e-6 + 0.5 * (5e-4 - 5e-6))                             # half-way through the cosine
-    assert lrs[30] == pytest.approx(mid)
-    sched.step_update(30)
-    assert opt.param_groups[0]["lr"] == pytest.approx(mid)
-    resumed = lr_scheduler.build_scheduler(cfg, opt, steps_per_epoch=5, lr_scale=2.0)
-    resumed.load_state_dict(sched.state_dict())
-    assert opt.param_groups[0]["lr"] == lrs[30]
+# ---------------------------------------------------------------- schedule, optimizer, loss, EMA
+def test_lr_schedule_is_the_closed_form_warmup_and_cosine():
+    """300 epochs with 20 of warm-up at global batch 1024: the learning rate of step t is
+    warm-up linear from WARMUP_LR to BASE_LR, then a cosine down to MIN_LR, all × 1024/512."""
+    import math
+
+    cfg = app_config.get_config(cfg_file=str(ROOT / "configs/classification/defmamba_small_224.yaml"))
+    steps_per_epoch, scale = 1251, 1024 / 512
+    base, warmup_lr, min_lr = (scale * v for v in (cfg.TRAIN.BASE_LR, cfg.TRAIN.WARMUP_LR, cfg.TRAIN.MIN_LR))
+    warmup, total = 20 * steps_per_epoch, 300 * steps_per_epoch
+
+    def closed_form(t: int) -> float:
+        if t < warmup:
+            return warmup_lr + (base - warmup_lr) * t / warmup
+        return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+    lrs = lr_scheduler.scaled_learning_rates(cfg, global_batch=1024)
+    assert (lrs.base, lrs.warmup, lrs.min) == pytest.approx((base, warmup_lr, min_lr), rel=1e-15)
+    model = nn.Linear(3, 2)
+    opt = optimizer_groups.build_optimizer(cfg, model, lrs.base)
+    sched = lr_scheduler.build_scheduler(cfg, opt, steps_per_epoch, lrs)
+    steps = [0, 1, 617, warmup - 1, warmup, warmup + 1, (warmup + total) // 2, total - 2 * steps_per_epoch + 5,
+             total - 1, total, total + 7]
+    for t in steps:
+        sched.step_update(t)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([closed_form(min(t, total))] * 2, rel=1e-12), t
+    assert closed_form(warmup) == pytest.approx(base) and closed_form(total) == pytest.approx(min_lr)
+    with pytest.raises(ValueError, match="is not the scheduled peak"):
+        lr_scheduler.build_scheduler(cfg, optimizer_groups.build_optimizer(cfg, model, 3e-3), steps_per_epoch, lrs)
 
 
-def test_weight_decay_groups_on_the_real_model():
-    import defmamba
+def test_step_schedule_decays_from_step_zero_after_the_warmup():
+    cfg = app_config.get_config(opts=["TRAIN.LR_SCHEDULER.NAME", "step", "TRAIN.WARMUP_EPOCHS", "2",
+                                      "TRAIN.LR_SCHEDULER.DECAY_EPOCHS", "3", "TRAIN.LR_SCHEDULER.DECAY_RATE", "0.5"])
+    lrs = lr_scheduler.scaled_learning_rates(cfg, global_batch=512)
+    opt = optimizer_groups.build_optimizer(cfg, nn.Linear(3, 2), lrs.base)
+    sched = lr_scheduler.build_scheduler(cfg, opt, steps_per_epoch=10, lrs=lrs)
+    for t, expected in ((0, lrs.warmup), (10, (lrs.warmup + lrs.base) / 2), (20, lrs.base), (29, lrs.base),
+                        (30, lrs.base / 2), (65, lrs.base / 4), (90, lrs.base / 8)):
+        sched.step_update(t)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12), t
 
-    model = defmamba.DefMamba(dims=16, depths=(1, 1, 1, 1), num_classes=5)
-    decay, no_decay = optimizer_groups.split_decay(model)
-    assert set(decay).isdisjoint(no_decay)
-    assert len(decay) + len(no_decay) == len(list(model.parameters()))
-    for suffix in ("A_logs", "Ds", "dt_projs_bias", "rpe_table"):
-        hits = [n for n in no_decay if n.endswith(suffix)]
-        assert hits, f"no parameter ending in {suffix} found in the model"
-        assert not [n for n in decay if n.endswith(suffix)]
+
+def _groups_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[float, list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in optimizer.param_groups}
+
+
+def test_optimizer_groups_are_the_authors(paper_models):
+    """The decay / no-decay names of T, S and B equal those of the authors' code (tests/fixtures)."""
+    import json
+
+    reference = json.loads((ROOT / "tests/fixtures/recipe_param_groups.json").read_text())["classification"]
+    for name in PAPER_VARIANTS:
+        cfg, model = paper_models[name]
+        groups = _groups_by_name(model, optimizer_groups.build_optimizer(cfg, model, lr=1e-3))
+        assert groups == {0.05: reference[name]["decay"], 0.0: reference[name]["no_decay"]}, name
+
+
+def test_no_decay_ssm_params_option_also_exempts_the_ssm_parameters(paper_models):
+    import json
+
+    reference = json.loads((ROOT / "tests/fixtures/recipe_param_groups.json").read_text())["classification"]["small"]
+    cfg, model = paper_models["small"]
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.TRAIN.NO_DECAY_SSM_PARAMS = True
+    groups = _groups_by_name(model, optimizer_groups.build_optimizer(cfg, model, lr=1e-3))
+    moved = sorted(set(reference["decay"]) - set(groups[0.05]))
+    assert groups[0.0] == sorted(reference["no_decay"] + moved)
+    assert {n.rsplit(".", 1)[-1] for n in moved} == {"A_logs", "dt_projs_bias", "rpe_table"}
+    assert len(moved) == 3 * sum(model.depths)
     params = dict(model.named_parameters())
-    assert all(params[n].ndim > 1 for n in decay)
-    assert all(params[n].ndim <= 1 or n.endswith(("A_logs", "Ds", "dt_projs_bias", "rpe_table")) for n in no_decay)
-    assert "classifier.head.weight" in decay and "classifier.head.bias" in no_decay
+    assert sum(params[n].numel() for n in moved) == 441_600     # DefMamba-S
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_adamw_is_fused_on_the_gpu_only(device):
     config = app_config.get_config()
-    optimizer = optimizer_groups.build_optimizer(config, nn.Linear(3, 2).to(device))
+    optimizer = optimizer_groups.build_optimizer(config, nn.Linear(3, 2).to(device), lr=2e-4)
     assert optimizer.defaults["fused"] is (True if device == "cuda" else None)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [config.TRAIN.WEIGHT_DECAY, 0.0]
+    assert [g["lr"] for g in optimizer.param_groups] == [2e-4, 2e-4]
+
+
+def test_training_loss_is_soft_target_with_mixup_and_label_smoothing_without():
+    """The recipe mixes labels (Mixup 0.8, CutMix 1.0), so it trains with soft-target cross-entropy
+    on the mixed, smoothed targets; with Mixup and CutMix off the targets are class indices and the
+    loss is label-smoothing cross-entropy, or plain cross-entropy without smoothing."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    from defmamba.train.data.build import build_mixup
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 3, 1, 4, 2, 3])
+    log_p = logits.log_softmax(-1)
+    recipe = app_config.get_config(cfg_file=str(ROOT / "configs/classification/defmamba_tiny_224.yaml"))
+    mixup = build_mixup(recipe, 5)
+    criterion = app_main.build_criterion(recipe, mixup_active=mixup is not None)
+    assert isinstance(criterion, SoftTargetCrossEntropy)
+    soft = torch.softmax(torch.randn(6, 5, dtype=torch.float64), -1)
+    assert criterion(logits, soft).item() == pytest.approx(-(soft * log_p).sum(-1).mean().item(), rel=1e-12)
+    cutmix_only = app_config.get_config(opts=["AUG.MIXUP", "0.0"])
+    assert isinstance(app_main.build_criterion(cutmix_only, build_mixup(cutmix_only, 5) is not None),
+                      SoftTargetCrossEntropy)
+
+    plain = app_config.get_config(opts=["AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0"])
+    assert build_mixup(plain, 5) is None
+    criterion = app_main.build_criterion(plain, mixup_active=False)
+    assert isinstance(criterion, LabelSmoothingCrossEntropy)
+    eps = plain.MODEL.LABEL_SMOOTHING
+    expected = ((1 - eps) * -log_p.gather(1, targets[:, None])[:, 0] - eps * log_p.mean(-1)).mean()
+    assert criterion(logits, targets).item() == pytest.approx(expected.item(), rel=1e-12)
+    no_smoothing = app_config.get_config(opts=["AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0", "MODEL.LABEL_SMOOTHING", "0.0"])
+    assert type(app_main.build_criterion(no_smoothing, mixup_active=False)) is nn.CrossEntropyLoss
 
 
 def test_ema_update_is_the_exponential_average():

@@ -65,6 +65,9 @@ _C.TRAIN.START_EPOCH = 0
 _C.TRAIN.EPOCHS = 300
 _C.TRAIN.WARMUP_EPOCHS = 20
 _C.TRAIN.WEIGHT_DECAY = 0.05
+# Also exempt A_logs, dt_projs_bias and rpe_table from weight decay (the authors decay them; their
+# code marks A_logs and Ds `_no_weight_decay`, as Mamba does, but their optimizer never reads the mark).
+_C.TRAIN.NO_DECAY_SSM_PARAMS = False
 _C.TRAIN.BASE_LR = 5e-4           # for a global batch of 512, scaled linearly
 _C.TRAIN.WARMUP_LR = 5e-7
 _C.TRAIN.MIN_LR = 5e-6
@@ -220,6 +223,8 @@ def _check_choices(config: CN) -> None:
     if not 0 < config.TEST.CROP_PCT <= 1:
         raise ConfigError(f"TEST.CROP_PCT must be in (0, 1], got {config.TEST.CROP_PCT}")
     _check_architecture(config.MODEL)
+    if config.TRAIN.LR_SCHEDULER.NAME == "step" and config.TRAIN.LR_SCHEDULER.DECAY_EPOCHS < 1:
+        raise ConfigError(f"TRAIN.LR_SCHEDULER.DECAY_EPOCHS must be at least 1, got {config.TRAIN.LR_SCHEDULER.DECAY_EPOCHS}")
     if config.AUG.CUTMIX_MINMAX and len(config.AUG.CUTMIX_MINMAX) != 2:
         raise ConfigError(f"AUG.CUTMIX_MINMAX must be empty or [min, max], got {list(config.AUG.CUTMIX_MINMAX)}")
     if len(config.AUG.SCALE) != 2:

@@ -34,7 +34,7 @@ from .utils.checkpoint import find_resume_checkpoint, remove_stale_temporaries, 
 from .utils.distributed import DistInfo, barrier, cleanup, init_distributed, is_distributed
 from .utils.ema import ModelEma
 from .utils.logger import create_logger
-from .utils.lr_scheduler import build_scheduler
+from .utils.lr_scheduler import REFERENCE_BATCH, build_scheduler, scaled_learning_rates
 from .utils.optimizer import build_optimizer
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -121,7 +121,10 @@ def _tensorboard(output_dir: str, logger):
     return SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
 
 
-def _build_criterion(config, mixup_active: bool) -> nn.Module:
+def build_criterion(config, mixup_active: bool) -> nn.Module:
+    """The authors' training loss: soft-target cross-entropy on the mixed labels while Mixup/CutMix is
+    on (its targets carry the label smoothing), else label-smoothing cross-entropy (MODEL.LABEL_SMOOTHING),
+    else plain cross-entropy."""
     if mixup_active:
         return SoftTargetCrossEntropy()
     if config.MODEL.LABEL_SMOOTHING > 0:
@@ -226,14 +229,16 @@ def _train(config, data, model: nn.Module, run_model: nn.Module, model_ema, chec
     if config.TRAIN.CUDA_GRAPHS and device.type != "cuda":
         raise UsageError(f"TRAIN.CUDA_GRAPHS replays the training step on a GPU; this run has device {device}: "
                          "turn the graphs off")
-    optimizer = build_optimizer(config, model)
     steps_per_epoch = len(data.loader_train) // config.TRAIN.ACCUMULATION_STEPS
     global_batch = config.DATA.BATCH_SIZE * info.world_size * config.TRAIN.ACCUMULATION_STEPS
-    lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch, lr_scale=global_batch / 512.0)
-    logger.info(f"global batch {global_batch}: peak learning rate {lr_scheduler.base_lr:.3e} "
-                f"(TRAIN.BASE_LR {config.TRAIN.BASE_LR} × {global_batch}/512), {steps_per_epoch} steps per epoch")
+    lrs = scaled_learning_rates(config, global_batch)
+    optimizer = build_optimizer(config, model, lrs.base)
+    lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch, lrs)
+    logger.info(f"global batch {global_batch}: peak learning rate {lrs.base:.3e} "
+                f"(TRAIN.BASE_LR {config.TRAIN.BASE_LR} × {global_batch}/{REFERENCE_BATCH}), "
+                f"{steps_per_epoch} steps per epoch")
     scaler = torch.amp.GradScaler(device.type, enabled=amp.uses_scaler)
-    criterion = _build_criterion(config, data.mixup_fn is not None)
+    criterion = build_criterion(config, mixup_active=data.mixup_fn is not None)
 
     start_epoch, max_acc, max_acc_ema = config.TRAIN.START_EPOCH, 0.0, 0.0
     if checkpoint is not None and "optimizer" in checkpoint and "epoch" in checkpoint:

@@ -1,37 +1,39 @@
-"""Optimizer with weight decay on weights only."""
+"""The optimizer and its two parameter groups: weights with weight decay, the rest without."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["NO_DECAY_SUFFIXES", "split_decay", "build_optimizer"]
+__all__ = ["SSM_PARAM_NAMES", "split_decay", "build_optimizer"]
 
-# Parameters of the selective scan and the deformable position bias are never decayed.
-NO_DECAY_SUFFIXES = ("A_logs", "Ds", "dt_projs_bias", "rpe_table")
+# Parameters of the selective scan and the deformable position bias that TRAIN.NO_DECAY_SSM_PARAMS
+# also exempts (Ds is 1-D and exempt anyway).
+SSM_PARAM_NAMES = ("A_logs", "Ds", "dt_projs_bias", "rpe_table")
 
 
-def split_decay(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Names of trainable parameters (with decay, without decay).
+def split_decay(model: nn.Module, no_decay_ssm_params: bool = False) -> tuple[list[str], list[str]]:
+    """Names of the trainable parameters (with weight decay, without), in ``named_parameters`` order.
 
-    No decay for 1-D parameters (norm weights, biases), names ending in ``.bias`` or one of
-    ``NO_DECAY_SUFFIXES``, and names the model lists in ``no_weight_decay()``.
+    The authors' rule: no decay for 1-D parameters (norm weights, biases, ``Ds``) and names ending in
+    ``.bias``; every other parameter is decayed, the SSM's ``A_logs``, ``dt_projs_bias`` and the
+    deformable ``rpe_table`` included. With ``no_decay_ssm_params`` the parameters named in
+    ``SSM_PARAM_NAMES`` are exempt too.
     """
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if (param.ndim <= 1 or name.endswith(".bias") or name in skip
-                or any(name == s or name.endswith("." + s) for s in NO_DECAY_SUFFIXES)):
-            no_decay.append(name)
-        else:
-            decay.append(name)
+        exempt = param.ndim <= 1 or name.endswith(".bias")
+        if no_decay_ssm_params and name.rsplit(".", 1)[-1] in SSM_PARAM_NAMES:
+            exempt = True
+        (no_decay if exempt else decay).append(name)
     return decay, no_decay
 
 
-def build_optimizer(config, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW (fused on the GPU) or SGD with Nesterov momentum, over two groups: decayed weights and the rest."""
-    decay, no_decay = split_decay(model)
+def build_optimizer(config, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """AdamW (fused on the GPU) or SGD with Nesterov momentum at learning rate ``lr`` (the schedule's
+    peak, which timm's scheduler reads from the groups), over two groups: decayed weights and the rest."""
+    decay, no_decay = split_decay(model, config.TRAIN.NO_DECAY_SSM_PARAMS)
     params = dict(model.named_parameters())
     groups = [{"params": [params[n] for n in decay], "weight_decay": config.TRAIN.WEIGHT_DECAY},
               {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
@@ -41,8 +43,8 @@ def build_optimizer(config, model: nn.Module) -> torch.optim.Optimizer:
         # inf check on the device); elsewhere torch picks its own implementation.
         # TRAIN.CUDA_GRAPHS records the update into a graph: the step counts then live on the GPU.
         fused = bool(params) and all(p.is_cuda for p in params.values())
-        return torch.optim.AdamW(groups, lr=config.TRAIN.BASE_LR, betas=tuple(opt.BETAS), eps=opt.EPS,
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(opt.BETAS), eps=opt.EPS,
                                  fused=fused or None, capturable=config.TRAIN.CUDA_GRAPHS)
     if opt.NAME == "sgd":
-        return torch.optim.SGD(groups, lr=config.TRAIN.BASE_LR, momentum=opt.MOMENTUM, nesterov=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=True)
     raise ValueError(f"unknown optimizer {opt.NAME!r}; use 'adamw' or 'sgd'")
