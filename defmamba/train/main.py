@@ -16,6 +16,7 @@ import random
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from .utils.lr_scheduler import REFERENCE_BATCH, build_scheduler, scaled_learnin
 from .utils.optimizer import build_optimizer
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+METRICS_FILE = "metrics.jsonl"   # one JSON line per epoch in the output folder
 
 
 class UsageError(ValueError):
@@ -220,15 +222,147 @@ def _evaluate(config, data, model: nn.Module, model_ema, amp: AmpSettings, info:
             json.dump({"checkpoint": source, **results}, f, indent=2)
 
 
-def _train(config, data, model: nn.Module, run_model: nn.Module, model_ema, checkpoint, resume: str,
-           amp: AmpSettings, info: DistInfo, output_dir: str, logger) -> None:
-    device = info.device
+@dataclass
+class Progress:
+    """Where training stands: the next epoch to train and the best top-1 so far (model, EMA)."""
+    next_epoch: int
+    max_acc: float = 0.0
+    max_acc_ema: float = 0.0
+
+    def record(self, val: dict, val_ema: dict | None) -> tuple[bool, bool]:
+        """Account for one epoch's validation; returns (new best of the model, new best of the EMA)."""
+        is_best = val["acc1"] > self.max_acc
+        self.max_acc = max(self.max_acc, val["acc1"])
+        is_best_ema = val_ema is not None and val_ema["acc1"] > self.max_acc_ema
+        if val_ema is not None:
+            self.max_acc_ema = max(self.max_acc_ema, val_ema["acc1"])
+        return is_best, is_best_ema
+
+
+def _check_training_setup(config, data, info: DistInfo) -> None:
     if config.TRAIN.ACCUMULATION_STEPS > len(data.loader_train):
         raise UsageError(f"TRAIN.ACCUMULATION_STEPS ({config.TRAIN.ACCUMULATION_STEPS}) is larger than the "
                          f"{len(data.loader_train)} batches of an epoch; lower --accumulation-steps")
-    if config.TRAIN.CUDA_GRAPHS and device.type != "cuda":
-        raise UsageError(f"TRAIN.CUDA_GRAPHS replays the training step on a GPU; this run has device {device}: "
+    if config.TRAIN.CUDA_GRAPHS and info.device.type != "cuda":
+        raise UsageError(f"TRAIN.CUDA_GRAPHS replays the training step on a GPU; this run has device {info.device}: "
                          "turn the graphs off")
+
+
+def _resume(config, checkpoint, resume: str, optimizer, scaler, amp: AmpSettings, logger) -> Progress:
+    """The progress to start from: the checkpoint's when it holds a training state (optimizer
+    and GradScaler restored here), else TRAIN.START_EPOCH. The learning rate needs no restoring:
+    the schedule is a function of the step index."""
+    if checkpoint is None or "optimizer" not in checkpoint or "epoch" not in checkpoint:
+        return Progress(next_epoch=config.TRAIN.START_EPOCH)
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"the optimizer state in {resume} does not fit this model/optimizer ({err}); "
+                              "start from its weights with --pretrained instead") from None
+    if checkpoint.get("scaler") and amp.uses_scaler:
+        scaler.load_state_dict(checkpoint["scaler"])
+    progress = Progress(next_epoch=int(checkpoint["epoch"]) + 1,
+                        max_acc=float(checkpoint.get("max_accuracy", 0.0)),
+                        max_acc_ema=float(checkpoint.get("max_accuray_ema", checkpoint.get("max_accuracy_ema", 0.0))))
+    logger.info(f"resuming at epoch {progress.next_epoch} (best top-1 so far {progress.max_acc:.3f}%)")
+    return progress
+
+
+def _build_train_step(config, model: nn.Module, run_model: nn.Module, model_ema, optimizer, scaler,
+                      criterion: nn.Module, amp: AmpSettings, info: DistInfo, logger):
+    # With graphs, DDP is built on the stream its step is warmed up and recorded on.
+    graph_stream = torch.cuda.Stream(info.device) if config.TRAIN.CUDA_GRAPHS else None
+    train_model = run_model
+    if is_distributed():     # under a launcher, as the authors' loop: DDP also with one process
+        with torch.cuda.stream(graph_stream):    # no-op without graphs (None)
+            train_model = DistributedDataParallel(
+                run_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                broadcast_buffers=False)
+    train_step = TrainStep(train_model, criterion, optimizer, scaler, amp, clip_grad=config.TRAIN.CLIP_GRAD,
+                           accumulation=config.TRAIN.ACCUMULATION_STEPS, model_ema=model_ema, ema_source=model)
+    if config.TRAIN.CUDA_GRAPHS:
+        train_step = CudaGraphTrainStep(train_step, stream=graph_stream)
+        logger.info(f"training steps are replayed from a CUDA graph after {train_step.warmup} eager warm-up steps")
+    return train_step
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """One epoch's training statistics (``train_one_epoch``) and validation results (``validate``)."""
+    epoch: int
+    train: dict
+    val: dict
+    val_ema: dict | None
+    is_best: bool
+    is_best_ema: bool
+
+    def metrics(self) -> dict:
+        """The epoch's line of metrics.jsonl."""
+        record = {"epoch": self.epoch, "train_loss": self.train["loss"], "train_grad_norm": self.train["grad_norm"],
+                  "lr": self.train["lr"], "train_images_per_s": self.train["images_per_s"],
+                  "val_acc1": self.val["acc1"], "val_acc5": self.val["acc5"], "val_loss": self.val["loss"]}
+        if self.val_ema is not None:
+            record.update(ema_acc1=self.val_ema["acc1"], ema_acc5=self.val_ema["acc5"], ema_loss=self.val_ema["loss"])
+        return record
+
+
+def _save_and_log(config, result: EpochResult, progress: Progress, model: nn.Module, model_ema, train_step,
+                  lr_scheduler, output_dir: str, tb_writer, logger) -> None:
+    """Rank 0 after each epoch: the checkpoints, a line of metrics.jsonl and the epoch's TensorBoard scalars."""
+    epoch = result.epoch
+    state = _checkpoint_state(config, epoch, model, model_ema, train_step.optimizer, lr_scheduler, train_step.scaler,
+                              progress.max_acc, progress.max_acc_ema)
+    last_epoch = epoch == config.TRAIN.EPOCHS - 1
+    written = save_checkpoint(output_dir, state, epoch, keep=config.SAVE_KEEP, is_best=result.is_best,
+                              is_best_ema=result.is_best_ema,
+                              epoch_file=(epoch + 1) % config.SAVE_FREQ == 0 or last_epoch)
+    logger.info("saved " + ", ".join(os.path.basename(p) for p in written) + f" in {output_dir}")
+    record = result.metrics()
+    with open(os.path.join(output_dir, METRICS_FILE), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    if tb_writer is not None:
+        for key, value in record.items():
+            if key != "epoch":
+                tb_writer.add_scalar(f"epoch/{key}", value, epoch)
+        tb_writer.flush()
+
+
+def _run_epochs(config, data, progress: Progress, train_step, model: nn.Module, run_model: nn.Module, model_ema,
+                lr_scheduler, amp: AmpSettings, info: DistInfo, output_dir: str, tb_writer, logger) -> None:
+    """Train, validate, save and log every epoch from ``progress.next_epoch`` to TRAIN.EPOCHS."""
+    device = info.device
+    for epoch in range(progress.next_epoch, config.TRAIN.EPOCHS):
+        seed_everything(epoch_seed(config.SEED, epoch, info.rank))
+        data.sampler_train.set_epoch(epoch)
+        data.loader_train.generator.manual_seed(epoch_seed(config.SEED, epoch, info.rank))
+        stats = train_one_epoch(config, train_step, data.loader_train, epoch, data.mixup_fn, lr_scheduler,
+                                device, logger, tb_writer)
+        val = validate(data.loader_val, run_model, amp, device, logger, "model", config.PRINT_FREQ)
+        val_ema = validate(data.loader_val, model_ema.module, amp, device, logger, "EMA", config.PRINT_FREQ) \
+            if model_ema is not None else None
+        result = EpochResult(epoch, stats, val, val_ema, *progress.record(val, val_ema))
+        progress.next_epoch = epoch + 1
+        logger.info(f"epoch {epoch}: top-1 {val['acc1']:.3f}% (best {progress.max_acc:.3f}%)"
+                    + (f", EMA top-1 {val_ema['acc1']:.3f}% (best {progress.max_acc_ema:.3f}%)" if val_ema else ""))
+        if info.is_main:
+            _save_and_log(config, result, progress, model, model_ema, train_step, lr_scheduler, output_dir,
+                          tb_writer, logger)
+        barrier()
+
+
+def _log_summary(progress: Progress, with_ema: bool, elapsed: float, output_dir: str, tensorboard: bool,
+                 logger) -> None:
+    logger.info(f"training finished in {datetime.timedelta(seconds=int(elapsed))}: best top-1 {progress.max_acc:.3f}%"
+                + (f", best EMA top-1 {progress.max_acc_ema:.3f}%" if with_ema else ""))
+    saved = [n for n in ("last.pth", "best.pth", "best_ema.pth") if os.path.exists(os.path.join(output_dir, n))]
+    logger.info(f"checkpoints in {output_dir}: {', '.join(saved) or 'none'}; per-epoch metrics: "
+                f"{os.path.join(output_dir, METRICS_FILE)}; logs: {os.path.join(output_dir, 'log_rank0.txt')}"
+                + (f"; TensorBoard: {os.path.join(output_dir, 'tensorboard')}" if tensorboard else ""))
+
+
+def _train(config, data, model: nn.Module, run_model: nn.Module, model_ema, checkpoint, resume: str,
+           amp: AmpSettings, info: DistInfo, output_dir: str, logger) -> None:
+    _check_training_setup(config, data, info)
     steps_per_epoch = len(data.loader_train) // config.TRAIN.ACCUMULATION_STEPS
     global_batch = config.DATA.BATCH_SIZE * info.world_size * config.TRAIN.ACCUMULATION_STEPS
     lrs = scaled_learning_rates(config, global_batch)
@@ -237,88 +371,22 @@ def _train(config, data, model: nn.Module, run_model: nn.Module, model_ema, chec
     logger.info(f"global batch {global_batch}: peak learning rate {lrs.base:.3e} "
                 f"(TRAIN.BASE_LR {config.TRAIN.BASE_LR} × {global_batch}/{REFERENCE_BATCH}), "
                 f"{steps_per_epoch} steps per epoch")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp.uses_scaler)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=amp.uses_scaler)
+    progress = _resume(config, checkpoint, resume, optimizer, scaler, amp, logger)
     criterion = build_criterion(config, mixup_active=data.mixup_fn is not None)
-
-    start_epoch, max_acc, max_acc_ema = config.TRAIN.START_EPOCH, 0.0, 0.0
-    if checkpoint is not None and "optimizer" in checkpoint and "epoch" in checkpoint:
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"the optimizer state in {resume} does not fit this model/optimizer ({err}); "
-                                  "start from its weights with --pretrained instead") from None
-        if checkpoint.get("scaler") and amp.uses_scaler:
-            scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch = int(checkpoint["epoch"]) + 1
-        max_acc = float(checkpoint.get("max_accuracy", 0.0))
-        max_acc_ema = float(checkpoint.get("max_accuray_ema", checkpoint.get("max_accuracy_ema", 0.0)))
-        logger.info(f"resuming at epoch {start_epoch} (best top-1 so far {max_acc:.3f}%)")
-
-    # With graphs, DDP is built on the stream its step is warmed up and recorded on.
-    graph_stream = torch.cuda.Stream(device) if config.TRAIN.CUDA_GRAPHS else None
-    train_model = run_model
-    if is_distributed():     # under a launcher, as the authors' loop: DDP also with one process
-        with torch.cuda.stream(graph_stream):    # no-op without graphs (None)
-            train_model = DistributedDataParallel(
-                run_model, device_ids=[info.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
-    train_step = TrainStep(train_model, criterion, optimizer, scaler, amp, clip_grad=config.TRAIN.CLIP_GRAD,
-                           accumulation=config.TRAIN.ACCUMULATION_STEPS, model_ema=model_ema, ema_source=model)
-    if config.TRAIN.CUDA_GRAPHS:
-        train_step = CudaGraphTrainStep(train_step, stream=graph_stream)
-        logger.info(f"training steps are replayed from a CUDA graph after {train_step.warmup} eager warm-up steps")
+    train_step = _build_train_step(config, model, run_model, model_ema, optimizer, scaler, criterion, amp, info,
+                                   logger)
     tb_writer = _tensorboard(output_dir, logger) if info.is_main else None
-    metrics_path = os.path.join(output_dir, "metrics.jsonl")
     if info.is_main:
-        _keep_metrics_before(metrics_path, start_epoch)
+        _keep_metrics_before(os.path.join(output_dir, METRICS_FILE), progress.next_epoch)
     start_time = time.time()
     try:
-        for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-            seed_everything(epoch_seed(config.SEED, epoch, info.rank))
-            data.sampler_train.set_epoch(epoch)
-            data.loader_train.generator.manual_seed(epoch_seed(config.SEED, epoch, info.rank))
-            stats = train_one_epoch(config, train_step, data.loader_train, epoch, data.mixup_fn, lr_scheduler,
-                                    device, logger, tb_writer)
-            val = validate(data.loader_val, run_model, amp, device, logger, "model", config.PRINT_FREQ)
-            val_ema = validate(data.loader_val, model_ema.module, amp, device, logger, "EMA", config.PRINT_FREQ) \
-                if model_ema is not None else None
-            is_best = val["acc1"] > max_acc
-            max_acc = max(max_acc, val["acc1"])
-            is_best_ema = val_ema is not None and val_ema["acc1"] > max_acc_ema
-            if val_ema is not None:
-                max_acc_ema = max(max_acc_ema, val_ema["acc1"])
-            logger.info(f"epoch {epoch}: top-1 {val['acc1']:.3f}% (best {max_acc:.3f}%)"
-                        + (f", EMA top-1 {val_ema['acc1']:.3f}% (best {max_acc_ema:.3f}%)" if val_ema else ""))
-            if info.is_main:
-                state = _checkpoint_state(config, epoch, model, model_ema, optimizer, lr_scheduler, scaler,
-                                          max_acc, max_acc_ema)
-                last_epoch = epoch == config.TRAIN.EPOCHS - 1
-                written = save_checkpoint(output_dir, state, epoch, keep=config.SAVE_KEEP, is_best=is_best,
-                                          is_best_ema=is_best_ema,
-                                          epoch_file=(epoch + 1) % config.SAVE_FREQ == 0 or last_epoch)
-                logger.info("saved " + ", ".join(os.path.basename(p) for p in written) + f" in {output_dir}")
-                record = {"epoch": epoch, "train_loss": stats["loss"], "train_grad_norm": stats["grad_norm"],
-                          "lr": stats["lr"], "train_images_per_s": stats["images_per_s"],
-                          "val_acc1": val["acc1"], "val_acc5": val["acc5"], "val_loss": val["loss"]}
-                if val_ema is not None:
-                    record.update(ema_acc1=val_ema["acc1"], ema_acc5=val_ema["acc5"], ema_loss=val_ema["loss"])
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                if tb_writer is not None:
-                    for key, value in record.items():
-                        if key != "epoch":
-                            tb_writer.add_scalar(f"epoch/{key}", value, epoch)
-                    tb_writer.flush()
-            barrier()
+        _run_epochs(config, data, progress, train_step, model, run_model, model_ema, lr_scheduler, amp, info,
+                    output_dir, tb_writer, logger)
     finally:
         if tb_writer is not None:
             tb_writer.close()
-    elapsed = datetime.timedelta(seconds=int(time.time() - start_time))
-    logger.info(f"training finished in {elapsed}: best top-1 {max_acc:.3f}%"
-                + (f", best EMA top-1 {max_acc_ema:.3f}%" if model_ema is not None else ""))
-    saved = [n for n in ("last.pth", "best.pth", "best_ema.pth") if os.path.exists(os.path.join(output_dir, n))]
-    logger.info(f"checkpoints in {output_dir}: {', '.join(saved) or 'none'}; per-epoch metrics: {metrics_path}; "
-                f"logs: {os.path.join(output_dir, 'log_rank0.txt')}"
-                + (f"; TensorBoard: {os.path.join(output_dir, 'tensorboard')}" if tb_writer is not None else ""))
+    _log_summary(progress, model_ema is not None, time.time() - start_time, output_dir, tb_writer is not None, logger)
 
 
 def run(args: argparse.Namespace) -> int:
