@@ -506,7 +506,7 @@ def test_bad_inputs_fail_with_a_clear_message(app, work, reference_run, capsys, 
         (["--cfg", work / "tiny.yaml"] + data + ["--batch-size", "64"], "larger than the 12 training images"),
         (["--cfg", work / "tiny.yaml"] + data + ["--eval"], "--eval needs weights"),
         (["--cfg", work / "tiny.yaml"] + data + ["--opts", "TRAIN.CUDA_GRAPHS", "True"],
-         "TRAIN.CUDA_GRAPHS replays the training step on one GPU in one process; this run has device cpu"),
+         "TRAIN.CUDA_GRAPHS replays the training step on a GPU; this run has device cpu"),
         (["--cfg", work / "tiny.yaml"] + data + ["--opts", "TRAIN.CUDA_GRAPHS", "True", "TRAIN.ACCUMULATION_STEPS", "2"],
          "set TRAIN.ACCUMULATION_STEPS 1"),
     ]
