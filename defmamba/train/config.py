@@ -14,7 +14,7 @@ from typing import Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
-from ..models import VARIANTS
+from ..variants import VARIANTS
 
 __all__ = ["ConfigError", "get_config", "default_config", "AMP_DTYPES"]
 
@@ -47,7 +47,7 @@ _C.DATA.NUM_WORKERS = 8
 # ---------------------------------------------------------------- model
 _C.MODEL = CN()
 _C.MODEL.NAME = "defmamba_tiny_224"   # names the output folder
-_C.MODEL.ARCH = "defmamba_tiny"       # registered variant: its widths, depths and drop path (defmamba.models.VARIANTS)
+_C.MODEL.ARCH = "defmamba_tiny"       # registered variant: its widths, depths and drop path (defmamba.variants.VARIANTS)
 _C.MODEL.PRETRAINED = ""              # weights to start from (model only)
 _C.MODEL.RESUME = ""                  # full training state to continue from / evaluate
 _C.MODEL.NUM_CLASSES = 1000

@@ -21,7 +21,7 @@ def architecture_overrides(config) -> dict:
 
 
 def build_model(config) -> nn.Module:
-    """The registered variant MODEL.ARCH (its spec in ``defmamba.models.VARIANTS``) with the
+    """The registered variant MODEL.ARCH (its spec in ``defmamba.variants.VARIANTS``) with the
     overrides of ``config.MODEL``, MODEL.NUM_CLASSES outputs and TRAIN.USE_CHECKPOINT."""
     return build_registered_model(config.MODEL.ARCH, num_classes=config.MODEL.NUM_CLASSES,
                                   use_checkpoint=config.TRAIN.USE_CHECKPOINT, **architecture_overrides(config))
