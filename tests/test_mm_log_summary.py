@@ -1,0 +1,82 @@
+"""tools/mm_log_summary.py on run directories laid out as mmengine and tools/device/dense_tasks.sh
+write them: medians after warm-up, peak memory, losses, test metrics, error rows."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from tool_helpers import load_tool
+
+tool = load_tool("mm_log_summary")
+
+
+def _write_log(work_dir: Path, timestamp: str, records: list[dict], training: bool) -> None:
+    folder = work_dir / timestamp / ("vis_data" if training else "")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{timestamp}.json").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if training:  # mmengine writes the same records to scalars.json
+        (folder / "scalars.json").write_text((folder / f"{timestamp}.json").read_text())
+
+
+def _train_records(rng: random.Random, iters: int, interval: int = 10) -> list[dict]:
+    return [dict(lr=1e-4, data_time=rng.uniform(0.01, 0.1), loss=rng.uniform(0.5, 3), loss_cls=rng.uniform(0, 1),
+                 time=rng.uniform(0.2, 0.6), iter=i, memory=rng.randrange(1000, 30000), step=i)
+            for i in range(interval, iters + 1, interval)]
+
+
+def _median(values: list[float]) -> float:
+    assert len(values) % 2 == 1
+    return sorted(values)[len(values) // 2]
+
+
+def test_run_summary_from_mmengine_logs(tmp_path):
+    rng = random.Random(7)
+    run = tmp_path / "det-defmamba-s"
+    _write_log(run / "train", "20260101_000000", _train_records(rng, 50), training=True)  # an older attempt
+    records = _train_records(rng, 110)
+    _write_log(run / "train", "20260102_000000", records, training=True)
+    metrics = {"coco/bbox_mAP": rng.random(), "coco/segm_mAP": rng.random(), "coco/bbox_mAP_50": rng.random()}
+    _write_log(run / "test", "20260102_010000", [dict(metrics, data_time=0.01, time=0.1, step=110)], training=False)
+
+    summary = tool.summarise_run(run, warmup=20)
+    steady = [r for r in records if r["iter"] > 20]
+    train = summary["train"]
+    assert summary["status"] == "ok" and train["iters"] == 110 and train["steady_records"] == 9
+    assert train["time_s"] == pytest.approx(_median([r["time"] for r in steady]))
+    assert train["data_time_s"] == pytest.approx(_median([r["data_time"] for r in steady]))
+    assert train["peak_memory_gib"] == pytest.approx(max(r["memory"] for r in records) / 1024)  # warm-up counts
+    assert (train["first_loss"], train["last_loss"]) == (records[0]["loss"], records[-1]["loss"])
+    assert summary["metrics"] == {"test": metrics}
+
+
+def test_table_and_json_with_an_error_row_and_a_cpu_run(tmp_path, capsys):
+    rng = random.Random(3)
+    seg = tmp_path / "seg-defmamba-s"
+    cpu_records = [{k: v for k, v in r.items() if k != "memory"} for r in _train_records(rng, 30)]
+    _write_log(seg / "train", "20260102_000000", cpu_records, training=True)
+    for test, miou in (("test", 41.5), ("test-tta", 43.25)):
+        _write_log(seg / test, "20260102_010000", [dict(aAcc=90.0, mIoU=miou, mAcc=50.0, step=30)], training=False)
+    broken = tmp_path / "seg-swin-s"
+    (broken / "train").mkdir(parents=True)
+    (broken / "error.txt").write_text("train failed (exit 1); last lines of train.log:\nCUDA out of memory\n")
+
+    runs = tool.main([str(seg), str(broken), "--warmup", "20", "--json", str(tmp_path / "s.json"),
+                      "--markdown", str(tmp_path / "s.md")])
+    table = (tmp_path / "s.md").read_text()
+    assert table == capsys.readouterr().out
+    header, _, ok_row, error_row = table.splitlines()
+    assert "mIoU (test)" in header and "mIoU (test-tta)" in header and "peak GiB" in header
+    assert "41.500" in ok_row and "43.250" in ok_row and ok_row.endswith("| ok |")
+    assert "| — |" in ok_row  # no memory column values on CPU
+    assert error_row.startswith("| seg-swin-s |") and "error: train failed (exit 1)" in error_row
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["runs"] == runs and saved["warmup"] == 20
+    assert saved["runs"][0]["train"]["peak_memory_gib"] is None and saved["runs"][1]["train"] is None
+
+
+def test_missing_run_directory_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tool.main([str(tmp_path / "nope")])
+    assert "not a run directory" in capsys.readouterr().err

@@ -1,0 +1,121 @@
+"""Summarise mmengine runs: iteration time and data time (medians after warm-up), peak GPU memory,
+the loss at the start and the end, and the test metrics, as JSON and a markdown table.
+
+  python tools/mm_log_summary.py RUN_DIR... [--warmup 20] [--json FILE] [--markdown FILE]
+
+A run directory (as tools/device/dense_tasks.sh writes them) holds ``train/``, the training work dir,
+any number of test work dirs (``test/``, ``test-tta/`` ...), and ``error.txt`` when a step failed.
+mmengine logs one JSON record per logged iteration to ``<timestamp>/vis_data/<timestamp>.json`` of a
+training work dir (``time``/``data_time`` averaged over the logging window, ``memory`` the peak MiB
+since the previous record, on GPU only) and the metrics of a test to ``<timestamp>/<timestamp>.json``;
+the newest timestamp is read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["read_records", "train_stats", "evaluation_metrics", "summarise_run", "markdown_table", "main"]
+
+BOOKKEEPING = {"time", "data_time", "step", "iter", "epoch", "memory", "lr", "base_lr"}
+TABLE_METRICS = {"coco/bbox_mAP": "box mAP", "coco/segm_mAP": "mask mAP", "mIoU": "mIoU"}
+
+
+def read_records(work_dir: Path) -> list[dict]:
+    """The JSON log records of the newest run in an mmengine work dir ([] when there is none)."""
+    runs = sorted(p for p in work_dir.glob("*") if p.is_dir() and any(p.rglob(f"{p.name}.json")))
+    if not runs:
+        return []
+    log = next(runs[-1].rglob(f"{runs[-1].name}.json"))
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def train_stats(records: Sequence[dict], warmup: int) -> Optional[dict]:
+    """Medians of time and data_time over the records after ``warmup`` iterations, the peak memory
+    (GiB) over all records, the first and last loss; None without training records."""
+    train = [r for r in records if "loss" in r and "iter" in r]
+    if not train:
+        return None
+    steady = [r for r in train if r["iter"] > warmup]
+    memory = [r["memory"] for r in train if "memory" in r]
+    return dict(
+        iters=train[-1]["iter"],
+        steady_records=len(steady),
+        time_s=statistics.median(r["time"] for r in steady) if steady else None,
+        data_time_s=statistics.median(r["data_time"] for r in steady) if steady else None,
+        peak_memory_gib=max(memory) / 1024 if memory else None,
+        first_loss=train[0]["loss"],
+        last_loss=train[-1]["loss"],
+    )
+
+
+def evaluation_metrics(records: Sequence[dict]) -> dict:
+    """The metrics of the last record that has any (keys other than time, step and the like)."""
+    for record in reversed(records):
+        metrics = {k: v for k, v in record.items() if k not in BOOKKEEPING and "loss" not in k}
+        if metrics:
+            return metrics
+    return {}
+
+
+def summarise_run(run_dir: Path, warmup: int) -> dict:
+    """One run directory as a dict: name, status ('ok' or 'error'), error, train, metrics per test dir."""
+    error = run_dir / "error.txt"
+    summary = dict(name=run_dir.name, status="error" if error.is_file() else "ok",
+                   error=error.read_text().strip() if error.is_file() else None,
+                   train=train_stats(read_records(run_dir / "train"), warmup), metrics={})
+    for test_dir in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("test")):
+        metrics = evaluation_metrics(read_records(test_dir))
+        if metrics:
+            summary["metrics"][test_dir.name] = metrics
+    return summary
+
+
+def _number(value: Optional[float], digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(runs: Sequence[dict]) -> str:
+    """One row per run: training measurements, then the headline metric of each test."""
+    columns = sorted({(test, key) for run in runs for test, metrics in run["metrics"].items()
+                      for key in metrics if key in TABLE_METRICS})
+    header = ["run", "iters", "s/iter", "data s/iter", "peak GiB", "loss first → last",
+              *[f"{TABLE_METRICS[key]} ({test})" for test, key in columns], "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        train = run["train"] or {}
+        loss = (f"{train['first_loss']:.3f} → {train['last_loss']:.3f}" if train else "—")
+        status = "ok" if run["status"] == "ok" else "error: " + run["error"].splitlines()[0]
+        cells = [run["name"], str(train.get("iters", "—")), _number(train.get("time_s"), 3),
+                 _number(train.get("data_time_s"), 3), _number(train.get("peak_memory_gib"), 1), loss,
+                 *[_number(run["metrics"].get(test, {}).get(key), 3) for test, key in columns], status]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
+    parser.add_argument("--warmup", type=int, default=20, help="iterations left out of the medians (default 20)")
+    parser.add_argument("--json", type=Path, help="write the summary as JSON here")
+    parser.add_argument("--markdown", type=Path, help="write the table here")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.runs if not p.is_dir()]
+    if missing:
+        parser.error("not a run directory: " + ", ".join(missing))
+    runs = [summarise_run(run, args.warmup) for run in args.runs]
+    table = markdown_table(runs)
+    if args.json:
+        args.json.write_text(json.dumps(dict(warmup=args.warmup, runs=runs), indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table)
+    print(table, end="")
+    return runs
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
