@@ -89,7 +89,7 @@ def markdown_table(runs: Sequence[dict]) -> str:
     for run in runs:
         train = run["train"] or {}
         loss = (f"{train['first_loss']:.3f} → {train['last_loss']:.3f}" if train else "—")
-        status = "ok" if run["status"] == "ok" else "error: " + run["error"].splitlines()[0]
+        status = "ok" if run["status"] == "ok" else "error: " + run["error"].splitlines()[0].replace("|", "\\|")
         cells = [run["name"], str(train.get("iters", "—")), _number(train.get("time_s"), 3),
                  _number(train.get("data_time_s"), 3), _number(train.get("peak_memory_gib"), 1), loss,
                  *[_number(run["metrics"].get(test, {}).get(key), 3) for test, key in columns], status]
