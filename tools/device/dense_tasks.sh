@@ -45,8 +45,7 @@ failed=0
 } >> "$out/env.log"
 
 install_stack() {
-  if "$PYTHON" -c 'import mmdet, mmseg; from mmcv.ops import get_compiling_cuda_version as v; assert v() != "not available"' \
-      2>/dev/null; then
+  if "$PYTHON" tools/check_mm.py --cuda > /dev/null 2>&1; then
     echo "== install: mmcv with CUDA ops, mmdet and mmseg are there"
     return
   fi
@@ -57,9 +56,12 @@ install_stack() {
     export PIP_NO_INDEX=1 PIP_FIND_LINKS
     PIP_FIND_LINKS=$(cd "$MM_WHEELS" && pwd)
   fi
-  echo "== install: OpenMMLab stack into $venv, mmcv's CUDA ops for compute capability $arch (log: $out/install.log)"
-  if ! PATH="$venv/bin:$PATH" FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$arch VENV=$venv \
-      bash tools/install_mm.sh > "$out/install.log" 2>&1; then
+  echo "== install: the library, then the OpenMMLab stack into $venv, mmcv's CUDA ops for compute" \
+       "capability $arch only (log: $out/install.log)"
+  # install_mm.sh reads the stack's requirements from the installed library's `mm` extra
+  if ! { "$PYTHON" -m pip install --no-deps -e . &&
+         PATH="$venv/bin:$PATH" FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$arch VENV=$venv bash tools/install_mm.sh; } \
+      > "$out/install.log" 2>&1; then
     tail -n 40 "$out/install.log"
     echo "dense_tasks.sh: the install failed; see $out/install.log" >&2
     exit 1

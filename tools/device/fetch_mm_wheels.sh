@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Download, for an offline GPU machine (Python 3.12, x86-64 Linux, the workplace's CUDA image), what
-# tools/install_mm.sh installs there and the image lacks: the OpenMMLab packages, mmcv's sdist (built
-# there with the CUDA ops) and the small runtime dependencies. numpy, scipy, matplotlib, Pillow,
-# opencv-python-headless, pyyaml, rich, six, tqdm, regex and packaging come with the image.
-# Keep the list in step with install_mm.sh's.
+# `pip install -e .` and tools/install_mm.sh install there and the image lacks: the `mm` extra of
+# pyproject.toml and the dependencies of its packages, mmengine, mmcv's sdist (built there with the
+# CUDA ops), setuptools < 81. numpy, scipy, matplotlib, Pillow, opencv-python-headless, pyyaml, rich,
+# six, tqdm, regex and packaging come with the image. Keep the list in step with the extra.
 # Usage: PYTHON=/path/to/python bash tools/device/fetch_mm_wheels.sh DIR
 #   then there: MM_WHEELS=DIR bash tools/device/dense_tasks.sh OUT_DIR
 # PYTHON (default python3) needs pip and torch: pip runs mmcv's setup.py, which imports torch.
