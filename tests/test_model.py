@@ -63,6 +63,13 @@ def test_too_small_input_is_a_clear_error():
         small_model()(torch.randn(1, 3, 31, 64))
 
 
+def test_an_empty_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"the image batch is empty \(shape \(0, 3, 32, 32\)\)"):
+        small_model()(torch.randn(0, 3, 32, 32))
+    with pytest.raises(ValueError, match="the image batch is empty"):
+        DefMambaBackbone(dims=16, depths=(1, 1, 1, 1))(torch.randn(0, 3, 64, 64))
+
+
 @pytest.mark.parametrize("h,w", [(1, 7), (5, 1), (1, 1)])
 def test_one_pixel_axis_has_no_offset_along_it(h, w):
     """Where the original formulas divide by zero (a 1-pixel axis) the sample points stay on

@@ -99,6 +99,8 @@ class _DefMambaTrunk(nn.Module):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"expected a (B, C, H, W) image batch, got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"the image batch is empty (shape {tuple(x.shape)}); pass at least one image")
         if min(x.shape[-2:]) < MIN_INPUT_SIZE:
             raise ValueError(f"input is {x.shape[-2]}×{x.shape[-1]}; DefMamba needs H and W ≥ {MIN_INPUT_SIZE} "
                              "(4 stride-2 stages after a stride-4 stem); resize or pad the images")
