@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -84,6 +85,56 @@ def _load_safetensors(path: Path, map_location: Any) -> StateDict:
                               f"truncated or corrupt ({err})") from err
 
 
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.<>]+)")
+_UNPICKLER_RE = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", re.S)
+
+
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".pth", ".pt", ".bin", ".ckpt", SAFETENSORS_SUFFIX))[:5]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise CheckpointError(f"checkpoint path {path} is a folder, not a file: pass the checkpoint file inside it{hint}")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path {path} is not a regular file")
+
+
+def _not_a_checkpoint(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be a PyTorch checkpoint at all, judged from its first bytes; None if it may be one."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return f"checkpoint {path} is empty (0 bytes): it was not written completely; use another copy"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):    # torch's zip format, or a legacy pickle
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"{path} is not a PyTorch checkpoint (it starts with the bytes {head[:16]!r}); pass a .pth or .safetensors file"
+    first_line = text.strip().splitlines()[0][:60] if text.strip() else ""
+    return (f"{path} is not a PyTorch checkpoint: it is a text file (starting {first_line!r}); "
+            "pass a .pth file saved with torch.save")
+
+
+def _refusal(path: Path, err: pickle.UnpicklingError) -> CheckpointError:
+    """A checkpoint torch refused to unpickle: a class outside the allowlist, or a corrupt file.
+
+    torch's own message advises ``weights_only=False``, which is dangerous for a file of unknown
+    origin; only the part naming the problem is passed on.
+    """
+    message = str(err)
+    found = _GLOBAL_RE.search(message)
+    if found:
+        return CheckpointError(
+            f"checkpoint {path} refers to the Python object {found.group(1)}, which is not one of the plain types "
+            "allowed in checkpoints; loading it could run code from the file. Only if you trust the file's "
+            "source, load it with allow_pickle=True (on the command line: --unsafe-load).")
+    detail = _UNPICKLER_RE.search(message)
+    reason = f" ({detail.group(1).strip()})" if detail else ""
+    return CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt{reason}")
+
+
 def safe_load(path: PathLike, allow_pickle: bool = False, map_location: Any = "cpu") -> Any:
     """Read a checkpoint file with ``weights_only=True`` and a small allowlist of plain classes.
 
@@ -91,14 +142,17 @@ def safe_load(path: PathLike, allow_pickle: bool = False, map_location: Any = "c
     the layout of the official files, so everything that takes those takes it.
 
     Raises:
-        CheckpointError: the file is missing, truncated or corrupt, or holds a class outside the
-            allowlist (the message names it and the opt-in ``allow_pickle=True``).
+        CheckpointError: the file is missing, a folder, not a checkpoint, truncated or corrupt, or
+            holds a class outside the allowlist (the message names it and the opt-in
+            ``allow_pickle=True``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    _check_is_file(path)
     if path.suffix == SAFETENSORS_SUFFIX:
         return {"model": _load_safetensors(path, map_location)}
+    problem = _not_a_checkpoint(path)
+    if problem:
+        raise CheckpointError(problem)
     if allow_pickle:
         try:
             return torch.load(path, map_location=map_location, weights_only=False)
@@ -107,18 +161,11 @@ def safe_load(path: PathLike, allow_pickle: bool = False, map_location: Any = "c
     try:
         with torch.serialization.safe_globals(_trusted_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        message = str(err)
-        if "Unsupported global" in message or "not an allowed global" in message or "GLOBAL" in message:
-            unsupported = message.split("GLOBAL", 1)[-1].split(" was not", 1)[0].strip() if "GLOBAL" in message else message
-            raise CheckpointError(
-                f"checkpoint {path} contains the Python class {unsupported}, which is not on the list of plain "
-                "types allowed in checkpoints. If you trust this file, load it with allow_pickle=True "
-                "(command line: --unsafe-load); this runs arbitrary code from the file.") from err
-        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt ({err})") from err
-    except Exception as err:  # the weights-only unpickler fails in many ways (IndexError, ...) on bytes that are no checkpoint
-        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt, or not a PyTorch "
-                              f"checkpoint ({type(err).__name__}: {err})") from err
+    except pickle.UnpicklingError as err:    # not chained: torch's text advises weights_only=False
+        raise _refusal(path, err) from None
+    except Exception as err:  # noqa: BLE001 - no code runs with weights_only=True: any failure means a damaged file
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt ({detail})") from None
 
 
 def _is_state_dict(obj: Any) -> bool:

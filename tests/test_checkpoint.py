@@ -102,3 +102,56 @@ def test_no_weights_found_is_explained():
         extract_state_dict({"epoch": 3, "optimizer": {}})
     with pytest.raises(CheckpointError, match="no 'model_ema' entry"):
         extract_state_dict({"model": tiny().state_dict()}, key="model_ema")
+
+
+class RunsCode:
+    """Unpickling this would run a shell command."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo owned",))
+
+
+def test_refusals_name_the_object_and_never_advise_weights_only_false(tmp_path):
+    path = tmp_path / "malicious.pth"
+    torch.save({"model": tiny().state_dict(), "payload": RunsCode()}, path)
+    with pytest.raises(CheckpointError) as err:
+        safe_load(path)
+    message = str(err.value)
+    assert message.startswith(f"checkpoint {path} refers to the Python object posix.system, which is not one of "
+                              "the plain types allowed in checkpoints")
+    assert "trust" in message and "--unsafe-load" in message
+    assert "weights_only" not in message and "torch.load.html" not in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__    # torch's advice is not chained
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"hello world\nnot a checkpoint\n", "is not a PyTorch checkpoint: it is a text file (starting 'hello world')"),
+    (b"", "is empty (0 bytes)"),
+    (bytes([0xf2, 0xbc, 0xe0, 0x3c]) * 16, "is not a PyTorch checkpoint (it starts with the bytes"),
+    (b"\x80\x02garbage after a pickle header", "it is truncated or corrupt"),
+    (b"PK\x03\x04 a broken zip", "it is truncated or corrupt"),
+])
+def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path, content, expected):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    for load in (lambda: safe_load(path), lambda: load_checkpoint(tiny(), path)):
+        with pytest.raises(CheckpointError) as err:
+            load()
+        assert str(path) in str(err.value) and expected in str(err.value), str(err.value)
+        assert "weights_only" not in str(err.value)
+
+
+def test_a_folder_given_as_checkpoint_is_not_reported_missing(tmp_path):
+    torch.save({"model": tiny().state_dict()}, tmp_path / "last.pth")
+    with pytest.raises(CheckpointError, match=f"checkpoint path {tmp_path} is a folder, not a file: pass the "
+                                              r"checkpoint file inside it \(it holds last.pth\)"):
+        safe_load(tmp_path)
+
+
+def test_a_mismatch_names_the_file(tmp_path):
+    path = tmp_path / "wide.pth"
+    torch.save({"model": tiny(dims=24).state_dict()}, path)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} \\['model'\\] does not fit DefMamba"):
+        load_checkpoint(tiny(), path)
