@@ -607,3 +607,113 @@ def test_the_app_without_the_train_extra_names_the_install_command():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "needs yacs" in proc.stderr and "pip install 'defmamba[train]'" in proc.stderr
+
+
+# ---------------------------------------------------------------- data: links, bit depth, checks before training
+def _tiny_split(root: Path, classes=("cat", "dog"), per_class: int = 2) -> Path:
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), (40 * c, 10 * i, 0)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_symbolic_link_loop_is_refused_naming_the_link(tmp_path):
+    from defmamba.train.data import DataError
+    from defmamba.train.data.folder import ImageFolderDataset
+
+    split = _tiny_split(tmp_path / "train")
+    for link, target in ((split / "cat" / "up", ".."), (split / "dog" / "self", ".")):
+        link.symlink_to(target)
+        with pytest.raises(DataError, match=f"symbolic link {link} points to .*contains it.*remove the link"):
+            ImageFolderDataset(str(split), ["cat", "dog"])
+        link.unlink()
+    assert len(ImageFolderDataset(str(split), ["cat", "dog"])) == 4
+
+
+def test_an_image_reached_twice_through_links_is_refused(tmp_path):
+    from defmamba.train.data import DataError
+    from defmamba.train.data.folder import ImageFolderDataset
+
+    split = _tiny_split(tmp_path / "train")
+    cases = [(split / "dog" / "alias", "../cat", "folder .*cat is reached twice.*under two labels \\(cat and dog\\)"),
+             (split / "dog" / "x.png", "../cat/0.png", "image .*cat/0.png is also reached as .*dog/x.png"),
+             (split / "cat" / "x.png", "../dog/1.png", "image .*dog/1.png is also reached as .*cat/x.png"),
+             (split / "cat" / "gone.png", "nothing.png", "symbolic link to .*nothing.png, which does not exist")]
+    for link, target, message in cases:
+        link.symlink_to(target)
+        with pytest.raises(DataError, match=message):
+            ImageFolderDataset(str(split), ["cat", "dog"])
+        link.unlink()
+    # links are followed where they add images once: a class folder elsewhere, linked in
+    outside = _tiny_split(tmp_path / "elsewhere", classes=("extra",), per_class=3)
+    (split / "cat" / "more").symlink_to(outside / "extra")
+    dataset = ImageFolderDataset(str(split), ["cat", "dog"])
+    assert [target for _, target in dataset.samples] == [0] * 5 + [1] * 2
+    assert str(split / "cat" / "more" / "2.png") in [path for path, _ in dataset.samples]
+
+
+def test_high_bit_depth_grey_images_are_scaled_to_8_bits(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from defmamba.train.data import DataError
+    from defmamba.train.data.decode import load_rgb
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 65536, (20, 30), dtype=np.uint16)
+    expected = np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    for suffix in ("png", "tif"):
+        path = tmp_path / f"deep.{suffix}"
+        Image.fromarray(values).save(path)
+        assert Image.open(path).mode.startswith("I;16")
+        rgb = np.asarray(load_rgb(str(path)))
+        assert rgb.shape == (20, 30, 3) and (rgb == expected[..., None]).all()
+        assert (rgb == 255).mean() < 0.01       # Pillow's own convert("RGB") makes nearly all of them 255
+    floats = tmp_path / "float.tif"
+    Image.fromarray(rng.random((8, 8)).astype(np.float32)).save(floats)
+    with pytest.raises(DataError, match=f"image {floats} has 32-bit floating-point pixels .*convert it"):
+        load_rgb(str(floats))
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match=f"cannot read image {garbage}: .*delete or replace the file"):
+        load_rgb(str(garbage))
+
+
+def test_the_quick_check_opens_the_first_and_last_image_of_every_class(tmp_path):
+    from defmamba.train.data.folder import ImageFolderDataset
+    from defmamba.train.data.verify import images_to_check
+
+    split = _tiny_split(tmp_path / "train", classes=("a", "b", "c"), per_class=4)
+    (split / "b" / "1.png").unlink()
+    (split / "b" / "2.png").unlink()
+    (split / "b" / "3.png").unlink()        # a class of one image: checked once
+    dataset = ImageFolderDataset(str(split), ["a", "b", "c"])
+    names = [os.path.relpath(p, split) for p in images_to_check(dataset, full=False)]
+    assert names == ["a/0.png", "a/3.png", "b/0.png", "c/0.png", "c/3.png"]
+    assert len(images_to_check(dataset, full=True)) == 9
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_verify_images_lists_every_unreadable_file(tmp_path, workers):
+    import logging
+
+    from defmamba.train.data import DataError
+    from defmamba.train.data.folder import ImageFolderDataset
+    from defmamba.train.data.verify import verify_images
+
+    split = _tiny_split(tmp_path / "train", per_class=5)
+    bad = [split / "cat" / "2.png", split / "dog" / "3.png"]
+    for path in bad:
+        path.write_bytes(b"broken")
+    dataset = ImageFolderDataset(str(split), ["cat", "dog"])
+    log = logging.getLogger("test")
+    verify_images([dataset, None], full=False, workers=workers, rank=0, world_size=1, logger=log)   # misses them
+    with pytest.raises(DataError) as err:
+        verify_images([dataset], full=True, workers=workers, rank=0, world_size=1, logger=log)
+    message = str(err.value)
+    assert message.startswith("2 images cannot be read (checked before training: every image)")
+    assert all(f"cannot read image {path}" in message for path in bad) and "delete or replace" in message
+

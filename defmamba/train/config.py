@@ -43,6 +43,7 @@ _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = "bicubic"
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
+_C.DATA.VERIFY_IMAGES = False     # decode every image before training (the first and last of each class always are)
 
 # ---------------------------------------------------------------- model
 _C.MODEL = CN()

@@ -105,6 +105,9 @@ def _datasets(config, need_train: bool):
     if not root:
         raise DataError("no data path: pass --data-path /path/to/imagenet (a folder with train/ and val/), "
                         "or use the embedded dataset with --opts DATA.DATASET digits")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"data path {root} is a file, not a folder: pass the folder that holds train/ and val/ "
+                        "with --data-path (an archive must be extracted first)")
     if not os.path.isdir(root):
         raise DataError(f"data path not found: {root} (pass the folder that holds train/ and val/ with --data-path)")
     val_classes = find_classes(os.path.join(root, "val"))

@@ -4,10 +4,11 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from PIL import Image
 from torch.utils.data import Dataset
 
+from .decode import load_rgb
 from .errors import DataError
+from .walk import SplitWalk
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "find_classes"]
 
@@ -18,6 +19,9 @@ def find_classes(split_dir: str) -> list[str]:
     """Sorted class folder names in ``split_dir``; a clear DataError when there are none."""
     if not os.path.isdir(split_dir):
         root = os.path.dirname(split_dir.rstrip(os.sep))
+        if os.path.exists(split_dir):
+            raise DataError(f"{split_dir} is a file, not a split folder: the data path must hold train/ and val/ "
+                            "folders, each with one sub-folder per class")
         present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
         raise DataError(f"split folder not found: {split_dir} (the data path must hold train/ and val/ folders, "
                         f"each with one sub-folder per class; found {present or 'no folders'})")
@@ -31,8 +35,10 @@ def find_classes(split_dir: str) -> list[str]:
 class ImageFolderDataset(Dataset):
     """Images of ``split_dir/<class>/**`` labelled by the index of their class in ``classes``.
 
-    Every class folder must contain at least one image. An image that cannot be decoded raises
-    DataError naming the file when it is loaded.
+    Every class folder must contain at least one image. Symbolic links are followed, but a link
+    that loops, or that makes a folder or an image reachable twice, is refused
+    (:mod:`.walk`). An image that cannot be decoded raises DataError naming the file when it
+    is loaded; 16-bit grey images are scaled to 8 bits (:mod:`.decode`).
     """
 
     def __init__(self, split_dir: str, classes: list[str], transform: Callable | None = None) -> None:
@@ -40,31 +46,25 @@ class ImageFolderDataset(Dataset):
         self.classes = list(classes)
         self.transform = transform
         self.samples: list[tuple[str, int]] = []
+        walk = SplitWalk(IMAGE_EXTENSIONS)
         for index, name in enumerate(self.classes):
             class_dir = os.path.join(split_dir, name)
             if not os.path.isdir(class_dir):
                 raise DataError(f"class folder {class_dir} is missing; every split needs the same class folders "
                                 f"as train/ ({len(self.classes)} classes)")
-            files = []
-            for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
-                files += [os.path.join(dirpath, f) for f in sorted(filenames)
-                          if f.lower().endswith(IMAGE_EXTENSIONS)]
+            files = walk.images(class_dir)
             if not files:
                 raise DataError(f"class folder {class_dir} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)}); "
                                 "add images or remove the folder")
             self.samples += [(path, index) for path in files]
+        walk.check_linked_files()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        try:
-            with open(path, "rb") as f:
-                image = Image.open(f)
-                image = image.convert("RGB")
-        except Exception as err:  # PIL raises many types for corrupt files
-            raise DataError(f"cannot read image {path}: {err}; delete or replace the file") from None
+        image = load_rgb(path)
         if self.transform is not None:
             image = self.transform(image)
         return image, target

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "barrier", "cleanup", "is_distributed", "world_size"]
+__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "sum_over_ranks", "all_ranks_ok", "barrier", "cleanup",
+           "is_distributed", "world_size"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def sum_over_ranks(value: int) -> int:
+    """``value`` summed over all ranks (a collective: every rank must call it)."""
+    if not is_distributed():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return int(total.item())
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """True when ``ok`` holds on every rank, so that all ranks stop together when one cannot go on."""
+    return sum_over_ranks(0 if ok else 1) == 0
 
 
 def barrier() -> None:
