@@ -95,6 +95,12 @@ def test_config_rejects_unknown_keys_wrong_types_and_bad_values(tmp_path):
         cfgmod.get_config(cfg_file=str(bad))
     with pytest.raises(cfgmod.ConfigError, match="config file not found: .*nope.yaml"):
         cfgmod.get_config(cfg_file=str(tmp_path / "nope.yaml"))
+    for opts, message in ([["TRAIN.BASE_LR", "-5e-4"], "TRAIN.BASE_LR must be positive, got -0.0005"],
+                          [["MODEL_EMA_DECAY", "1.5"], r"MODEL_EMA_DECAY \(--model_ema_decay\) must be in \[0, 1\]"],
+                          [["TRAIN.EPOCHS", "10", "TRAIN.START_EPOCH", "10"], "TRAIN.START_EPOCH \\(10\\) must be in"],
+                          [["DATA.NUM_WORKERS", "-1"], "DATA.NUM_WORKERS must be at least 0, got -1"]):
+        with pytest.raises(cfgmod.ConfigError, match=message):
+            cfgmod.get_config(opts=opts)
 
 
 def test_config_inheritance_and_integer_for_float(tmp_path):

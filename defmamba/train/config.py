@@ -235,6 +235,7 @@ def _check_choices(config: CN) -> None:
                           f"TRAIN.ACCUMULATION_STEPS 1 (got {config.TRAIN.ACCUMULATION_STEPS}) or turn the graphs off")
     if config.TRAIN.CUDA_GRAPHS and config.COMPILE:
         raise ConfigError("TRAIN.CUDA_GRAPHS and --compile cannot be combined; choose one")
+    _check_ranges(config)
     if not 0 <= config.TRAIN.WARMUP_EPOCHS <= config.TRAIN.EPOCHS:
         raise ConfigError(f"TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be within [0, TRAIN.EPOCHS={config.TRAIN.EPOCHS}]")
 
@@ -263,6 +264,24 @@ def _check_architecture(model: CN) -> None:
     for key, value, valid, expected in rules:
         if value is not None and (isinstance(value, bool) or not valid(value)):
             raise ConfigError(f"{key} must be {expected} (or null for the value of {model.ARCH}), got {value!r}")
+
+
+def _check_ranges(config: CN) -> None:
+    """Numbers that would otherwise fail deep inside the run or silently train nothing."""
+    if not config.TRAIN.BASE_LR > 0:
+        raise ConfigError(f"TRAIN.BASE_LR must be positive, got {config.TRAIN.BASE_LR} "
+                          "(it is the peak learning rate for a global batch of 512, e.g. 5e-4)")
+    for key, value in (("TRAIN.WARMUP_LR", config.TRAIN.WARMUP_LR), ("TRAIN.MIN_LR", config.TRAIN.MIN_LR),
+                       ("TRAIN.WEIGHT_DECAY", config.TRAIN.WEIGHT_DECAY), ("TRAIN.CLIP_GRAD", config.TRAIN.CLIP_GRAD),
+                       ("DATA.NUM_WORKERS", config.DATA.NUM_WORKERS)):
+        if value < 0:
+            raise ConfigError(f"{key} must be at least 0, got {value}")
+    if not 0.0 <= config.MODEL_EMA_DECAY <= 1.0:
+        raise ConfigError(f"MODEL_EMA_DECAY (--model_ema_decay) must be in [0, 1], got {config.MODEL_EMA_DECAY}; "
+                          "the paper's recipe uses 0.9999")
+    if not 0 <= config.TRAIN.START_EPOCH < config.TRAIN.EPOCHS:
+        raise ConfigError(f"TRAIN.START_EPOCH ({config.TRAIN.START_EPOCH}) must be in [0, TRAIN.EPOCHS="
+                          f"{config.TRAIN.EPOCHS}): a run starting at or after its last epoch trains nothing")
 
 
 def get_config(args: argparse.Namespace | None = None, cfg_file: str | None = None,
