@@ -16,15 +16,15 @@ OUT=${OUT:-output/demo}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 CFG=configs/classification/defmamba_tiny_digits.yaml
 RUN="$OUT/defmamba_tiny_digits/demo"
-EVAL="$OUT/defmamba_tiny_digits/demo_eval"
+EVAL="$RUN/eval"         # --eval writes into the run folder's eval/, never over the run's own files
 MIN_ACC=95
 
-rm -rf "$RUN" "$EVAL"    # a fresh run each time (otherwise it would auto-resume the finished one)
+rm -rf "$RUN"            # a fresh run each time (otherwise it would auto-resume the finished one)
 start=$(date +%s)
 echo "== training on the embedded digits (CPU) -> $RUN"
 "$PYTHON" classification/main.py --cfg "$CFG" --output "$OUT" --tag demo
 echo "== re-evaluating the saved checkpoint with --resume $RUN/last.pth --eval"
-"$PYTHON" classification/main.py --cfg "$CFG" --output "$OUT" --tag demo_eval --resume "$RUN/last.pth" --eval
+"$PYTHON" classification/main.py --cfg "$CFG" --output "$OUT" --tag demo --resume "$RUN/last.pth" --eval
 acc=$("$PYTHON" -c "import json,sys; print(f\"{json.load(open(sys.argv[1]))['model']['acc1']:.2f}\")" "$EVAL/eval.json")
 elapsed=$(( $(date +%s) - start ))
 

@@ -93,11 +93,18 @@ def work(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def no_flops(app, monkeypatch):
+    """Skip counting FLOPs at start-up (a trace of the model): tests of messages do not need them."""
+    monkeypatch.setattr(app, "count_params_and_flops", lambda model, size: (sum(p.numel() for p in model.parameters()), None))
+
+
 def base_args(work: Path, out: Path) -> list[str]:
     return ["--cfg", str(work / "tiny.yaml"), "--data-path", str(work / "data"), "--output", str(out)]
 
 
 def run_dir(out: Path, tag: str = "default") -> Path:
+    """The training run's folder; --eval and --throughput write to its eval/ and throughput/ sub-folders."""
     return out / "tiny" / tag
 
 
@@ -160,6 +167,82 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
+KILL_AT_WRAPPER = """\
+import os, signal, sys
+from defmamba.train import records
+from defmamba.train.utils import checkpoint as run_files
+
+def kill_at(module, name, nth, when=lambda *args: True, before=lambda *args: None):
+    \"\"\"SIGKILL this process at the nth call of module.name for which when(*args) holds.\"\"\"
+    original, calls = getattr(module, name), [0]
+    def wrapped(*args, **kwargs):
+        if when(*args):
+            calls[0] += 1
+            if calls[0] == nth:
+                before(*args)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    setattr(module, name, wrapped)
+
+def write_half(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text[: len(text) // 2])
+
+{patch}
+from defmamba.train import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+KILL_BEFORE_BEST_LINK = 'kill_at(run_files, "_atomic_copy", {nth}, when=lambda src, dst: os.path.basename(dst) == "best.pth")'
+KILL_BEFORE_METRICS_APPEND = 'kill_at(records, "_append_metrics_row", {nth})'
+KILL_IN_METRICS_REWRITE = ('kill_at(run_files, "atomic_write_text", {nth}, when=lambda path, text: '
+                           'path.endswith("metrics.jsonl"), before=write_half)')
+TIMING = "train_images_per_s"   # wall-clock speed: the only field of a record that may differ between runs
+
+
+def run_killed(work: Path, out: Path, name: str, patch: str) -> subprocess.CompletedProcess:
+    """Train into ``out`` in a new process that SIGKILLs itself where ``patch`` says."""
+    script = work / f"{name}.py"
+    script.write_text(KILL_AT_WRAPPER.format(patch=patch))
+    return subprocess.run([PY, str(script), *base_args(work, out)], capture_output=True, text=True, timeout=600,
+                          env=ENV)
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != TIMING} for r in records]
+
+
+def best_epochs(records: list[dict]) -> list[int]:
+    """The epochs at which the validation top-1 improved (those that wrote best.pth)."""
+    best, epochs = 0.0, []
+    for record in records:
+        if record["val_acc1"] > best:
+            best = record["val_acc1"]
+            epochs.append(record["epoch"])
+    return epochs
+
+
+def assert_same_records(out: Path, ref: Path) -> None:
+    """``out`` ended as ``ref``: the same checkpoint files holding the same epochs, weights, EMA,
+    optimizer state and schedule, the same metrics rows, and nothing half-written."""
+    assert without_timing(metrics(out)) == without_timing(metrics(ref))
+    names = sorted(p.name for p in ref.glob("*.pth"))
+    assert sorted(p.name for p in out.glob("*.pth")) == names
+    for name in names:
+        mine, theirs = load(out / name), load(ref / name)
+        assert mine["epoch"] == theirs["epoch"], name
+        for key in ("model", "model_ema"):
+            assert mine[key].keys() == theirs[key].keys()
+            assert all(torch.equal(mine[key][k], theirs[key][k]) for k in theirs[key]), f"{name} {key}"
+    last, ref_last = load(out / "last.pth"), load(ref / "last.pth")
+    for pid, state in ref_last["optimizer"]["state"].items():
+        assert all(torch.equal(last["optimizer"]["state"][pid][k], v) for k, v in state.items()), f"optimizer {pid}"
+    assert last["lr_scheduler"] == ref_last["lr_scheduler"]
+    assert without_timing([last["run_records"]["metrics"]]) == without_timing([ref_last["run_records"]["metrics"]])
+    assert {k: v for k, v in last["run_records"].items() if k != "metrics"} == \
+        {k: v for k, v in ref_last["run_records"].items() if k != "metrics"}
+    assert not list(out.glob("*.tmp"))
+
+
 @pytest.fixture(scope="module")
 def reference_run(app, work) -> Path:
     """4 uninterrupted epochs on the tiny ImageFolder."""
@@ -211,7 +294,7 @@ def test_eval_of_a_checkpoint_matches_an_independent_evaluation(app, work, refer
     out = work / "out_eval"
     status, _ = call(app, base_args(work, out) + ["--resume", reference_run / "last.pth", "--eval"])
     assert status == 0
-    result = json.loads((run_dir(out) / "eval.json").read_text())
+    result = json.loads((run_dir(out) / "eval" / "eval.json").read_text())
     ckpt = load(reference_run / "last.pth")
     for key in ("model", "model_ema"):
         acc1, loss = reference_eval(ckpt[key], work / "data")
@@ -226,7 +309,7 @@ def test_eval_with_pretrained_weights(app, work, reference_run):
     status, _ = call(app, base_args(work, out) + ["--pretrained", reference_run / "best.pth", "--eval",
                                                   "--model_ema", "false"])
     assert status == 0
-    result = json.loads((run_dir(out) / "eval.json").read_text())
+    result = json.loads((run_dir(out) / "eval" / "eval.json").read_text())
     acc1, loss = reference_eval(load(reference_run / "best.pth")["model"], work / "data")
     assert set(result) == {"checkpoint", "model"}
     assert result["model"]["acc1"] == pytest.approx(acc1) and result["model"]["loss"] == pytest.approx(loss, rel=1e-4)
@@ -236,9 +319,11 @@ def test_throughput_mode(app, work):
     out = work / "out_tp"
     status, _ = call(app, base_args(work, out) + ["--throughput", "--batch-size", "1"])
     assert status == 0
-    log = (run_dir(out) / "log_rank0.txt").read_text()
+    log = (run_dir(out) / "throughput" / "log_rank0.txt").read_text()
     assert "throughput:" in log and "images/s (batch 1, 32²" in log
     assert not (run_dir(out) / "last.pth").exists()
+    assert "THROUGHPUT_MODE: true" in (run_dir(out) / "throughput" / "config.yaml").read_text()
+    assert not (run_dir(out) / "config.yaml").exists()            # a training run's config is never replaced
 
 
 def test_digits_dataset_trains_two_epochs(app, work, monkeypatch):
@@ -325,10 +410,46 @@ def test_resume_after_the_kill_reproduces_the_uninterrupted_run_exactly(app, wor
         for name, value in state.items():
             assert torch.equal(resumed["optimizer"]["state"][pid][name], value), f"optimizer {pid}.{name}"
     assert resumed["lr_scheduler"] == ref["lr_scheduler"]
-    timing = "train_images_per_s"   # wall-clock speed: the only field that may differ
-    assert all(timing in r for r in metrics(out)) and all(timing in r for r in metrics(reference_run))
-    without_timing = lambda records: [{k: v for k, v in r.items() if k != timing} for r in records]  # noqa: E731
+    assert all(TIMING in r for r in metrics(out)) and all(TIMING in r for r in metrics(reference_run))
     assert without_timing(metrics(out)) == without_timing(metrics(reference_run))
+    assert_same_records(out, reference_run)
+
+
+def test_kill_between_last_and_best_checkpoint_is_repaired_on_resume(app, work, reference_run):
+    """A kill after last.pth is saved but before best.pth is linked to it leaves best.pth at an older
+    best (or missing); the resumed run restores it from last.pth and ends as the uninterrupted run."""
+    bests = best_epochs(metrics(reference_run))
+    assert bests, "the premise: some epoch improves the validation top-1"
+    nth = min(2, len(bests))                       # the second best when there is one: best.pth then exists
+    killed_epoch = bests[nth - 1]
+    out = work / "out_kill_best"
+    proc = run_killed(work, out, "kill_before_best_link", KILL_BEFORE_BEST_LINK.format(nth=nth))
+    folder = run_dir(out)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert load(folder / "last.pth")["epoch"] == killed_epoch
+    assert not (folder / "best.pth").exists() or load(folder / "best.pth")["epoch"] != killed_epoch
+    status, _ = call(app, base_args(work, out))
+    assert status == 0
+    assert f"restored best.pth (epoch {killed_epoch}) from last.pth" in (folder / "log_rank0.txt").read_text()
+    assert_same_records(folder, reference_run)
+
+
+def test_kills_at_the_metrics_append_and_in_the_metrics_rewrite_lose_no_row(app, work, reference_run):
+    """Killed before appending epoch 1's row; the next start, restoring that row, killed half-way
+    through rewriting metrics.jsonl; the third start ends as the uninterrupted run, one row per epoch."""
+    out = work / "out_kill_metrics"
+    folder = run_dir(out)
+    proc = run_killed(work, out, "kill_before_metrics_append", KILL_BEFORE_METRICS_APPEND.format(nth=2))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert load(folder / "last.pth")["epoch"] == 1 and [r["epoch"] for r in metrics(folder)] == [0]
+    proc = run_killed(work, out, "kill_in_metrics_rewrite", KILL_IN_METRICS_REWRITE.format(nth=1))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (folder / "metrics.jsonl.tmp").is_file()                     # the half-written replacement ...
+    assert [r["epoch"] for r in metrics(folder)] == [0]                 # ... and the history, intact
+    status, _ = call(app, base_args(work, out))
+    assert status == 0
+    assert "restored the metrics row of epoch 1 from last.pth" in (folder / "log_rank0.txt").read_text()
+    assert_same_records(folder, reference_run)
 
 
 # ---------------------------------------------------------------- distributed (gloo on CPU)
@@ -368,7 +489,7 @@ def test_torch_distributed_launch_from_the_classification_folder(work, torchrun_
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=APP,
                           env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((run_dir(out) / "eval.json").read_text())
+    result = json.loads((run_dir(out) / "eval" / "eval.json").read_text())
     ckpt = load(torchrun_run / "last.pth")
     for key in ("model", "model_ema"):
         acc1, loss = reference_eval(ckpt[key], work / "data", DDP_SIZE)
@@ -409,7 +530,7 @@ def test_gpu_mixed_precision_training_and_throughput(work, dtype):
         assert np.isfinite([record["train_loss"], record["val_loss"], record["ema_loss"]]).all()
     proc = subprocess.run(args + ["--throughput", "--batch-size", "8"], capture_output=True, text=True,
                           timeout=600, cwd=ROOT, env=gpu_env)
-    assert proc.returncode == 0 and "peak memory" in (run_dir(out) / "log_rank0.txt").read_text()
+    assert proc.returncode == 0 and "peak memory" in (run_dir(out) / "throughput" / "log_rank0.txt").read_text()
 
 
 @pytest.mark.cuda
@@ -452,7 +573,7 @@ def test_official_format_checkpoint_evaluates_model_and_ema(app, work):
     out = work / "out_official"
     status, _ = call(app, base_args(work, out) + ["--resume", path, "--eval"])
     assert status == 0
-    result = json.loads((run_dir(out) / "eval.json").read_text())
+    result = json.loads((run_dir(out) / "eval" / "eval.json").read_text())
     for key, net in (("model", model), ("model_ema", ema)):
         acc1, loss = reference_eval(net.state_dict(), work / "data")
         assert result[key]["acc1"] == pytest.approx(acc1) and result[key]["loss"] == pytest.approx(loss, rel=1e-4)
@@ -467,7 +588,20 @@ def _broken_copy(work: Path, name: str) -> Path:
     return dst
 
 
-def test_bad_inputs_fail_with_a_clear_message(app, work, reference_run, capsys, tmp_path):
+def _link(path: Path, target: str) -> Path:
+    if not path.is_symlink():
+        path.symlink_to(target)
+    return path
+
+
+class RunsCode:
+    """What a malicious checkpoint holds: unpickling it would run a shell command."""
+
+    def __reduce__(self):
+        return (os.system, ("echo owned",))
+
+
+def test_bad_inputs_fail_with_a_clear_message(app, work, reference_run, capsys, tmp_path, no_flops):
     import defmamba
 
     out = tmp_path / "out"
@@ -489,6 +623,21 @@ def test_bad_inputs_fail_with_a_clear_message(app, work, reference_run, capsys, 
                other_size)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes((reference_run / "last.pth").read_bytes()[:5000])
+    up_link = _link(_broken_copy(work, "data_up_loop") / "train" / "cat" / "up", "..")
+    self_link = _link(_broken_copy(work, "data_self_loop") / "val" / "dog" / "self", ".")
+    alias = _link(_broken_copy(work, "data_alias") / "train" / "dog" / "alias", "../cat")
+    float_data = _broken_copy(work, "data_float")
+    float_image = float_data / "val" / "fox" / "fox_0.tif"          # sorts first: opened by the quick check
+    Image.fromarray(np.zeros((40, 48), np.float32)).save(float_image)
+    (float_data / "val" / "fox" / "fox_0.JPEG").unlink(missing_ok=True)
+    a_file = tmp_path / "imagenet.tar"
+    a_file.write_text("an archive, not a folder")
+    notes = tmp_path / "notes.pth"
+    notes.write_text("epoch 3: loss 0.2\n")
+    malicious = tmp_path / "malicious.pth"
+    torch.save({"model": {}, "payload": RunsCode()}, malicious)
+    weights_only = tmp_path / "plain_weights.pth"
+    torch.save(load(reference_run / "last.pth")["model"], weights_only)
     data = ["--data-path", work / "data"]
     cases = [
         (["--cfg", tmp_path / "missing.yaml"], "config file not found"),
@@ -509,12 +658,182 @@ def test_bad_inputs_fail_with_a_clear_message(app, work, reference_run, capsys, 
          "TRAIN.CUDA_GRAPHS replays the training step on a GPU; this run has device cpu"),
         (["--cfg", work / "tiny.yaml"] + data + ["--opts", "TRAIN.CUDA_GRAPHS", "True", "TRAIN.ACCUMULATION_STEPS", "2"],
          "set TRAIN.ACCUMULATION_STEPS 1"),
+        # datasets that would be silently wrong
+        (["--cfg", work / "tiny.yaml", "--data-path", up_link.parents[2]], f"symbolic link {up_link} points to"),
+        (["--cfg", work / "tiny.yaml", "--data-path", self_link.parents[2]], f"symbolic link {self_link} points to"),
+        (["--cfg", work / "tiny.yaml", "--data-path", alias.parents[2]],
+         f"is reached twice, as {alias.parent.parent / 'cat'} and as {alias}"),
+        (["--cfg", work / "tiny.yaml", "--data-path", float_data], f"image {float_image} has 32-bit floating-point"),
+        # paths that exist but are of the wrong kind, files that are not checkpoints
+        (["--cfg", work / "tiny.yaml", "--data-path", a_file], f"data path {a_file} is a file, not a folder"),
+        (["--cfg", work / "tiny.yaml"] + data + ["--resume", tmp_path, "--eval"],
+         f"checkpoint path {tmp_path} is a folder, not a file"),
+        (["--cfg", work / "tiny.yaml"] + data + ["--resume", notes, "--eval"],
+         f"{notes} is not a PyTorch checkpoint: it is a text file"),
+        (["--cfg", work / "tiny.yaml"] + data + ["--resume", notes], f"{notes} is not a PyTorch checkpoint"),
+        (["--cfg", work / "tiny.yaml"] + data + ["--resume", malicious, "--eval"],
+         f"checkpoint {malicious} refers to the Python object posix.system"),
+        (["--cfg", work / "tiny.yaml"] + data + ["--resume", weights_only],
+         f"{weights_only} holds only model weights, not a training checkpoint of this application; to start "
+         f"from its weights, pass it with --pretrained {weights_only}"),
+        (["--cfg", work / "tiny.yaml"] + data + ["--resume", other_size, "--eval"],
+         f"checkpoint {other_size} ['model'] does not fit DefMamba"),
+        # values that used to end in a traceback, or in a run that trains nothing
+        (["--cfg", work / "tiny.yaml"] + data + ["--opts", "TRAIN.BASE_LR", "-0.1"], "TRAIN.BASE_LR must be positive, got -0.1"),
+        (["--cfg", work / "tiny.yaml"] + data + ["--model_ema_decay", "2"],
+         "MODEL_EMA_DECAY (--model_ema_decay) must be in [0, 1], got 2.0"),
+        (["--cfg", work / "tiny.yaml"] + data + ["--opts", "TRAIN.START_EPOCH", "4"],
+         "TRAIN.START_EPOCH (4) must be in [0, TRAIN.EPOCHS=4): a run starting at or after its last epoch trains nothing"),
     ]
     for argv, message in cases:
         status, err = call(app, argv + ["--output", out], capsys)
         assert status == 2, (argv, err)
         assert "error: " in err and message in err, (argv, err)
         assert "Traceback" not in err, err
+        assert "weights_only" not in err, err       # torch's advice to load untrusted files unsafely
+    assert not (run_dir(out) / "last.pth").exists() and not (run_dir(out) / "metrics.jsonl").exists()
+
+
+def test_unreadable_images_stop_the_run_before_its_first_step(app, work, capsys, tmp_path, no_flops):
+    """The quick check finds a bad first or last image of a class (here in val/, found only after a
+    whole epoch before); DATA.VERIFY_IMAGES True finds one anywhere, in worker processes."""
+    last_in_val = _broken_copy(work, "data_bad_last_val")
+    bad_val = last_in_val / "val" / "fox" / "fox_1.JPEG"
+    bad_val.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    middle = _broken_copy(work, "data_corrupt")              # dog_1 of dog_0..dog_3: not first or last
+    bad_train = middle / "train" / "dog" / "dog_1.JPEG"
+    bad_train.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    cases = [(last_in_val, [], f"cannot read image {bad_val}"),
+             (middle, ["--opts", "DATA.VERIFY_IMAGES", "True", "DATA.NUM_WORKERS", "2"], f"cannot read image {bad_train}")]
+    for i, (data, opts, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        status, err = call(app, ["--cfg", work / "tiny.yaml", "--data-path", data, "--output", out] + opts, capsys)
+        assert status == 2 and message in err, err
+        log = (run_dir(out) / "log_rank0.txt").read_text()
+        assert "Train:" not in log and not (run_dir(out) / "last.pth").exists()
+
+
+def test_an_output_folder_that_cannot_hold_the_run_stops_it_at_once(app, work, capsys, monkeypatch, tmp_path,
+                                                                   no_flops):
+    import collections
+    import errno
+
+    data = ["--cfg", work / "tiny.yaml", "--data-path", work / "data"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    status, err = call(app, data + ["--output", a_file], capsys)
+    assert status == 2 and f"error: cannot create output folder {a_file / 'tiny' / 'default'}: " in err, err
+    if Path("/sys").is_dir():               # sysfs: no process, root included, may create folders there
+        status, err = call(app, data + ["--output", "/sys/defmamba_out"], capsys)
+        assert status == 2 and "error: cannot create output folder /sys/defmamba_out/tiny/default: " in err, err
+    real_fsync = os.fsync
+
+    def disk_full_fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full_fsync)                # as NFS reports a full disk
+    status, err = call(app, data + ["--output", tmp_path / "out_full"], capsys)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert status == 2 and f"error: cannot write in output folder {run_dir(tmp_path / 'out_full')}: the disk is full" in err
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 12, 10 ** 12, 2 ** 20))
+    out = tmp_path / "out_small"
+    status, err = call(app, data + ["--output", out], capsys)
+    assert status == 2 and f"error: not enough free space for checkpoints in {run_dir(out)}: 1.0 MiB free" in err
+    assert "Train:" not in (run_dir(out) / "log_rank0.txt").read_text()
+    assert not (run_dir(out) / "config.yaml").exists()
+
+
+def test_a_save_failing_mid_run_stops_with_the_reason_and_keeps_the_last_checkpoint(app, work, capsys, monkeypatch,
+                                                                                   tmp_path):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    real_save, calls, full = torch.save, [0], [False]
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:                      # epoch 1's last.pth: as torch reports a full disk
+            full[0] = True
+            f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 8768 vs 8656")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 4096 if full[0] else 10 ** 11))
+    out = tmp_path / "out"
+    status, err = call(app, base_args(work, out) + ["--opts", "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "0"], capsys)
+    monkeypatch.undo()
+    last = run_dir(out) / "last.pth"
+    assert status == 2, err
+    assert f"error: could not write {last}: the disk is full (4.0 KiB free in {run_dir(out)}, about " in err
+    assert f"{last} (epoch 0) is complete and intact" in err and "start the same command again" in err
+    assert load(last)["epoch"] == 0 and not list(run_dir(out).glob("*.tmp"))
+    assert [r["epoch"] for r in metrics(run_dir(out))] == [0]
+
+
+HOLD_LOCK = ("import sys; from defmamba.train.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+             "print('locked', flush=True); sys.stdin.read()")
+
+
+def test_one_run_per_output_folder(app, work, capsys, tmp_path, no_flops):
+    """A run started while another holds the folder stops at once, naming it; once that process
+    is gone (killed, its lock file left behind), the next run takes the lock over and says so."""
+    out = tmp_path / "out"
+    folder = run_dir(out)
+    folder.mkdir(parents=True)
+    (folder / "last.pth.tmp").write_bytes(b"the holder's checkpoint being written")
+    holder = subprocess.Popen([PY, "-c", HOLD_LOCK, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=ENV)
+    argv = base_args(work, out) + ["--opts", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0"]
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        status, err = call(app, argv, capsys)
+        assert status == 2, err
+        assert (f"error: output folder {folder} is in use by another run (process {holder.pid} on host "
+                f"{socket.gethostname()}, started ") in err and "--tag NAME" in err
+        assert sorted(p.name for p in folder.iterdir()) == ["last.pth.tmp", "run.lock"]   # nothing touched
+    finally:
+        holder.kill()
+        holder.wait()
+    status, _ = call(app, argv)
+    assert status == 0
+    log = (folder / "log_rank0.txt").read_text()
+    assert (f"took over the lock of {folder} from process {holder.pid} on host {socket.gethostname()}" in log
+            and "which is no longer running" in log)
+    assert not (folder / "run.lock").exists() and not (folder / "last.pth.tmp").exists()
+
+
+def test_a_finished_run_folder_is_never_reused_for_another_experiment(app, work, reference_run, capsys, tmp_path,
+                                                                     no_flops):
+    out = tmp_path / "out"
+    folder = run_dir(out)
+    shutil.copytree(reference_run, folder)
+
+    def contents() -> dict:
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != "log_rank0.txt"}
+
+    before = contents()
+    status, err = call(app, base_args(work, out) + ["--opts", "TRAIN.BASE_LR", "0.01"], capsys)
+    assert status == 2, err
+    assert (f"error: {folder} holds a run with other settings (its checkpoint {folder / 'last.pth'}, epoch 3)" in err
+            and "TRAIN.BASE_LR: 0.02 in the checkpoint, 0.01 now" in err
+            and "--tag NEW_TAG" in err and "--opts TRAIN.AUTO_RESUME False" in err)
+    other_data = _broken_copy(work, "data_elsewhere")
+    status, err = call(app, ["--cfg", work / "tiny.yaml", "--data-path", other_data, "--output", out], capsys)
+    assert status == 2 and f"DATA.DATA_PATH: '{work / 'data'}' in the checkpoint, '{other_data}' now" in err
+    # the same experiment, run differently (PRINT_FREQ, workers): finished, nothing to train
+    status, _ = call(app, base_args(work, out) + ["--opts", "PRINT_FREQ", "5", "DATA.NUM_WORKERS", "1"])
+    assert status == 0
+    best = load(folder / "last.pth")["max_accuracy"]
+    assert (f"this run is already finished: {folder / 'last.pth'} holds epoch 3, the last of TRAIN.EPOCHS 4; "
+            f"best top-1 {best:.3f}%") in (folder / "log_rank0.txt").read_text()
+    # evaluation writes to its own folder
+    status, _ = call(app, base_args(work, out) + ["--eval"])
+    assert status == 0
+    assert contents() == before                        # config.yaml, checkpoints and metrics untouched
+    assert "EVAL_MODE: true" in (folder / "eval" / "config.yaml").read_text()
+    assert json.loads((folder / "eval" / "eval.json").read_text())["checkpoint"] == str(folder / "last.pth")
 
 
 def test_command_line_reports_errors_with_nonzero_exit(work):

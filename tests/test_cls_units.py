@@ -723,3 +723,170 @@ def test_verify_images_lists_every_unreadable_file(tmp_path, workers):
     assert message.startswith("2 images cannot be read (checked before training: every image)")
     assert all(f"cannot read image {path}" in message for path in bad) and "delete or replace" in message
 
+
+# ---------------------------------------------------------------- run folder: lock, space, records, resume
+_HOLD_LOCK = ("import sys; from defmamba.train.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+              "print('locked', flush=True); sys.stdin.read()")
+
+
+def test_run_lock_is_exclusive_names_its_holder_and_is_taken_over_when_the_holder_is_gone(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from defmamba.train.errors import RunFolderError
+    from defmamba.train.run_lock import LOCK_NAME, RunLock
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderError, match=f"in use by another run \\(process {holder.pid} on host "
+                                                 f"{socket.gethostname()}, started .*--tag NAME"):
+            RunLock(str(tmp_path)).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == holder.pid     # left behind by the kill
+    lock = RunLock(str(tmp_path)).acquire()
+    assert lock.previous is not None and lock.previous.pid == holder.pid
+    with pytest.raises(RunFolderError, match=f"process {os.getpid()} on host"):
+        RunLock(str(tmp_path)).acquire()            # a second lock from this process too
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    # a lock file from another host is not taken over: whether its process runs cannot be checked
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "another-host", "started": "", "command": ""}))
+    with pytest.raises(RunFolderError, match=f"process 1 on host another-host.*delete {tmp_path / LOCK_NAME}"):
+        RunLock(str(tmp_path)).acquire()
+
+
+def test_run_lock_without_flock_goes_by_the_recorded_pid(tmp_path, monkeypatch):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from defmamba.train import run_lock
+    from defmamba.train.errors import RunFolderError
+
+    monkeypatch.setattr(run_lock, "_try_flock", lambda fd: None)    # a filesystem without flock
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        path = tmp_path / run_lock.LOCK_NAME
+        path.write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname()}))
+        with pytest.raises(RunFolderError, match=f"process {alive.pid}"):
+            run_lock.RunLock(str(tmp_path)).acquire()
+        path.write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname()}))
+        lock = run_lock.RunLock(str(tmp_path)).acquire()
+        assert lock.previous.pid == dead_pid
+        lock.release()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_experiment_keys_are_those_that_change_what_is_trained():
+    from defmamba.train.resume_check import experiment_differences, is_experiment_key
+
+    counted = ["DATA.DATASET", "DATA.DATA_PATH", "DATA.IMG_SIZE", "DATA.BATCH_SIZE", "MODEL.NUM_CLASSES",
+               "MODEL.DEFMAMBA.DIMS", "MODEL.PRETRAINED", "TRAIN.BASE_LR", "TRAIN.EPOCHS", "TRAIN.OPTIMIZER.NAME",
+               "TRAIN.LR_SCHEDULER.NAME", "TRAIN.ACCUMULATION_STEPS", "AUG.MIXUP", "TEST.CROP_PCT", "MODEL_EMA",
+               "MODEL_EMA_DECAY", "SEED"]
+    ignored = ["PRINT_FREQ", "OUTPUT", "TAG", "DATA.NUM_WORKERS", "DATA.PIN_MEMORY", "DATA.VERIFY_IMAGES",
+               "SAVE_FREQ", "SAVE_KEEP", "AMP_ENABLE", "AMP_DTYPE", "COMPILE", "EVAL_MODE", "THROUGHPUT_MODE",
+               "MODEL.RESUME", "TRAIN.AUTO_RESUME", "TRAIN.START_EPOCH", "TRAIN.USE_CHECKPOINT", "TRAIN.CUDA_GRAPHS"]
+    assert all(is_experiment_key(k) for k in counted) and not any(is_experiment_key(k) for k in ignored)
+    stored = app_config.get_config(opts=["TRAIN.BASE_LR", "0.02", "DATA.DATA_PATH", "/data/a", "PRINT_FREQ", "5"])
+    new = app_config.get_config(opts=["TRAIN.BASE_LR", "0.01", "DATA.DATA_PATH", "/data/a/", "PRINT_FREQ", "50",
+                                      "AUG.MIXUP", "0.0"])
+    assert experiment_differences(stored.dump(), new) == ["TRAIN.BASE_LR: 0.02 in the checkpoint, 0.01 now",
+                                                         "AUG.MIXUP: 0.8 in the checkpoint, 0.0 now"]
+    older = {k: v for k, v in stored.items() if k != "SEED"}          # a config written before SEED existed
+    assert experiment_differences(dict(older), stored) == []
+    assert experiment_differences("{not: [yaml", new) is None
+
+
+def test_check_free_space_refuses_a_folder_without_room_for_checkpoints(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    from defmamba.train import run_folder
+    from defmamba.train.errors import RunFolderError
+
+    model = nn.Linear(1000, 1000)                                     # 1,001,000 float32 parameters
+    size = run_folder.checkpoint_bytes(model, with_ema=True)
+    assert size == 4 * 1_001_000 * 4                                  # weights, EMA, two moments
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 12, 0, run_folder.SPACE_FACTOR * size - 1))
+    with pytest.raises(RunFolderError, match=f"not enough free space for checkpoints in {tmp_path}: .* free, but a "
+                                             "checkpoint of this model takes about 15.3 MiB"):
+        run_folder.check_free_space(str(tmp_path), model, with_ema=True)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 12, 0, run_folder.SPACE_FACTOR * size))
+    run_folder.check_free_space(str(tmp_path), model, with_ema=True)
+
+
+@pytest.mark.parametrize("failure", ["full disk", "permission"])
+def test_a_failed_save_says_why_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, failure):
+    import collections
+    import errno
+    import shutil
+
+    from defmamba.train import records as run_records
+    from defmamba.train.errors import RunFolderError
+
+    out = str(tmp_path)
+    records = run_records.RunRecords(out)
+    state = {"model": {"w": torch.zeros(1000)}, "epoch": 0}
+    records.save_epoch(dict(state), 0, {"epoch": 0, "val_acc1": 10.0}, is_best=True, is_best_ema=False,
+                       epoch_file=False, keep=1)
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        if failure == "permission":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 576 vs 470")
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9, 100))
+    with pytest.raises(RunFolderError) as err:
+        records.save_epoch({**state, "epoch": 1}, 1, {"epoch": 1, "val_acc1": 20.0}, is_best=True,
+                           is_best_ema=False, epoch_file=False, keep=1)
+    monkeypatch.setattr(torch, "save", real_save)
+    message = str(err.value)
+    reason = f"the disk is full (100 B free in {tmp_path}, about 3.9 KiB needed)" if failure == "full disk" \
+        else "permission denied"                      # 3.9 KiB: the 1000 float32 weights of the state
+    assert message.startswith(f"could not write {tmp_path / 'last.pth'}: {reason}. ")
+    assert f"{tmp_path / 'last.pth'} (epoch 0) is complete and intact" in message
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 0
+    assert not list(tmp_path.glob("*.tmp"))
+    assert run_records.read_metrics(str(tmp_path / "metrics.jsonl")) == [{"epoch": 0, "val_acc1": 10.0}]
+
+
+def test_metrics_file_is_replaced_atomically_and_skips_a_half_written_row(tmp_path, monkeypatch):
+    from defmamba.train import records as run_records
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 0, "a": 1}\n{"epoch": 1, "a": 2}\n{"epoch": 2, "a"')   # killed mid-row
+    assert run_records.read_metrics(str(path)) == [{"epoch": 0, "a": 1}, {"epoch": 1, "a": 2}]
+    records = run_records.RunRecords(str(tmp_path))
+
+    def killed_after_half(path_, text):
+        with open(path_ + ".tmp", "w") as f:
+            f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt                         # stands for the kill
+
+    monkeypatch.setattr(run_checkpoint, "atomic_write_text", killed_after_half)
+    with pytest.raises(KeyboardInterrupt):
+        records.keep_metrics_before(1)
+    assert path.read_text().startswith('{"epoch": 0, "a": 1}\n{"epoch": 1, "a": 2}\n')    # intact
+    monkeypatch.undo()
+    records.keep_metrics_before(1)
+    assert path.read_text() == '{"epoch": 0, "a": 1}\n'
+    mtime = path.stat().st_mtime_ns
+    records.keep_metrics_before(1)                      # nothing to change: not rewritten
+    assert path.stat().st_mtime_ns == mtime

@@ -26,20 +26,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import AMP_DTYPES, ConfigError, get_config
 from .data import DataError, build_loaders
+from .data.verify import verify_images
 from ..benchmark import measure_throughput
-from ..checkpoint import CheckpointError, load_checkpoint, safe_load
+from ..checkpoint import CheckpointError, safe_load
 from .engine import AmpSettings, train_one_epoch, validate
-from .modeling import build_model, load_pretrained
+from .errors import RunFolderError
+from .modeling import build_model, load_checkpoint_weights, load_pretrained
+from .records import METRICS_NAME, RunRecords
+from .resume_check import prepare_training_folder
+from .run_folder import check_free_space, mode_folder, open_run_folder, save_config
 from .train_step import CudaGraphError, CudaGraphTrainStep, TrainStep
-from .utils.checkpoint import find_resume_checkpoint, remove_stale_temporaries, save_checkpoint
+from .utils.checkpoint import find_resume_checkpoint, remove_stale_temporaries
 from .utils.distributed import DistInfo, barrier, cleanup, init_distributed, is_distributed
 from .utils.ema import ModelEma
-from .utils.logger import create_logger
 from .utils.lr_scheduler import REFERENCE_BATCH, build_scheduler, scaled_learning_rates
 from .utils.optimizer import build_optimizer
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-METRICS_FILE = "metrics.jsonl"   # one JSON line per epoch in the output folder
 
 
 class UsageError(ValueError):
@@ -160,16 +163,6 @@ def _read_checkpoint(path: str, allow_pickle: bool) -> dict:
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of weights")
     return checkpoint
-
-
-def _keep_metrics_before(path: str, epoch: int) -> None:
-    """Drop per-epoch records from ``epoch`` on (a fresh run, or epochs a resumed run will redo)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["epoch"] < epoch]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(lines)
 
 
 def _setup_model(config, info: DistInfo, logger) -> nn.Module:
@@ -307,19 +300,18 @@ class EpochResult:
 
 
 def _save_and_log(config, result: EpochResult, progress: Progress, model: nn.Module, model_ema, train_step,
-                  lr_scheduler, output_dir: str, tb_writer, logger) -> None:
-    """Rank 0 after each epoch: the checkpoints, a line of metrics.jsonl and the epoch's TensorBoard scalars."""
+                  lr_scheduler, records: RunRecords, tb_writer, logger) -> None:
+    """Rank 0 after each epoch: the checkpoints and the line of metrics.jsonl, in the crash-safe order
+    of :mod:`.records`, and the epoch's TensorBoard scalars."""
     epoch = result.epoch
     state = _checkpoint_state(config, epoch, model, model_ema, train_step.optimizer, lr_scheduler, train_step.scaler,
                               progress.max_acc, progress.max_acc_ema)
     last_epoch = epoch == config.TRAIN.EPOCHS - 1
-    written = save_checkpoint(output_dir, state, epoch, keep=config.SAVE_KEEP, is_best=result.is_best,
-                              is_best_ema=result.is_best_ema,
-                              epoch_file=(epoch + 1) % config.SAVE_FREQ == 0 or last_epoch)
-    logger.info("saved " + ", ".join(os.path.basename(p) for p in written) + f" in {output_dir}")
     record = result.metrics()
-    with open(os.path.join(output_dir, METRICS_FILE), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    written = records.save_epoch(state, epoch, record, keep=config.SAVE_KEEP, is_best=result.is_best,
+                                 is_best_ema=result.is_best_ema,
+                                 epoch_file=(epoch + 1) % config.SAVE_FREQ == 0 or last_epoch)
+    logger.info("saved " + ", ".join(os.path.basename(p) for p in written) + f" in {records.output_dir}")
     if tb_writer is not None:
         for key, value in record.items():
             if key != "epoch":
@@ -328,7 +320,7 @@ def _save_and_log(config, result: EpochResult, progress: Progress, model: nn.Mod
 
 
 def _run_epochs(config, data, progress: Progress, train_step, model: nn.Module, run_model: nn.Module, model_ema,
-                lr_scheduler, amp: AmpSettings, info: DistInfo, output_dir: str, tb_writer, logger) -> None:
+                lr_scheduler, amp: AmpSettings, info: DistInfo, records: RunRecords, tb_writer, logger) -> None:
     """Train, validate, save and log every epoch from ``progress.next_epoch`` to TRAIN.EPOCHS."""
     device = info.device
     for epoch in range(progress.next_epoch, config.TRAIN.EPOCHS):
@@ -345,7 +337,7 @@ def _run_epochs(config, data, progress: Progress, train_step, model: nn.Module, 
         logger.info(f"epoch {epoch}: top-1 {val['acc1']:.3f}% (best {progress.max_acc:.3f}%)"
                     + (f", EMA top-1 {val_ema['acc1']:.3f}% (best {progress.max_acc_ema:.3f}%)" if val_ema else ""))
         if info.is_main:
-            _save_and_log(config, result, progress, model, model_ema, train_step, lr_scheduler, output_dir,
+            _save_and_log(config, result, progress, model, model_ema, train_step, lr_scheduler, records,
                           tb_writer, logger)
         barrier()
 
@@ -356,7 +348,7 @@ def _log_summary(progress: Progress, with_ema: bool, elapsed: float, output_dir:
                 + (f", best EMA top-1 {progress.max_acc_ema:.3f}%" if with_ema else ""))
     saved = [n for n in ("last.pth", "best.pth", "best_ema.pth") if os.path.exists(os.path.join(output_dir, n))]
     logger.info(f"checkpoints in {output_dir}: {', '.join(saved) or 'none'}; per-epoch metrics: "
-                f"{os.path.join(output_dir, METRICS_FILE)}; logs: {os.path.join(output_dir, 'log_rank0.txt')}"
+                f"{os.path.join(output_dir, METRICS_NAME)}; logs: {os.path.join(output_dir, 'log_rank0.txt')}"
                 + (f"; TensorBoard: {os.path.join(output_dir, 'tensorboard')}" if tensorboard else ""))
 
 
@@ -377,12 +369,13 @@ def _train(config, data, model: nn.Module, run_model: nn.Module, model_ema, chec
     train_step = _build_train_step(config, model, run_model, model_ema, optimizer, scaler, criterion, amp, info,
                                    logger)
     tb_writer = _tensorboard(output_dir, logger) if info.is_main else None
+    records = RunRecords(output_dir, checkpoint)
     if info.is_main:
-        _keep_metrics_before(os.path.join(output_dir, METRICS_FILE), progress.next_epoch)
+        records.keep_metrics_before(progress.next_epoch)
     start_time = time.time()
     try:
         _run_epochs(config, data, progress, train_step, model, run_model, model_ema, lr_scheduler, amp, info,
-                    output_dir, tb_writer, logger)
+                    records, tb_writer, logger)
     finally:
         if tb_writer is not None:
             tb_writer.close()
@@ -393,38 +386,45 @@ def run(args: argparse.Namespace) -> int:
     """Train, evaluate or measure throughput as ``args`` and the config say."""
     config = get_config(args)
     info: DistInfo = init_distributed(args.local_rank)
-    output_dir = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
-    if info.is_main:
-        os.makedirs(output_dir, exist_ok=True)
-    barrier()
-    logger = create_logger(output_dir, info.rank)
+    run_dir = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    with open_run_folder(mode_folder(run_dir, config), info) as logger:
+        return _run(config, args, info, run_dir, logger)
+
+
+def _run(config, args: argparse.Namespace, info: DistInfo, run_dir: str, logger) -> int:
+    output_dir = mode_folder(run_dir, config)      # the run folder, or its eval/ or throughput/ sub-folder
     logger.info(f"processes: {info.world_size}, this is rank {info.rank} on {info.device}; output in {output_dir}")
-    if info.is_main:
-        with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(config.dump())
-        logger.info("full config saved to %s:\n%s", os.path.join(output_dir, "config.yaml"), config.dump())
     amp = AmpSettings(enabled=config.AMP_ENABLE, dtype=_DTYPES[config.AMP_DTYPE])
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest conv kernels
     model = _setup_model(config, info, logger)
     if config.THROUGHPUT_MODE:
+        if info.is_main:
+            save_config(config, output_dir, logger)
         _throughput(config, model, amp, info.device, logger)
         return 0
 
-    if info.is_main and remove_stale_temporaries(output_dir):
+    if info.is_main and not config.EVAL_MODE and remove_stale_temporaries(output_dir):
         logger.info("removed temporary files of an interrupted checkpoint save in %s", output_dir)
-    resume = _find_weights(config, output_dir, logger)
+    resume = _find_weights(config, run_dir, logger)
+    checkpoint = _read_checkpoint(resume, args.unsafe_load) if resume else None
+    if not config.EVAL_MODE:
+        if prepare_training_folder(config, checkpoint, resume, output_dir, info, logger):
+            return 0            # already finished
+        check_free_space(output_dir, model, with_ema=config.MODEL_EMA)
+    if info.is_main:
+        save_config(config, output_dir, logger)
     data = build_loaders(config, info.rank, info.world_size, need_train=not config.EVAL_MODE,
                          pin_memory=info.device.type == "cuda")
     logger.info(f"data: {config.DATA.DATASET}, {data.num_classes} classes, "
                 + (f"{len(data.dataset_train)} training / " if data.dataset_train is not None else "")
                 + f"{len(data.dataset_val)} validation images")
+    verify_images([data.dataset_train, data.dataset_val], full=config.DATA.VERIFY_IMAGES,
+                  workers=config.DATA.NUM_WORKERS, rank=info.rank, world_size=info.world_size, logger=logger)
 
-    checkpoint = None
     if resume:
-        checkpoint = _read_checkpoint(resume, args.unsafe_load)
-        report = load_checkpoint(model, checkpoint, key="model", strict=True)
-        logger.info(f"loaded model weights from {resume} ['{report.source_key or 'model'}']")
+        load_checkpoint_weights(model, checkpoint, resume, key="model")
+        logger.info(f"loaded model weights from {resume} ['model']")
     elif config.MODEL.PRETRAINED:
         load_pretrained(model, config.MODEL.PRETRAINED, logger, allow_pickle=args.unsafe_load)
     model_ema = None
@@ -432,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
     if config.MODEL_EMA or (config.EVAL_MODE and has_ema_weights):
         model_ema = ModelEma(model, config.MODEL_EMA_DECAY)
         if has_ema_weights:
-            load_checkpoint(model_ema.module, checkpoint, key="model_ema", strict=True)
+            load_checkpoint_weights(model_ema.module, checkpoint, resume, key="model_ema")
             logger.info(f"loaded EMA weights from {resume} ['model_ema']")
         elif checkpoint is not None:
             logger.info("the checkpoint has no EMA weights; the EMA starts from the model weights")
@@ -467,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, DataError, CheckpointError, UsageError, FloatingPointError, CudaGraphError) as err:
+    except (ConfigError, DataError, CheckpointError, UsageError, RunFolderError, FloatingPointError,
+            CudaGraphError) as err:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {_clean_message(err)}", file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ from torch import nn
 from ..checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, safe_load
 from ..models.registry import build_model as build_registered_model
 
-__all__ = ["architecture_overrides", "build_model", "load_pretrained"]
+__all__ = ["architecture_overrides", "build_model", "load_pretrained", "load_checkpoint_weights"]
 
 
 def architecture_overrides(config) -> dict:
@@ -46,3 +46,19 @@ def load_pretrained(model: nn.Module, path: str, logger: logging.Logger, allow_p
         raise CheckpointError(f"pretrained weights {path} do not fit the model: missing {report.missing}, "
                               f"unexpected {report.unexpected}")
     logger.info("loaded pretrained weights from %s%s", path, f" ['{source_key}']" if source_key else "")
+
+
+def load_checkpoint_weights(model: nn.Module, checkpoint: dict, path: str, key: str = "model") -> None:
+    """Load the ``key`` entry ('model' or 'model_ema') of the checkpoint read from ``path`` (given
+    with --resume) strictly into ``model``; errors name the file and, for a file holding only
+    weights, point to --pretrained."""
+    if key not in checkpoint:
+        try:
+            extract_state_dict(checkpoint, "auto")
+            found = "only model weights"
+        except CheckpointError:
+            found = f"no '{key}' entry (its top-level keys: {sorted(map(str, checkpoint))[:8]})"
+        raise CheckpointError(f"{path} holds {found}, not a training checkpoint of this application; to start from "
+                              f"its weights, pass it with --pretrained {path} instead of --resume")
+    state, source_key = extract_state_dict(checkpoint, key)
+    load_state_dict_checked(model, state, strict=True, source=f"checkpoint {path} ['{source_key}']")

@@ -13,8 +13,8 @@ import re
 
 import torch
 
-__all__ = ["atomic_save", "save_checkpoint", "find_resume_checkpoint", "remove_stale_temporaries",
-           "epoch_checkpoints"]
+__all__ = ["atomic_save", "atomic_write_text", "save_checkpoint", "find_resume_checkpoint",
+           "remove_stale_temporaries", "epoch_checkpoints"]
 
 _EPOCH_RE = re.compile(r"ckpt_epoch_(\d+)\.pth$")
 
@@ -37,6 +37,17 @@ def atomic_save(obj, path: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` so that ``path`` is always either the old or the new complete file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
