@@ -101,3 +101,63 @@ def test_cli_refuses_dynamic_height_width_with_reason(capsys):
         sys.argv = argv
     assert exit_info.value.code == 2
     assert "height/width" in capsys.readouterr().err
+
+
+def _export_tool(argv: list[str], capsys) -> tuple[int, str]:
+    from tool_helpers import load_tool
+
+    status = load_tool("export_onnx").main([str(a) for a in argv])
+    return status, capsys.readouterr().err
+
+
+def test_cli_bad_arguments_are_refused_before_exporting(tmp_path, capsys):
+    """Every case stops before the (seconds-long) export, with exit status 2 and the reason."""
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("not a folder")
+    text_checkpoint = tmp_path / "notes.pth"
+    text_checkpoint.write_text("these are my notes\n")
+    out = tmp_path / "model.onnx"
+    cases = [
+        (["--model", "defmamba_huge", "--out", out], "--model: unknown model 'defmamba_huge'; choose one of"),
+        (["--model", "defmamba_tiny", "--out", out, "--height", "31"], "--height 31 --width 224: DefMamba needs inputs of at least 32×32"),
+        (["--model", "defmamba_tiny", "--out", out, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--model", "defmamba_tiny", "--out", tmp_path], f"--out {tmp_path} is a folder; name the .onnx file to write"),
+        (["--model", "defmamba_tiny", "--out", a_file / "model.onnx"], f"--out {a_file / 'model.onnx'} cannot be written"),
+    ]
+    for argv, message in cases:
+        status, err = _export_tool(argv, capsys)
+        assert status == 2 and f"error: {message}" in err, (argv, err)
+    assert not out.exists()
+    status, err = _export_tool(["--model", "defmamba_tiny", "--out", out, "--checkpoint", text_checkpoint], capsys)
+    assert status == 1 and f"{text_checkpoint} is not a PyTorch checkpoint: it is a text file" in err
+    assert "Traceback" not in err and "weights_only" not in err
+
+
+def test_cli_accepts_unsafe_load_as_its_refusal_advises(tmp_path, capsys, monkeypatch):
+    """A checkpoint with a class outside the allowlist is refused, naming --unsafe-load, which the tool
+    takes: the weights then reach the exporter (replaced here by a stub: exporting takes a minute on CPU)."""
+    import argparse
+    import types
+
+    from tool_helpers import load_tool
+
+    torch.manual_seed(0)
+    weights = defmamba.build_model("defmamba_tiny").state_dict()
+    checkpoint = tmp_path / "with_args.pth"
+    torch.save({"model": weights, "args": argparse.Namespace(lr=0.1)}, checkpoint)
+    argv = [str(a) for a in ["--model", "defmamba_tiny", "--checkpoint", checkpoint, "--out", tmp_path / "m.onnx"]]
+    tool = load_tool("export_onnx")
+    exported = []
+
+    def stub_export(model, path, *args, **kwargs):
+        exported.append(model.state_dict())
+        Path(path).write_bytes(b"stub")
+
+    monkeypatch.setattr(tool, "export_onnx", stub_export)
+    monkeypatch.setattr(tool, "check_onnx", lambda model, path, inputs: types.SimpleNamespace(
+        batch_size=len(inputs), max_abs_diff=0.0, max_rel_diff=0.0))
+    assert tool.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "argparse.Namespace" in err and "--unsafe-load" in err and not exported
+    assert tool.main(argv + ["--unsafe-load"]) == 0
+    assert all(torch.equal(exported[0][k], v) for k, v in weights.items())

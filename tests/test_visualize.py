@@ -100,3 +100,52 @@ def test_tool_loads_checkpoint_and_chooses_block(tmp_path):
     assert (tmp_path / "viz_stage2_block4.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="no deformable layer"):
         _run_tool(str(image), "--block", "4", "--stages", "1", "--height", "64", "--width", "64", "--out", str(tmp_path))
+
+
+def test_tool_reports_unreadable_images_and_bad_arguments(tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    image = _random_png(tmp_path / "ok.png", 40, 40)
+    text_checkpoint = tmp_path / "notes.pth"
+    text_checkpoint.write_text("notes\n")
+    cases = [
+        ([str(broken)], f"cannot read image {broken}: .*delete or replace the file"),
+        ([str(tmp_path)], f"{tmp_path} is not an image file"),
+        ([str(image), "--height", "31"], "--height 31 --width 224: DefMamba needs inputs of at least 32×32"),
+        ([str(image), "--model", "defmamba_huge"], "--model: unknown model 'defmamba_huge'"),
+        ([str(image), "--checkpoint", str(text_checkpoint)], f"{text_checkpoint} is not a PyTorch checkpoint"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            _run_tool(*argv, "--out", str(tmp_path / "scans"))
+    assert not (tmp_path / "scans").exists()
+
+
+def test_tool_scales_a_16_bit_image_instead_of_clipping_it(tmp_path):
+    from PIL import Image
+
+    from tool_helpers import load_tool
+
+    values = (np.random.default_rng(2).random((48, 40)) * 65535).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    picture, name = load_tool("visualize_scan").load_image(str(path), 48, 40)
+    expected = np.round(values / 257.0) / 255.0
+    assert name == "deep" and picture.shape == (48, 40, 3)
+    np.testing.assert_allclose(picture[..., 0], expected, atol=1 / 255 + 1e-6)   # bicubic resize to the same size
+
+
+def test_tool_accepts_unsafe_load_as_its_refusal_advises(tmp_path):
+    import argparse
+
+    torch.manual_seed(3)
+    model = defmamba.build_model("defmamba_tiny")
+    ckpt = tmp_path / "with_args.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, ckpt)
+    image = _random_png(tmp_path / "img.png", 64, 64)
+    argv = [str(image), "--checkpoint", str(ckpt), "--stages", "3", "--height", "64", "--width", "64",
+            "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="argparse.Namespace.*--unsafe-load"):
+        _run_tool(*argv)
+    _run_tool(*argv, "--unsafe-load")
+    assert (tmp_path / "scan_img_stage3_block0.png").is_file()

@@ -11,6 +11,7 @@ for why), so export one file per input size.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 import defmamba
 from defmamba.checkpoint import CheckpointError, load_checkpoint
+from defmamba.models.defmamba import MIN_INPUT_SIZE
 from defmamba.onnx_export import EXPORTERS, check_onnx, export_onnx
 
 
@@ -27,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="defmamba_small", help="defmamba_tiny | defmamba_small | defmamba_base")
     parser.add_argument("--checkpoint", help="weights to export (official or our checkpoint); random weights if omitted")
     parser.add_argument("--ema", action="store_true", help="export the checkpoint's 'model_ema' weights")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="allow checkpoints holding arbitrary Python objects (only for files you trust)")
     parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (must match the checkpoint)")
     parser.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
     parser.add_argument("--height", type=int, default=224)
@@ -40,18 +44,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, found before the (slow) export; None if nothing."""
+    if args.dynamic == "all":
+        return ("dynamic height/width cannot be exported: each deformable layer's reference grid and offset "
+                "scale, and the number of passes of the scan (ceil(log2(h*w))), are computed from the feature-map "
+                "size and become constants of the graph. Export one model per input size with --height/--width "
+                "(the batch stays dynamic with --dynamic batch).")
+    if min(args.height, args.width) < MIN_INPUT_SIZE:
+        return (f"--height {args.height} --width {args.width}: DefMamba needs inputs of at least "
+                f"{MIN_INPUT_SIZE}×{MIN_INPUT_SIZE} (4 stride-2 stages after a stride-4 stem)")
+    if args.batch_size < 1:
+        return f"--batch-size must be at least 1, got {args.batch_size}"
+    if args.num_classes < 1:
+        return f"--num-classes must be at least 1, got {args.num_classes}"
+    return _output_problem(args.out)
+
+
+def _output_problem(out: Path) -> str | None:
+    """Whether ``out`` can be written: not a folder, its folder creatable and writable."""
+    if out.is_dir():
+        return f"--out {out} is a folder; name the .onnx file to write, e.g. --out {out / 'model.onnx'}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.{os.getpid()}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return f"--out {out} cannot be written ({err.strerror or err}); choose a writable place"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.dynamic == "all":
-        print("error: dynamic height/width cannot be exported: each deformable layer's reference grid and offset "
-              "scale, and the number of passes of the scan (ceil(log2(h*w))), are computed from the feature-map "
-              "size and become constants of the graph. Export one model per input size with --height/--width "
-              "(the batch stays dynamic with --dynamic batch).", file=sys.stderr)
+    problem = _usage_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    model = defmamba.build_model(args.model, num_classes=args.num_classes, scan_backend="torch")
+    try:
+        model = defmamba.build_model(args.model, num_classes=args.num_classes, scan_backend="torch")
+    except ValueError as err:
+        print(f"error: --model: {err}", file=sys.stderr)
+        return 2
     if args.checkpoint:
         try:
-            report = load_checkpoint(model, args.checkpoint, key="model_ema" if args.ema else "auto")
+            report = load_checkpoint(model, args.checkpoint, key="model_ema" if args.ema else "auto",
+                                     allow_pickle=args.unsafe_load)
         except CheckpointError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -59,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("no --checkpoint: exporting random weights")
     model.eval()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     export_onnx(model, args.out, args.height, args.width, batch_size=args.batch_size,
                 dynamic_batch=args.dynamic == "batch", exporter=args.exporter)

@@ -22,6 +22,9 @@ import torch
 
 import defmamba
 from defmamba.checkpoint import CheckpointError, load_checkpoint
+from defmamba.models.defmamba import MIN_INPUT_SIZE
+from defmamba.train.data.decode import load_rgb
+from defmamba.train.data.errors import DataError
 from defmamba.visualize import capture_scans, plot_scan, scan_figure_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,8 +51,11 @@ def load_image(source: str, height: int, width: int) -> tuple[np.ndarray, str]:
     else:
         path = Path(source)
         if not path.is_file():
-            raise SystemExit(f"image not found: {path}")
-        picture = Image.open(path)
+            raise SystemExit(f"image not found: {path}" if not path.exists() else f"{path} is not an image file")
+        try:
+            picture = load_rgb(str(path))
+        except DataError as err:
+            raise SystemExit(str(err)) from None
         name = path.stem
     picture = picture.convert("RGB").resize((width, height), Image.BICUBIC)
     return np.asarray(picture, dtype=np.float32) / 255.0, name
@@ -62,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="defmamba_tiny", help="defmamba_tiny | defmamba_small | defmamba_base")
     parser.add_argument("--checkpoint", help="weights to load (official or our checkpoint); random weights if omitted")
     parser.add_argument("--ema", action="store_true", help="load the checkpoint's 'model_ema' weights instead of 'model'")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="allow checkpoints holding arbitrary Python objects (only for files you trust)")
     parser.add_argument("--block", type=int, default=0, help="block of each stage to draw (default 0)")
     parser.add_argument("--stages", type=int, nargs="+", help="stages to draw (default: all)")
     parser.add_argument("--height", type=int, default=224, help="input height the image is resized to")
@@ -80,18 +88,25 @@ def main(argv: list[str] | None = None) -> list[Path]:
     import matplotlib.pyplot as plt
 
     args = parse_args(argv)
+    if min(args.height, args.width) < MIN_INPUT_SIZE:
+        raise SystemExit(f"--height {args.height} --width {args.width}: DefMamba needs inputs of at least "
+                         f"{MIN_INPUT_SIZE}×{MIN_INPUT_SIZE}")
+    picture, image_name = load_image(args.image, args.height, args.width)
     torch.manual_seed(args.seed)
-    model = defmamba.build_model(args.model, scan_backend="torch").eval()
+    try:
+        model = defmamba.build_model(args.model, scan_backend="torch").eval()
+    except ValueError as err:
+        raise SystemExit(f"--model: {err}") from None
     if args.checkpoint:
         try:
-            load_checkpoint(model, args.checkpoint, key="model_ema" if args.ema else "auto")
+            load_checkpoint(model, args.checkpoint, key="model_ema" if args.ema else "auto",
+                            allow_pickle=args.unsafe_load)
         except CheckpointError as err:
             raise SystemExit(str(err)) from err
         weights = Path(args.checkpoint).name + (" (EMA)" if args.ema else "")
     else:
         weights = f"random weights, seed {args.seed}"
 
-    picture, image_name = load_image(args.image, args.height, args.width)
     tensor = (torch.from_numpy(picture).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN)[:, None, None]) \
         / torch.tensor(IMAGENET_STD)[:, None, None]
     stages = args.stages if args.stages is not None else list(range(len(model.layers)))
