@@ -387,12 +387,12 @@ def run(args: argparse.Namespace) -> int:
     config = get_config(args)
     info: DistInfo = init_distributed(args.local_rank)
     run_dir = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
-    with open_run_folder(mode_folder(run_dir, config), info) as logger:
-        return _run(config, args, info, run_dir, logger)
-
-
-def _run(config, args: argparse.Namespace, info: DistInfo, run_dir: str, logger) -> int:
     output_dir = mode_folder(run_dir, config)      # the run folder, or its eval/ or throughput/ sub-folder
+    with open_run_folder(output_dir, info) as logger:
+        return _run(config, args, info, run_dir, output_dir, logger)
+
+
+def _run(config, args: argparse.Namespace, info: DistInfo, run_dir: str, output_dir: str, logger) -> int:
     logger.info(f"processes: {info.world_size}, this is rank {info.rank} on {info.device}; output in {output_dir}")
     amp = AmpSettings(enabled=config.AMP_ENABLE, dtype=_DTYPES[config.AMP_DTYPE])
     if info.device.type == "cuda":
