@@ -638,6 +638,8 @@ def test_bad_inputs_fail_with_a_clear_message(app, work, reference_run, capsys, 
     torch.save({"model": {}, "payload": RunsCode()}, malicious)
     weights_only = tmp_path / "plain_weights.pth"
     torch.save(load(reference_run / "last.pth")["model"], weights_only)
+    model_only = tmp_path / "model_only.pth"
+    torch.save({"model": load(reference_run / "last.pth")["model"]}, model_only)
     data = ["--data-path", work / "data"]
     cases = [
         (["--cfg", tmp_path / "missing.yaml"], "config file not found"),
@@ -676,6 +678,9 @@ def test_bad_inputs_fail_with_a_clear_message(app, work, reference_run, capsys, 
         (["--cfg", work / "tiny.yaml"] + data + ["--resume", weights_only],
          f"{weights_only} holds only model weights, not a training checkpoint of this application; to start "
          f"from its weights, pass it with --pretrained {weights_only}"),
+        (["--cfg", work / "tiny.yaml"] + data + ["--resume", model_only],      # would restart at epoch 0
+         f"{model_only} holds model weights but no training state (optimizer and epoch) to continue, not a "
+         f"training checkpoint of this application; to start from its weights, pass it with --pretrained {model_only}"),
         (["--cfg", work / "tiny.yaml"] + data + ["--resume", other_size, "--eval"],
          f"checkpoint {other_size} ['model'] does not fit DefMamba"),
         # values that used to end in a traceback, or in a run that trains nothing

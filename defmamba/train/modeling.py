@@ -8,7 +8,8 @@ from torch import nn
 from ..checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, safe_load
 from ..models.registry import build_model as build_registered_model
 
-__all__ = ["architecture_overrides", "build_model", "load_pretrained", "load_checkpoint_weights"]
+__all__ = ["architecture_overrides", "build_model", "load_pretrained", "load_checkpoint_weights",
+           "not_a_training_checkpoint"]
 
 
 def architecture_overrides(config) -> dict:
@@ -48,17 +49,25 @@ def load_pretrained(model: nn.Module, path: str, logger: logging.Logger, allow_p
     logger.info("loaded pretrained weights from %s%s", path, f" ['{source_key}']" if source_key else "")
 
 
-def load_checkpoint_weights(model: nn.Module, checkpoint: dict, path: str, key: str = "model") -> None:
-    """Load the ``key`` entry ('model' or 'model_ema') of the checkpoint read from ``path`` (given
-    with --resume) strictly into ``model``; errors name the file and, for a file holding only
-    weights, point to --pretrained."""
-    if key not in checkpoint:
+def not_a_training_checkpoint(path: str, checkpoint: dict, key: str = "model") -> CheckpointError:
+    """The error for ``--resume`` of a file that cannot be continued: it holds weights at most."""
+    if key in checkpoint:
+        found = "model weights but no training state (optimizer and epoch) to continue"
+    else:
         try:
             extract_state_dict(checkpoint, "auto")
             found = "only model weights"
         except CheckpointError:
             found = f"no '{key}' entry (its top-level keys: {sorted(map(str, checkpoint))[:8]})"
-        raise CheckpointError(f"{path} holds {found}, not a training checkpoint of this application; to start from "
-                              f"its weights, pass it with --pretrained {path} instead of --resume")
+    return CheckpointError(f"{path} holds {found}, not a training checkpoint of this application; to start from "
+                           f"its weights, pass it with --pretrained {path} instead of --resume")
+
+
+def load_checkpoint_weights(model: nn.Module, checkpoint: dict, path: str, key: str = "model") -> None:
+    """Load the ``key`` entry ('model' or 'model_ema') of the checkpoint read from ``path`` (given
+    with --resume) strictly into ``model``; errors name the file and, for a file holding only
+    weights, point to --pretrained."""
+    if key not in checkpoint:
+        raise not_a_training_checkpoint(path, checkpoint, key)
     state, source_key = extract_state_dict(checkpoint, key)
     load_state_dict_checked(model, state, strict=True, source=f"checkpoint {path} ['{source_key}']")

@@ -8,6 +8,8 @@
   compared.
 * An explicit ``--resume`` is the user's deliberate choice: differences are logged, not refused.
 * A checkpoint holding the run's last epoch means the run has finished: nothing is trained.
+* A file holding weights only (no optimizer state and epoch) cannot be continued: it is refused,
+  pointing to ``--pretrained``.
 * Before any of this, the records of the folder are brought in line with the checkpoint
   (:func:`~defmamba.train.records.restore_records`).
 """
@@ -22,6 +24,7 @@ import yaml
 
 from .config import default_config
 from .errors import RunFolderError
+from .modeling import not_a_training_checkpoint
 from .records import restore_records
 from .utils.distributed import DistInfo, barrier
 
@@ -92,10 +95,12 @@ def _in_folder(path: str, folder: str) -> bool:
 
 def prepare_training_folder(config, checkpoint: Optional[Mapping], path: str, output_dir: str, info: DistInfo,
                             logger: logging.Logger) -> bool:
-    """Restore the folder's records, refuse another experiment's checkpoint on auto-resume, and
-    return True when the run has already finished (nothing left to train)."""
-    if checkpoint is None or not is_training_state(checkpoint):
+    """Refuse a checkpoint that holds no training state, restore the folder's records, refuse another
+    experiment's checkpoint on auto-resume, and return True when the run has already finished."""
+    if checkpoint is None:
         return False
+    if not is_training_state(checkpoint):
+        raise not_a_training_checkpoint(path, checkpoint)
     if info.is_main and _in_folder(path, output_dir):
         restore_records(output_dir, checkpoint, path, logger)
     barrier()
