@@ -127,7 +127,7 @@ def test_bad_input_is_a_clear_error(convert, tmp_path, capsys, case):
         args += ["--out", str(tmp_path / "out.pth")]
     code = convert.main(args)
     message = capsys.readouterr().err
-    expected = {"missing": "checkpoint not found", "not_a_checkpoint": "truncated or corrupt",
+    expected = {"missing": "checkpoint not found", "not_a_checkpoint": "is not a PyTorch checkpoint: it is a text file",
                 "no_ema": "no 'model_ema' entry", "wrong_suffix": "must end in .safetensors"}[case]
     assert code in (1, 2) and expected in message
     assert not list(tmp_path.glob("*.safetensors*"))
