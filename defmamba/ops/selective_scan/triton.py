@@ -103,6 +103,23 @@ if triton is not None:
         """One step for all channels: h <- exp(Δ·A)·h + Δ·u·B; h, a2: [N, BLOCK_C]; dt, du: [BLOCK_C]; b_col: [N]."""
         return tl.exp2(dt[None, :] * a2) * h + du[None, :] * b_col[:, None]
 
+    @triton.jit
+    def _step_back(carry, dA_acc, h, h_prev, a2, dt, du, u, dy, b_col, c_col):
+        """One position l of the backward, for all channels: h = h_l, h_prev = h_{l-1} ([N, BLOCK_C]);
+        dt, du = Δ·u, u, dy: [BLOCK_C]; b_col, c_col: [N]. With g = dL/dh_l (its own output's part
+        plus the carry from l+1) and t = dL/da_l · a_l, returns (the carry into l-1, dA_acc + t·Δ,
+        the gradients of Δ (before softplus) and of u, of B_l and of C_l)."""
+        g = carry + dy[None, :] * c_col[:, None]
+        g_C = tl.sum(dy[None, :] * h, axis=1)
+        a = tl.exp2(dt[None, :] * a2)
+        t = g * a * h_prev
+        dA_acc += t * dt[None, :]
+        gb = tl.sum(g * b_col[:, None], axis=0)
+        g_delta = tl.sum(t * a2, axis=0) * 0.6931471805599453 + u * gb  # Σ_n t·A
+        g_u = dt * gb
+        g_B = tl.sum(g * du[None, :], axis=1)
+        return a * g, dA_acc, g_delta, g_u, g_B, g_C
+
     def _scan_fwd_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, hs_ptr,
         L, L_al, Dg, C_tot, n_cb, n_seg, K, st_c, st_n,
@@ -286,51 +303,11 @@ if triton is not None:
                 h1 = _advance(h0, a2, dt1, du1, b1)
                 h2 = _advance(h1, a2, dt2, du2, b2)
                 h3 = _advance(h2, a2, dt3, du3, b3)
-
-                # position 3: g = dL/dh_3 (total), t = dL/da_3 · a_3
-                g = carry + dy3[None, :] * c3[:, None]
-                gC3 = tl.sum(dy3[None, :] * h3, axis=1)
-                a = tl.exp2(dt3[None, :] * a2)
-                t = g * a * h2
-                dA_acc += t * dt3[None, :]
-                gb = tl.sum(g * b3[:, None], axis=0)
-                gd3 = tl.sum(t * a2, axis=0) * 0.6931471805599453 + u3 * gb  # Σ_n t·A
-                gu3 = dt3 * gb
-                gB3 = tl.sum(g * du3[None, :], axis=1)
-                carry = a * g
-                # position 2
-                g = carry + dy2[None, :] * c2[:, None]
-                gC2 = tl.sum(dy2[None, :] * h2, axis=1)
-                a = tl.exp2(dt2[None, :] * a2)
-                t = g * a * h1
-                dA_acc += t * dt2[None, :]
-                gb = tl.sum(g * b2[:, None], axis=0)
-                gd2 = tl.sum(t * a2, axis=0) * 0.6931471805599453 + u2 * gb  # Σ_n t·A
-                gu2 = dt2 * gb
-                gB2 = tl.sum(g * du2[None, :], axis=1)
-                carry = a * g
-                # position 1
-                g = carry + dy1[None, :] * c1[:, None]
-                gC1 = tl.sum(dy1[None, :] * h1, axis=1)
-                a = tl.exp2(dt1[None, :] * a2)
-                t = g * a * h0
-                dA_acc += t * dt1[None, :]
-                gb = tl.sum(g * b1[:, None], axis=0)
-                gd1 = tl.sum(t * a2, axis=0) * 0.6931471805599453 + u1 * gb  # Σ_n t·A
-                gu1 = dt1 * gb
-                gB1 = tl.sum(g * du1[None, :], axis=1)
-                carry = a * g
-                # position 0
-                g = carry + dy0[None, :] * c0[:, None]
-                gC0 = tl.sum(dy0[None, :] * h0, axis=1)
-                a = tl.exp2(dt0[None, :] * a2)
-                t = g * a * hp
-                dA_acc += t * dt0[None, :]
-                gb = tl.sum(g * b0[:, None], axis=0)
-                gd0 = tl.sum(t * a2, axis=0) * 0.6931471805599453 + u0 * gb  # Σ_n t·A
-                gu0 = dt0 * gb
-                gB0 = tl.sum(g * du0[None, :], axis=1)
-                carry = a * g
+                # The positions of the sub-chunk in reverse, each taking the carry from the next.
+                carry, dA_acc, gd3, gu3, gB3, gC3 = _step_back(carry, dA_acc, h3, h2, a2, dt3, du3, u3, dy3, b3, c3)
+                carry, dA_acc, gd2, gu2, gB2, gC2 = _step_back(carry, dA_acc, h2, h1, a2, dt2, du2, u2, dy2, b2, c2)
+                carry, dA_acc, gd1, gu1, gB1, gC1 = _step_back(carry, dA_acc, h1, h0, a2, dt1, du1, u1, dy1, b1, c1)
+                carry, dA_acc, gd0, gu0, gB0, gC0 = _step_back(carry, dA_acc, h0, hp, a2, dt0, du0, u0, dy0, b0, c0)
 
                 g_u = _stack4(gu0, gu1, gu2, gu3)
                 if HAS_D:
