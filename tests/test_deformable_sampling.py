@@ -14,6 +14,7 @@ import torch
 from triton_helpers import assert_cases_within, needs_triton_gpu, run_under_interpreter
 
 from defmamba.ops import deformable_sampling as ds
+from defmamba.ops.deformable_sampling.reference import sample_in_path_order_reference, sort_path
 
 # (batch, channels, h, w): channels below, at and above one channel block; a 1-pixel-wide map;
 # 10 images (> 8 partial copies of the table gradient).
@@ -43,10 +44,10 @@ def run_op(fn, inputs: dict, dtype: torch.dtype, device: str, weight: torch.Tens
 
 
 def triton_fn(x, grid, table, disp, path):
-    from defmamba.ops import deformable_sampling_triton as kernels
+    from defmamba.ops.deformable_sampling.triton import sample_in_path_order_triton
 
-    order, inverse = ds._sort_path(path)
-    return kernels.sample_in_path_order_triton(x, grid, table, disp, path, order, inverse), order, inverse
+    order, inverse = sort_path(path)
+    return sample_in_path_order_triton(x, grid, table, disp, path, order, inverse), order, inverse
 
 
 def max_errors(inputs: dict, dtype: torch.dtype, device: str, seed: int) -> dict:
@@ -54,7 +55,7 @@ def max_errors(inputs: dict, dtype: torch.dtype, device: str, seed: int) -> dict
     batch, channels, h, w = inputs["x"].shape
     weight = torch.randn(batch, h * w, channels, generator=torch.Generator().manual_seed(seed + 1),
                          dtype=torch.float64)
-    ref_seq, ref_order, ref_grads = run_op(ds._sample_torch, inputs, torch.float64, "cpu", weight)
+    ref_seq, ref_order, ref_grads = run_op(sample_in_path_order_reference, inputs, torch.float64, "cpu", weight)
     seq, order, grads = run_op(triton_fn, inputs, dtype, device, weight)
     assert torch.equal(order, ref_order)
 
@@ -96,20 +97,21 @@ def test_half_precision_maps_gpu(dtype):
 
 @pytest.mark.cuda
 @needs_triton_gpu
-def test_pytorch_formulation_is_forced_by_the_context_and_by_deterministic_mode_gpu(monkeypatch):
-    x = torch.zeros(1, 1, 2, 2, device="cuda")
-    assert ds._use_triton(x)
-    with ds.pytorch_formulation():
-        assert not ds._use_triton(x)
-    assert ds._use_triton(x)
+def test_deterministic_mode_runs_the_pytorch_formulation_gpu(monkeypatch):
+    inputs = {k: v.float().cuda() for k, v in make_inputs(1, 3, 2, 2, seed=0).items()}
+    calls = []
+    monkeypatch.setattr(ds, "sample_in_path_order_triton", lambda *args: calls.append("kernels"))
+    ds.sample_in_path_order(**inputs)
+    assert calls == ["kernels"]
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert not ds._use_triton(x)
+    seq, _, _ = ds.sample_in_path_order(**inputs)
+    assert calls == ["kernels"] and seq.shape == (1, 4, 3)
 
 
 def test_dispatch_uses_pytorch_formulation_off_gpu():
     inputs = make_inputs(2, 4, 3, 5, seed=0)
     seq, order, inverse = ds.sample_in_path_order(**inputs)
-    ref_seq, ref_order, _ = ds._sample_torch(**inputs)
+    ref_seq, ref_order, _ = sample_in_path_order_reference(**inputs)
     assert torch.equal(seq, ref_seq) and torch.equal(order, ref_order)
     assert torch.equal(torch.gather(order, 1, inverse), torch.arange(15).expand(2, -1))
 

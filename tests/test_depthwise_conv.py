@@ -24,7 +24,7 @@ def max_errors(case: tuple, dtype: torch.dtype, device: str, seed: int, bias: bo
                sliced: bool = False) -> dict:
     """Largest relative errors against float64. ``sliced``: x is read in place as the first C
     channels of a wider channels-last tensor (as DefMamba's DSSM reads one half of in_proj's output)."""
-    from defmamba.ops import depthwise_conv_triton as kernels
+    from defmamba.ops.depthwise_conv import triton as kernels
 
     batch, channels, height, width, k = case
     g = torch.Generator().manual_seed(seed)
@@ -101,17 +101,6 @@ def test_module_follows_autocast_rule_gpu(amp):
     assert module.weight.grad.dtype == module.bias.grad.dtype == torch.float32
 
 
-@pytest.mark.cuda
-@needs_triton_gpu
-def test_cudnn_formulation_is_forced_by_the_context_gpu():
-    x = torch.randn(1, 4, 5, 5, device="cuda").contiguous(memory_format=torch.channels_last)
-    w = torch.randn(4, 1, 3, 3, device="cuda")
-    assert dw._use_triton(x, w, None)
-    with dw.cudnn_formulation():
-        assert not dw._use_triton(x, w, None)
-    assert dw._use_triton(x, w, None)
-
-
 def test_module_is_a_drop_in_conv2d():
     torch.manual_seed(0)
     module = dw.DepthwiseConv2d(6, 5)
@@ -132,7 +121,7 @@ def test_bad_shapes_are_named():
 
 def compiled_matches_eager() -> dict:
     """The custom-op route (taken under torch.compile) against the eager route, outputs and grads."""
-    from defmamba.ops import depthwise_conv_triton as kernels
+    from defmamba.ops.depthwise_conv import triton as kernels
 
     def conv(x, w, b):
         return kernels.depthwise_conv2d_triton(x, w, b, torch.float32)

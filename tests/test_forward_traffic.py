@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 from tool_helpers import load_tool
 
-from defmamba.ops import triton_support
+from defmamba.ops import dispatch
 
 
 def test_traces_the_gpu_route_and_counts_bytes(capsys):
     tool = load_tool("forward_traffic")
-    ready_before, cuda_before = triton_support._ready, torch.cuda.is_available()
+    ready_before, cuda_before = dispatch._kernels_ready, torch.cuda.is_available()
     calls = tool.forward_traffic("defmamba_tiny", batch_size=2, image_size=64, amp=torch.bfloat16)
     names = {name for name, _, _ in calls}
     # The Triton ops of the GPU route, through their custom ops.
@@ -24,7 +24,7 @@ def test_traces_the_gpu_route_and_counts_bytes(capsys):
     norms = [(read, written) for name, read, written in calls if name == "defmamba.layer_norm_fwd"]
     assert any(written < read for read, written in norms)
     # Nothing of the pretended GPU outlives the trace.
-    assert (triton_support._ready, torch.cuda.is_available()) == (ready_before, cuda_before)
+    assert (dispatch._kernels_ready, torch.cuda.is_available()) == (ready_before, cuda_before)
     assert tool.main(["--model", "defmamba_tiny", "--batch-size", "1", "--image-size", "32", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "defmamba_tiny, batch 1, 32², autocast bfloat16:" in out and "GB read + written" in out

@@ -104,7 +104,7 @@ def compiled_matches_eager() -> float:
     def mlp_through_the_kernel(x, w1, b1, w2, b2):
         return module.gelu_mlp(x, w1, b1, w2, b2)
 
-    module._use_triton = lambda h, grad: True  # this subprocess runs under the interpreter
+    module.use_kernels = lambda op, *tensors: True  # this subprocess runs under the interpreter
     g = torch.Generator().manual_seed(5)
     return compiled_vs_eager(mlp_through_the_kernel, *(torch.randn(*s, generator=g) for s in
                                                        [(2, 5, 6), (20, 6), (20,), (4, 20), (4,)]))

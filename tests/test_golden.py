@@ -79,17 +79,17 @@ def test_gradients_match_official(dtype, out_tol, grad_tol):
 def test_path_order_gradient_is_the_official_surrogate(monkeypatch):
     """Zeroing the path-position gradient must visibly change the offset-network gradients,
     so the comparison above really pins the custom backward down."""
-    from defmamba.ops import deformable_sampling
+    from defmamba.ops.deformable_sampling import reference
 
     data = load_fixture("grad")
     model = build(DefMamba, data, torch.float64, drop_path_rate=0.0).train()
-    original = deformable_sampling._PathOrder.backward
+    original = reference._PathOrder.backward
 
     def without_path_grad(ctx, grad_seq):
         grad_z, _, *rest = original(ctx, grad_seq)
         return grad_z, None, *rest
 
-    monkeypatch.setattr(deformable_sampling._PathOrder, "backward", staticmethod(without_path_grad))
+    monkeypatch.setattr(reference._PathOrder, "backward", staticmethod(without_path_grad))
     (model(data["input"].double()) * data["loss_weight"].double()).sum().backward()
     name = "layers.0.blocks.0.op.DS.conv_offset.conv1.weight"
     assert rel_err(dict(model.named_parameters())[name].grad, data["grad_params"][name]) > 1e-2

@@ -45,7 +45,7 @@ def test_fake_implementation_gives_output_shapes():
         for length, saved in ((33, 1), (64, 1), (65, 2), (3136, 49)):  # a state every 64 steps
             u = torch.empty(2, 6, length, dtype=torch.bfloat16)
             B = torch.empty(2, 3, 16, length, dtype=torch.bfloat16)
-            y, states = cuda._scan_fwd_fake(u, u, torch.empty(6, 16), B, B, None, None, True, True, True)
+            y, states = cuda._forward_fake(u, u, torch.empty(6, 16), B, B, None, None, True, True, True)
             assert y.shape == u.shape and y.dtype == torch.float32
             assert states.shape == (2, 6, saved, 16) and states.dtype == torch.float32
 

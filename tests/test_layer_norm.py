@@ -20,7 +20,7 @@ def max_errors(lead: tuple, cols: int, dtype: torch.dtype, device: str, seed: in
                scaled: bool = False) -> dict:
     """Largest relative errors of the Triton norm (``gelu``: GELU(norm); ``scaled``: of x times a
     per-image channel scale) and its gradients against float64."""
-    from defmamba.ops import layer_norm_triton as kernels
+    from defmamba.ops.layer_norm import triton as kernels
 
     def reference(x, w, b, s=None):
         if s is not None:
@@ -168,7 +168,7 @@ def test_module_is_a_drop_in_layer_norm():
 
 def compiled_matches_eager() -> dict:
     """The custom-op route (taken under torch.compile) against the eager route, outputs and grads."""
-    from defmamba.ops import layer_norm_triton as kernels
+    from defmamba.ops.layer_norm import triton as kernels
 
     def norm(x, w, b):
         return kernels.layer_norm_triton(x, w, b, 1e-5, torch.float32)
@@ -188,7 +188,7 @@ def half_output_differences(lead: tuple, cols: int, seed: int) -> dict:
     """A float32 input normalised straight to float16 (what ``feeds_matmul`` norms give under
     autocast) against the float32 output rounded afterwards (what a linear layer's autocast cast
     did), and the backward from the float16 gradient against the backward from it in float32."""
-    from defmamba.ops import layer_norm_triton as kernels
+    from defmamba.ops.layer_norm import triton as kernels
 
     g = torch.Generator().manual_seed(seed)
     x, w, b = (torch.randn(*lead, cols, generator=g), torch.randn(cols, generator=g), torch.randn(cols, generator=g))

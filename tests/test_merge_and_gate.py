@@ -10,6 +10,7 @@ import torch
 from triton_helpers import assert_cases_within, needs_triton_gpu, run_under_interpreter
 
 from defmamba.ops import scan_orders
+from defmamba.ops.dispatch import use_kernels
 from defmamba.ops.permute import invert_permutation
 
 # (batch, channels, h, w): channels below, at and above one channel tile; a 1-pixel axis; a length
@@ -43,7 +44,7 @@ def run(fn, inputs: dict, ys_dtype: torch.dtype, z_dtype: torch.dtype, device: s
 
 
 def triton_fn(ys, order, inverse, z):
-    from defmamba.ops import scan_orders_triton as kernels
+    from defmamba.ops.scan_orders import triton as kernels
 
     return kernels.merge_and_gate_triton(ys, inverse, z)
 
@@ -101,7 +102,7 @@ def test_gpu_result_is_the_pytorch_formulation_under_autocast_rounding():
 
 def test_dispatch_uses_pytorch_formulation_off_gpu():
     inputs = make_inputs(2, 6, 3, 5, seed=1)
-    assert not scan_orders._use_triton(inputs["ys"], inputs["z"])
+    assert not use_kernels("scan_orders", inputs["ys"], inputs["z"])
     out = scan_orders.merge_and_gate(**inputs)
     torch.testing.assert_close(out, reference(**inputs), rtol=0, atol=0)
 

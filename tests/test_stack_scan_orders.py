@@ -26,7 +26,7 @@ def pytorch_formulation(x_map: torch.Tensor, sequence: torch.Tensor) -> torch.Te
 
 def differences(case: tuple, map_dtype: torch.dtype, seq_dtype: torch.dtype, device: str, seed: int) -> dict:
     """Largest absolute differences, Triton against the PyTorch formulation: output and both gradients."""
-    from defmamba.ops import scan_orders_triton as kernels
+    from defmamba.ops.scan_orders import triton as kernels
 
     batch, channels, h, w = case
     g = torch.Generator().manual_seed(seed)
@@ -50,7 +50,7 @@ def differences(case: tuple, map_dtype: torch.dtype, seq_dtype: torch.dtype, dev
 
 def compiled_matches_eager() -> float:
     """The custom-op route (taken under torch.compile) against the eager route, outputs and grads."""
-    from defmamba.ops import scan_orders_triton as kernels
+    from defmamba.ops.scan_orders import triton as kernels
 
     return compiled_vs_eager(kernels.stack_scan_orders_triton, torch.randn(2, 35, 12), torch.randn(2, 35, 12))
 

@@ -17,7 +17,6 @@ after warm-up):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from collections import Counter
@@ -28,8 +27,8 @@ import torch.nn.functional as F
 
 import defmamba
 from benchmark_helpers import MODES, ab_table_row, cuda_time_ms, measure_model
-from defmamba.ops import triton_support
-from defmamba.ops.depthwise_conv import DepthwiseConv2d, cudnn_formulation, depthwise_conv2d
+from defmamba.ops import reference_only, triton_support
+from defmamba.ops.depthwise_conv import DepthwiseConv2d, depthwise_conv2d
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # None: no autocast
 
@@ -96,9 +95,9 @@ def compare_models(args: argparse.Namespace) -> list[dict]:
     for name in args.models:
         for mode in args.whole_model:
             row = {"model": name, "mode": mode}
-            for tag, context in (("cudnn", cudnn_formulation), ("triton", contextlib.nullcontext)):
-                with context():
-                    row[tag] = measure_model(name, mode, args.batch_size, args.warmup, args.repeats, args.iters)
+            with reference_only("depthwise_conv"):
+                row["cudnn"] = measure_model(name, mode, args.batch_size, args.warmup, args.repeats, args.iters)
+            row["triton"] = measure_model(name, mode, args.batch_size, args.warmup, args.repeats, args.iters)
             print(ab_table_row(name, mode, row["cudnn"], row["triton"]), flush=True)
             results.append(row)
     return results

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from benchmark_helpers import MODES, ab_table_row, measure_model
-from defmamba.ops import deformable_sampling, triton_support
+from defmamba.ops import reference_only, triton_support
 
 DEFAULT_MODES = ["infer_fp32", "infer_fp16", "train_fp16", "train_bf16"]
 
@@ -50,7 +50,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("|---|---|---|---|---|---|")
     for name in args.models:
         for mode in args.modes:
-            with deformable_sampling.pytorch_formulation():
+            with reference_only("deformable_sampling"):
                 base = measure_model(name, mode, args.batch_size, args.warmup, args.repeats, args.iters)
             fused = measure_model(name, mode, args.batch_size, args.warmup, args.repeats, args.iters)
             results[f"{name} {mode}"] = {"pytorch": base, "triton": fused}

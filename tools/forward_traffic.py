@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import defmamba  # noqa: E402
-from defmamba.ops import triton_support  # noqa: E402
+from defmamba.ops import dispatch  # noqa: E402
 
 # Operators that move no data: views, metadata and allocation.
 _NO_TRAFFIC = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "split",
@@ -75,19 +75,19 @@ def forward_traffic(model_name: str, batch_size: int = 128, image_size: int = 22
         params = {k: v.to("cuda") for k, v in model.named_parameters()}
         images = torch.empty(batch_size, 3, image_size, image_size, device="cuda")
     counter = _TrafficCounter()
-    ready = triton_support._ready
+    ready = dispatch._kernels_ready
     try:
         with ExitStack() as stack:
             for target, value in (("torch.cuda.is_available", True), ("torch.cuda.is_bf16_supported", True),
                                   ("torch.cuda.get_device_capability", (9, 0)),
                                   ("torch.compiler.is_compiling", True)):
                 stack.enter_context(mock.patch(target, lambda *a, value=value, **k: value))
-            triton_support._ready = True
+            dispatch._kernels_ready = True
             with fake, counter, torch.no_grad(), torch.autocast("cuda", dtype=amp or torch.float32,
                                                                  enabled=amp is not None):
                 torch.func.functional_call(model, params, (images,))
     finally:
-        triton_support._ready = ready
+        dispatch._kernels_ready = ready
     return counter.calls
 
 

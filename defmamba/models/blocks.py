@@ -57,7 +57,7 @@ class Mlp(nn.Module):
     """fc1 → GELU → fc2 (the official block's channel MLP; its dropouts are 0 and omitted).
 
     In training only x and fc1's output are kept: GELU is recomputed in the backward, where the
-    hidden layer's gradient is one kernel on CUDA (``ops/gelu_mlp.py``)."""
+    hidden layer's gradient is one kernel on CUDA (``ops/gelu_mlp/``)."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()

@@ -76,14 +76,14 @@ class DSSM(nn.Module):
         xs = stack_scan_orders(x_in, deformable.sequence)
         ys = self._scan(xs).view(batch, NUM_SCANS, self.d_inner, length)
 
-        # The three outputs averaged in raster order, channels-last, times the gate (ops/scan_orders.py).
+        # The three outputs averaged in raster order, channels-last, times the gate (ops/scan_orders/).
         return self.out_proj(merge_and_gate(ys, deformable.order, deformable.inverse, z))
 
     def _scan(self, xs: torch.Tensor) -> torch.Tensor:
         """Per-scan projections to (Δ, B, C), then one grouped selective scan over all K·D channels.
 
         The projections are batched matmuls over (batch, scan) (the rank-R one to Δ through
-        ops/time_step_projection.py): they read the stacked sequences and the time steps in place
+        ops/time_step_projection/): they read the stacked sequences and the time steps in place
         and write (B, K, ·, L) results, so no transposed copy of xs is made or kept for the
         backward (an einsum would make one)."""
         batch, _, _, length = xs.shape

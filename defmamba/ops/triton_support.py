@@ -1,7 +1,8 @@
-"""What every Triton module of the project needs: the optional import and the availability check.
+"""What every Triton module of the project needs: the optional import and the availability checks.
 
 Triton is optional: modules import ``triton``/``tl`` from here (``None`` when it is missing or
-broken) and ask :func:`is_available` / :func:`ready` before launching a kernel on CUDA tensors.
+broken). :func:`is_available` says whether kernels can run on this machine (the op dispatch asks
+it once, ``dispatch.py``), :func:`check_launch` makes a kernel entry's error clear.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 
 import torch
 
-__all__ = ["IMPORT_ERROR", "interpreting", "is_available", "ready", "tl", "triton"]
+__all__ = ["IMPORT_ERROR", "check_launch", "interpreting", "is_available", "tl", "triton"]
 
 try:
     import triton
@@ -41,15 +42,11 @@ def is_available() -> tuple[bool, str]:
     return True, ""
 
 
-_ready: bool | None = None
+def check_launch(kernels: str, tensor: torch.Tensor) -> None:
+    """Raise a clear error when the Triton ``kernels`` (their name, for the message) cannot run on
+    ``tensor``: Triton is missing, or the tensor is not on a CUDA device (outside the interpreter)."""
+    if triton is None:
+        raise RuntimeError(f"the Triton {kernels} kernels are not available: {IMPORT_ERROR}")
+    if not tensor.is_cuda and not interpreting():
+        raise RuntimeError(f"the Triton {kernels} kernels need CUDA tensors; got a tensor on {tensor.device}")
 
-
-def ready() -> bool:
-    """Whether the op dispatch may launch Triton kernels now: ``is_available()[0]`` (asked once per
-    process), and not while ``torch.jit`` traces or ONNX exports the model. Those must see the
-    PyTorch formulations: a traced graph (fvcore's FLOP count, ONNX) records aten operators, and a
-    Triton launch inside the tracer fails to compile."""
-    global _ready
-    if _ready is None:
-        _ready = is_available()[0]
-    return _ready and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()

@@ -3,8 +3,9 @@
 
 ``backend="auto"`` picks the first available of cuda → triton → torch for the inputs' device,
 logs the choice once, and can be overridden with the environment variable
-``DEFMAMBA_SCAN_BACKEND``. Asking by name for a backend that cannot run is an error that says
-how to make it available.
+``DEFMAMBA_SCAN_BACKEND``; it is "torch" wherever the reference formulations are forced
+(``DEFMAMBA_KERNELS=0``, :func:`defmamba.ops.reference_only`). Asking by name for a backend that
+cannot run is an error that says how to make it available.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..dispatch import reference_forced
 from .reference import selective_scan_torch
 
 __all__ = ["selective_scan", "resolve_backend", "available_backends", "BACKENDS"]
@@ -80,6 +82,8 @@ def available_backends(device: torch.device | str = "cuda") -> list[str]:
 
 def resolve_backend(backend: str, device: torch.device) -> tuple[str, Callable]:
     """Map a requested backend ("auto" or a name) to (name, function) for ``device``."""
+    if backend == "auto" and reference_forced("selective_scan"):
+        return "torch", selective_scan_torch
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
         source = f"{ENV_VAR}={backend}"

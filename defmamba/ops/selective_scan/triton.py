@@ -24,8 +24,10 @@ import math
 from typing import Iterator, Optional
 
 import torch
+from torch import Tensor
 
 from ..triton_support import IMPORT_ERROR, interpreting, is_available, tl, triton
+from .backend_op import scan_kernel_op
 
 __all__ = ["is_available", "selective_scan_triton"]
 
@@ -380,8 +382,9 @@ def _check_dtypes(u, delta, A, B, C, D, delta_bias) -> None:
             raise RuntimeError(f"the triton selective-scan backend needs CUDA tensors; {name} is on {t.device}")
 
 
-def _forward(u, delta, A, B, C, D, delta_bias, delta_softplus: bool, out_dtype: Optional[torch.dtype],
-             save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+             delta_bias: Optional[Tensor], delta_softplus: bool, out_dtype: Optional[torch.dtype],
+             save_states: bool) -> tuple[Tensor, Tensor]:
     batch, channels, length = u.shape
     groups, n_state = B.shape[1], A.shape[1]
     dg = channels // groups
@@ -405,7 +408,17 @@ def _forward(u, delta, A, B, C, D, delta_bias, delta_softplus: bool, out_dtype: 
     return y, states
 
 
-def _backward(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus: bool):
+def _forward_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype, save_states):
+    batch, channels, length = u.shape
+    np_ = 1 << max(A.shape[1] - 1, 0).bit_length()
+    y = u.new_empty((batch, channels, length), dtype=out_dtype or u.dtype)
+    shape = (batch, channels, _n_seg(length), np_) if save_states else (0,)
+    return y, u.new_empty(shape, dtype=torch.float32)
+
+
+def _gradients(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+               delta_bias: Optional[Tensor], states: Tensor,
+               delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     batch, channels, length = u.shape
     groups, n_state = B.shape[1], A.shape[1]
     dg = channels // groups
@@ -438,63 +451,21 @@ def _backward(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus: bool
         num_warps=1,
     )
     dA = dA.sum(0)[:, :n_state].to(A.dtype)
-    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD.sum(0), dbias.sum(0)
+    dD, dbias = dD.sum(0), dbias.sum(0)
+    return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD if D is None else dD.to(D.dtype),
+            dbias if delta_bias is None else dbias.to(delta_bias.dtype))
 
 
-# ---- torch custom ops: opaque to torch.compile (fullgraph), differentiable through register_autograd ----
-
-@torch.library.custom_op("defmamba::selective_scan_triton_fwd", mutates_args=())
-def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-            D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool,
-            out_dtype: Optional[torch.dtype], save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype, save_states)
-
-
-@_fwd_op.register_fake
-def _fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype, save_states):
-    batch, channels, length = u.shape
-    np_ = 1 << max(A.shape[1] - 1, 0).bit_length()
-    y = u.new_empty((batch, channels, length), dtype=out_dtype or u.dtype)
-    shape = (batch, channels, _n_seg(length), np_) if save_states else (0,)
-    return y, u.new_empty(shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("defmamba::selective_scan_triton_bwd", mutates_args=())
-def _bwd_op(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-            C: torch.Tensor, D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], states: torch.Tensor,
-            delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor, torch.Tensor]:
-    return _backward(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus)
-
-
-@_bwd_op.register_fake
-def _bwd_fake(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus):
+def _gradients_fake(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus):
     # The real backward returns fresh contiguous buffers; the fake must promise the same strides
     # (empty_like would copy the strides of non-contiguous inputs such as sliced B/C views).
     channels = u.shape[1]
     return (u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape), B.new_empty(B.shape),
-            C.new_empty(C.shape), u.new_empty((channels,), dtype=torch.float32),
-            u.new_empty((channels,), dtype=torch.float32))
+            C.new_empty(C.shape), u.new_empty((channels,), dtype=D.dtype if D is not None else torch.float32),
+            u.new_empty((channels,), dtype=delta_bias.dtype if delta_bias is not None else torch.float32))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, D, delta_bias, delta_softplus, _out_dtype, _save = inputs
-    _y, states = output
-    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, states)
-    ctx.delta_softplus = delta_softplus
-    ctx.mark_non_differentiable(states)
-
-
-def _autograd_backward(ctx, dy, _dstates):
-    u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dbias = _bwd_op(dy, u, delta, A, B, C, D, delta_bias, states, ctx.delta_softplus)
-    return (du, ddelta, dA, dB, dC,
-            dD.to(D.dtype) if D is not None else None,
-            dbias.to(delta_bias.dtype) if delta_bias is not None else None,
-            None, None, None)
-
-
-_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+_scan = scan_kernel_op("selective_scan_triton", _forward, _forward_fake, _gradients, _gradients_fake)
 
 
 def selective_scan_triton(
@@ -518,5 +489,5 @@ def selective_scan_triton(
     _check_dtypes(u, delta, A, B, C, D, delta_bias)
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, delta_bias))
-    y, _ = _fwd_op(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), out_dtype, need_grad)
+    y, _ = _scan(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), out_dtype, need_grad)
     return y

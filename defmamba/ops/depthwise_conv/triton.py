@@ -26,8 +26,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .eager_dispatch import compile_aware, with_autograd
-from .triton_support import IMPORT_ERROR, tl, triton
+from ..kernel_op import kernel_op
+from ..triton_support import check_launch, tl, triton
 
 __all__ = ["depthwise_conv2d_triton", "pixel_stride"]
 
@@ -183,8 +183,14 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return _conv(x, _taps(weight, x.dtype), bias, out_dtype, weight.shape[-1], False)
 
 
-def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-              has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward_fake(x, weight, bias, out_dtype):
+    return torch.empty_like(x, dtype=out_dtype, memory_format=torch.channels_last)
+
+
+def _gradients(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+               has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of x (channels-last, x's dtype), of the weight and of the bias (float32;
+    empty without a bias)."""
     batch, channels, height, width = x.shape
     k = weight.shape[-1]
     grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
@@ -205,26 +211,7 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return dx, dweight, dbias
 
 
-# ---- torch custom ops: opaque to torch.compile, differentiable through register_autograd ----
-
-@torch.library.custom_op("defmamba::depthwise_conv2d_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    return _forward(x, weight, bias, out_dtype)
-
-
-@_fwd_op.register_fake
-def _fwd_fake(x, weight, bias, out_dtype):
-    return torch.empty_like(x, dtype=out_dtype, memory_format=torch.channels_last)
-
-
-@torch.library.custom_op("defmamba::depthwise_conv2d_bwd", mutates_args=())
-def _bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-            has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad, x, weight, has_bias)
-
-
-@_bwd_op.register_fake
-def _bwd_fake(grad, x, weight, has_bias):
+def _gradients_fake(grad, x, weight, has_bias):
     return (torch.empty_like(x, memory_format=torch.channels_last), weight.new_empty(weight.shape, dtype=torch.float32),
             weight.new_empty((weight.shape[0] if has_bias else 0,), dtype=torch.float32))
 
@@ -235,21 +222,15 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _autograd_backward(backward: Callable) -> Callable:
-    """The op's backward, computing the gradients with ``backward`` (the custom op or its body)."""
-
-    def run(ctx, grad):
-        x, weight = ctx.saved_tensors
-        has_bias = ctx.bias_dtype is not None
-        dx, dweight, dbias = backward(grad, x, weight, has_bias)
-        return dx, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype) if has_bias else None, None
-
-    return run
+def _backward(ctx, gradients: Callable, grad: torch.Tensor):
+    x, weight = ctx.saved_tensors
+    has_bias = ctx.bias_dtype is not None
+    dx, dweight, dbias = gradients(grad, x, weight, has_bias)
+    return dx, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype) if has_bias else None, None
 
 
-_fwd_op.register_autograd(_autograd_backward(_bwd_op), setup_context=_setup_context)
-# Eager mode calls the kernels without the custom-op dispatch (eager_dispatch.py).
-_fwd = compile_aware(_fwd_op, with_autograd(_forward, _setup_context, _autograd_backward(_backward)))
+_conv_op = kernel_op("depthwise_conv2d", _forward, _forward_fake, setup_context=_setup_context, backward=_backward,
+                     backward_impl=_gradients, backward_fake=_gradients_fake)
 
 
 def depthwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -258,9 +239,8 @@ def depthwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     padding K//2), accumulated in float32; the output (dense channels-last) in ``out_dtype``. x may
     be the channel slice of a wider channels-last tensor (see :func:`pixel_stride`). A float32
     weight with a half-precision x and output is rounded to x's dtype first (autocast's rule)."""
-    if triton is None:
-        raise RuntimeError(f"the Triton depthwise convolution kernels are not available: {IMPORT_ERROR}")
+    check_launch("depthwise convolution", x)
     if pixel_stride(x) is None:
         raise ValueError("the Triton depthwise convolution takes channels-last inputs (channels contiguous, "
                          f"pixels evenly spaced); got strides {x.stride()} for shape {tuple(x.shape)}")
-    return _fwd(x, weight, bias, out_dtype)
+    return _conv_op(x, weight, bias, out_dtype)

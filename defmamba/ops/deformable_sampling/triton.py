@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from .eager_dispatch import compile_aware, with_autograd
-from .triton_support import IMPORT_ERROR, interpreting, tl, triton
+from ..kernel_op import kernel_op
+from ..triton_support import check_launch, tl, triton
 
 __all__ = ["sample_in_path_order_triton"]
 
@@ -181,18 +181,9 @@ if triton is not None:
         tl.store(slot_mean_ptr + b * length + slots, slot_sum / channels, mask=slot_ok)
 
 
-def _check(x: torch.Tensor) -> None:
-    if triton is None:
-        raise RuntimeError(f"the Triton deformable-sampling kernels are not available: {IMPORT_ERROR}")
-    if x.dtype == torch.float64:
-        raise TypeError("the Triton deformable-sampling kernels take float32/float16/bfloat16; use the PyTorch "
-                        "formulation for float64")
-    if not x.is_cuda and not interpreting():
-        raise RuntimeError(f"the Triton deformable-sampling kernels need CUDA tensors; x is on {x.device}")
-
-
-def _forward(x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor,
-             order: torch.Tensor) -> torch.Tensor:
+def _forward(x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor, path: torch.Tensor,
+             order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """The sequence (B, L, C) in x's dtype (path and inverse are inputs for the backward only)."""
     batch, channels, h, w = x.shape
     length = h * w
     out = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
@@ -202,8 +193,15 @@ def _forward(x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp:
     return out
 
 
-def _backward(grad: torch.Tensor, x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor,
-              disp: torch.Tensor, order: torch.Tensor):
+def _forward_fake(x, grid, table_hwc, disp, path, order, inverse):
+    batch, channels, h, w = x.shape
+    return x.new_empty((batch, h * w, channels))
+
+
+def _gradients(grad: torch.Tensor, x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor,
+               order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 gradients of x (channels-last (B, h, w, C)), grid, the table ((h, w, C)) and disp,
+    and the channel mean of ``grad`` at each sequence slot (B, L)."""
     batch, channels, h, w = x.shape
     length = h * w
     partials = min(batch, _TABLE_PARTIALS)
@@ -221,34 +219,7 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, grid: torch.Tensor, table_hwc
     return grad_x, grad_grid, grad_table.sum(0), grad_disp, slot_mean
 
 
-# ---- torch custom ops: opaque to torch.compile, differentiable through register_autograd ----
-
-def _forward_op_body(x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor,
-                     path: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """The forward with the op's inputs (path and inverse are only there for the backward)."""
-    return _forward(x, grid, table_hwc, disp, order)
-
-
-@torch.library.custom_op("defmamba::deformable_sampling_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor, path: torch.Tensor,
-            order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    return _forward_op_body(x, grid, table_hwc, disp, path, order, inverse)
-
-
-@_fwd_op.register_fake
-def _fwd_fake(x, grid, table_hwc, disp, path, order, inverse):
-    batch, channels, h, w = x.shape
-    return x.new_empty((batch, h * w, channels))
-
-
-@torch.library.custom_op("defmamba::deformable_sampling_bwd", mutates_args=())
-def _bwd_op(grad: torch.Tensor, x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor,
-            order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad, x, grid, table_hwc, disp, order)
-
-
-@_bwd_op.register_fake
-def _bwd_fake(grad, x, grid, table_hwc, disp, order):
+def _gradients_fake(grad, x, grid, table_hwc, disp, order):
     batch, channels, h, w = x.shape
     f32 = dict(dtype=torch.float32)
     return (x.new_empty((batch, h, w, channels), **f32), x.new_empty((batch, h, w, 2), **f32),
@@ -262,31 +233,28 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.dtypes = (x.dtype, grid.dtype, table_hwc.dtype, disp.dtype, path.dtype)
 
 
-def _autograd_backward(backward: Callable) -> Callable:
-    """The op's backward, computing the gradients with ``backward`` (the custom op or its body)."""
-
-    def run(ctx, grad):
-        x, grid, table_hwc, disp, order, inverse = ctx.saved_tensors
-        grad_x, grad_grid, grad_table, grad_disp, slot_mean = backward(grad, x, grid, table_hwc, disp, order)
-        x_dtype, grid_dtype, table_dtype, disp_dtype, path_dtype = ctx.dtypes
-        # Surrogate for the sort: gradient mean at slot m minus that at token m (whose slot is inverse[m]).
-        grad_path = slot_mean - torch.gather(slot_mean, 1, inverse)
-        return (grad_x.permute(0, 3, 1, 2).to(x_dtype), grad_grid.to(grid_dtype), grad_table.to(table_dtype),
-                grad_disp.to(disp_dtype), grad_path.to(path_dtype), None, None)
-
-    return run
+def _backward(ctx, gradients: Callable, grad: torch.Tensor):
+    x, grid, table_hwc, disp, order, inverse = ctx.saved_tensors
+    grad_x, grad_grid, grad_table, grad_disp, slot_mean = gradients(grad, x, grid, table_hwc, disp, order)
+    x_dtype, grid_dtype, table_dtype, disp_dtype, path_dtype = ctx.dtypes
+    # Surrogate for the sort: gradient mean at slot m minus that at token m (whose slot is inverse[m]).
+    grad_path = slot_mean - torch.gather(slot_mean, 1, inverse)
+    return (grad_x.permute(0, 3, 1, 2).to(x_dtype), grad_grid.to(grid_dtype), grad_table.to(table_dtype),
+            grad_disp.to(disp_dtype), grad_path.to(path_dtype), None, None)
 
 
-_fwd_op.register_autograd(_autograd_backward(_bwd_op), setup_context=_setup_context)
-# Eager mode calls the kernels without the custom-op dispatch (eager_dispatch.py).
-_fwd = compile_aware(_fwd_op, with_autograd(_forward_op_body, _setup_context, _autograd_backward(_backward)))
+_sample = kernel_op("deformable_sampling", _forward, _forward_fake, setup_context=_setup_context, backward=_backward,
+                    backward_impl=_gradients, backward_fake=_gradients_fake)
 
 
 def sample_in_path_order_triton(x: torch.Tensor, grid: torch.Tensor, table: torch.Tensor, disp: torch.Tensor,
                                 path: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """The deformable sequence (B, L, C) in x's dtype through the Triton kernels; ``order`` and
-    ``inverse`` are the path's stable argsort and its inverse. Shapes as in
-    :func:`defmamba.ops.deformable_sampling.sample_in_path_order` (checked there)."""
-    _check(x)
+    """The deformable sequence (B, L, C) in x's dtype (float32, float16 or bfloat16) through the
+    Triton kernels; ``order`` and ``inverse`` are the path's stable argsort and its inverse. Shapes
+    as in :func:`defmamba.ops.deformable_sampling.sample_in_path_order` (checked there)."""
+    check_launch("deformable-sampling", x)
+    if x.dtype == torch.float64:
+        raise TypeError("the Triton deformable-sampling kernels take float32/float16/bfloat16; use the PyTorch "
+                        "formulation for float64")
     table_hwc = table.permute(1, 2, 0).contiguous()  # channels contiguous, like a channels-last map
-    return _fwd(x, grid.contiguous(), table_hwc, disp.contiguous(), path, order.contiguous(), inverse)
+    return _sample(x, grid.contiguous(), table_hwc, disp.contiguous(), path, order.contiguous(), inverse)

@@ -1,4 +1,4 @@
-"""LayerNorm over the last dim with Triton kernels for CUDA tensors (``layer_norm_triton.py``).
+"""LayerNorm over the last dim with Triton kernels for CUDA tensors (``triton.py``).
 
 A drop-in ``nn.LayerNorm`` (same parameters and state-dict keys, same result): contiguous CUDA
 inputs of float32/float16/bfloat16 with an elementwise affine run the Triton kernels, everything
@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import layer_norm_triton as _triton
-from . import triton_support
+from ..dispatch import use_kernels
+from .reference import layer_norm_reference
+from .triton import MAX_COLUMNS, layer_norm_triton
 
 __all__ = ["LayerNorm", "LayerNormGELU", "layer_norm", "layer_norm_gelu"]
-
-
-def _use_triton(x: torch.Tensor, normalized_shape: tuple[int, ...], weight, bias) -> bool:
-    return (x.is_cuda and len(normalized_shape) == 1 and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and x.is_contiguous() and weight is not None and bias is not None
-            and normalized_shape[0] <= _triton._MAX_COLUMNS and x.numel() > 0 and triton_support.ready())
 
 
 def layer_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None = None,
@@ -57,24 +51,20 @@ def layer_norm_gelu(x: torch.Tensor, norm: nn.LayerNorm, autocast_dtype_output: 
 
 def _normalize(x: torch.Tensor, normalized_shape: tuple[int, ...], weight, bias, eps: float,
                autocast_dtype_output: bool, gelu: bool, channel_scale: torch.Tensor | None = None) -> torch.Tensor:
-    def pytorch() -> torch.Tensor:
-        scaled = x if channel_scale is None else x * channel_scale.view(x.shape[:1] + (1,) * (x.dim() - 2) + x.shape[-1:])
-        y = F.layer_norm(scaled, normalized_shape, weight, bias, eps)
-        return F.gelu(y) if gelu else y
-
-    if not _use_triton(x, normalized_shape, weight, bias) or (
-            channel_scale is not None and (channel_scale.dtype != x.dtype or channel_scale.device != x.device)):
-        return pytorch()
+    if not (use_kernels("layer_norm", x) and len(normalized_shape) == 1 and normalized_shape[0] <= MAX_COLUMNS
+            and x.is_contiguous() and weight is not None and bias is not None
+            and (channel_scale is None or (channel_scale.dtype == x.dtype and channel_scale.device == x.device))):
+        return layer_norm_reference(x, normalized_shape, weight, bias, eps, gelu, channel_scale)
     if tuple(x.shape[-1:]) != normalized_shape:
         raise ValueError(f"layer_norm: normalized_shape {normalized_shape} does not match the last dim of "
                          f"an input of shape {tuple(x.shape)}")
     if torch.is_autocast_enabled("cuda"):
         out_dtype = torch.get_autocast_dtype("cuda") if autocast_dtype_output else torch.float32
-        return _triton.layer_norm_triton(x, weight.float(), bias.float(), eps, out_dtype, gelu, channel_scale)
-    if weight.dtype != bias.dtype or weight.dtype not in (x.dtype, torch.float32):
-        return pytorch()  # dtype mixes as PyTorch handles them
+        return layer_norm_triton(x, weight.float(), bias.float(), eps, out_dtype, gelu, channel_scale)
+    if weight.dtype != bias.dtype or weight.dtype not in (x.dtype, torch.float32):  # mixes as PyTorch handles them
+        return layer_norm_reference(x, normalized_shape, weight, bias, eps, gelu, channel_scale)
     # PyTorch's rule: the output has x's dtype
-    return _triton.layer_norm_triton(x, weight, bias, eps, x.dtype, gelu, channel_scale)
+    return layer_norm_triton(x, weight, bias, eps, x.dtype, gelu, channel_scale)
 
 
 class LayerNorm(nn.LayerNorm):

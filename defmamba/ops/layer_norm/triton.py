@@ -24,13 +24,13 @@ from typing import Callable, Optional
 
 import torch
 
-from .eager_dispatch import compile_aware, with_autograd
-from .triton_support import IMPORT_ERROR, tl, triton
+from ..kernel_op import kernel_op
+from ..triton_support import check_launch, tl, triton
 
-__all__ = ["layer_norm_triton"]
+__all__ = ["MAX_COLUMNS", "layer_norm_triton"]
 
 _TILE = 4096  # values per program tile
-_MAX_COLUMNS = 8192  # wider rows fall back to PyTorch (one tile row would not fit in registers)
+MAX_COLUMNS = 8192  # wider rows fall back to PyTorch (one tile row would not fit in registers)
 _BWD_PROGRAMS = 1024  # programs of the backward, each with its own partial weight/bias gradient row
 
 
@@ -132,8 +132,13 @@ def _tile(cols: int) -> tuple[int, int, int]:
     return rows_per_tile, block_n, num_warps
 
 
+def _rows_per_image(x: torch.Tensor) -> int:
+    return max(1, x.numel() // (x.shape[0] * x.shape[-1])) if x.dim() > 1 else 1
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: Optional[torch.Tensor], eps: float,
-             out_dtype: torch.dtype, gelu: bool):
+             out_dtype: torch.dtype, gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the norm in ``out_dtype``, the float32 row means, the float32 reciprocal row deviations)."""
     cols = x.shape[-1]
     rows = x.numel() // cols
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -147,12 +152,17 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: O
     return y, mean, rstd
 
 
-def _rows_per_image(x: torch.Tensor) -> int:
-    return max(1, x.numel() // (x.shape[0] * x.shape[-1])) if x.dim() > 1 else 1
+def _forward_fake(x, weight, bias, scale, eps, out_dtype, gelu):
+    rows = x.numel() // x.shape[-1]
+    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty((rows,), dtype=torch.float32),
+            x.new_empty((rows,), dtype=torch.float32))
 
 
-def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-              scale: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, gelu: bool):
+def _gradients(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               scale: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+               gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of x (x's dtype), of the weight, the bias and the channel scale (float32;
+    the last (0, C) without a scale)."""
     cols = x.shape[-1]
     rows = x.numel() // cols
     dy = dy.contiguous()
@@ -174,30 +184,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: tor
     return dx, dw_part.sum((0, 1)), db_part.sum((0, 1)), ds
 
 
-# ---- torch custom ops: opaque to torch.compile, differentiable through register_autograd ----
-
-@torch.library.custom_op("defmamba::layer_norm_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: Optional[torch.Tensor], eps: float,
-            out_dtype: torch.dtype, gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, weight, bias, scale, eps, out_dtype, gelu)
-
-
-@_fwd_op.register_fake
-def _fwd_fake(x, weight, bias, scale, eps, out_dtype, gelu):
-    rows = x.numel() // x.shape[-1]
-    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty((rows,), dtype=torch.float32),
-            x.new_empty((rows,), dtype=torch.float32))
-
-
-@torch.library.custom_op("defmamba::layer_norm_bwd", mutates_args=())
-def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: Optional[torch.Tensor],
-            mean: torch.Tensor, rstd: torch.Tensor,
-            gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dy, x, weight, bias, scale, mean, rstd, gelu)
-
-
-@_bwd_op.register_fake
-def _bwd_fake(dy, x, weight, bias, scale, mean, rstd, gelu):
+def _gradients_fake(dy, x, weight, bias, scale, mean, rstd, gelu):
     cols = x.shape[-1]
     return (x.new_empty(x.shape), x.new_empty((cols,), dtype=torch.float32),
             x.new_empty((cols,), dtype=torch.float32),
@@ -213,21 +200,15 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _autograd_backward(backward: Callable) -> Callable:
-    """The op's backward, computing the gradients with ``backward`` (the custom op or its body)."""
-
-    def run(ctx, dy, _dmean, _drstd):
-        x, weight, bias, scale, mean, rstd = ctx.saved_tensors
-        dx, dw, db, ds = backward(dy, x, weight, bias, scale, mean, rstd, ctx.gelu)
-        w_dtype, b_dtype, s_dtype = ctx.param_dtypes
-        return dx, dw.to(w_dtype), db.to(b_dtype), ds.to(s_dtype) if s_dtype is not None else None, None, None, None
-
-    return run
+def _backward(ctx, gradients: Callable, dy: torch.Tensor, _dmean: torch.Tensor, _drstd: torch.Tensor):
+    x, weight, bias, scale, mean, rstd = ctx.saved_tensors
+    dx, dw, db, ds = gradients(dy, x, weight, bias, scale, mean, rstd, ctx.gelu)
+    w_dtype, b_dtype, s_dtype = ctx.param_dtypes
+    return dx, dw.to(w_dtype), db.to(b_dtype), ds.to(s_dtype) if s_dtype is not None else None, None, None, None
 
 
-_fwd_op.register_autograd(_autograd_backward(_bwd_op), setup_context=_setup_context)
-# Eager mode calls the kernels without the custom-op dispatch (eager_dispatch.py).
-_fwd = compile_aware(_fwd_op, with_autograd(_forward, _setup_context, _autograd_backward(_backward)))
+_norm = kernel_op("layer_norm", _forward, _forward_fake, setup_context=_setup_context, backward=_backward,
+                  backward_impl=_gradients, backward_fake=_gradients_fake)
 
 
 def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -236,10 +217,9 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """LayerNorm of a contiguous x over its last dim (statistics in float32), output in ``out_dtype``;
     with ``gelu``, the exact GELU of it (computed in float32 before the output is rounded); with a
     ``channel_scale`` s (B, C), the norm of x · s[b] for the rows of image b (x's first dim)."""
-    if triton is None:
-        raise RuntimeError(f"the Triton LayerNorm kernels are not available: {IMPORT_ERROR}")
+    check_launch("LayerNorm", x)
     if not x.is_contiguous():
         raise ValueError("the Triton LayerNorm takes contiguous inputs")
     if channel_scale is not None:
         channel_scale = channel_scale.contiguous()
-    return _fwd(x, weight, bias, channel_scale, float(eps), out_dtype, bool(gelu))[0]
+    return _norm(x, weight, bias, channel_scale, float(eps), out_dtype, bool(gelu))[0]

@@ -23,14 +23,14 @@ from typing import Callable
 
 import torch
 
-from .eager_dispatch import compile_aware, with_autograd
-from .triton_support import IMPORT_ERROR, interpreting, tl, triton
+from ..kernel_op import kernel_op
+from ..triton_support import check_launch, tl, triton
+from .reference import NUM_ORDERS
 
 __all__ = ["merge_and_gate_triton", "stack_scan_orders_triton"]
 
 _BLOCK_L = 64  # tokens per program tile
 _BLOCK_D = 32  # channels per program tile
-_ORDERS = 3
 
 
 if triton is not None:
@@ -120,7 +120,9 @@ def _launch_grid(batch: int, length: int, channels: int) -> tuple[int, int, int]
     return triton.cdiv(length, _BLOCK_L), batch, triton.cdiv(channels, _BLOCK_D)
 
 
-def _forward(ys: torch.Tensor, inverse: torch.Tensor, z: torch.Tensor, save_mean: bool):
+def _merge_forward(ys: torch.Tensor, inverse: torch.Tensor, z: torch.Tensor,
+                   save_mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the gated merge in z's dtype, the merged mean in z's dtype if ``save_mean`` else an empty tensor)."""
     batch, _, channels, length = ys.shape
     out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     mean = torch.empty(z.shape if save_mean else (0,), dtype=z.dtype, device=z.device)
@@ -130,44 +132,30 @@ def _forward(ys: torch.Tensor, inverse: torch.Tensor, z: torch.Tensor, save_mean
     return out, mean
 
 
-def _backward(grad: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor,
-              ys_dtype: torch.dtype):
+def _merge_forward_fake(ys, inverse, z, save_mean):
+    return z.new_empty(z.shape), z.new_empty(z.shape if save_mean else (0,))
+
+
+def _merge_gradients(grad: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor,
+                     ys_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ys (in ``ys_dtype``) and of z."""
     batch, channels = z.shape[0], z.shape[-1]
     length = z.numel() // (batch * channels)
     grad = grad.contiguous()
-    dys = torch.empty((batch, _ORDERS, channels, length), dtype=ys_dtype, device=z.device)
+    dys = torch.empty((batch, NUM_ORDERS, channels, length), dtype=ys_dtype, device=z.device)
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     _merge_gate_bwd_kernel[_launch_grid(batch, length, channels)](
         grad, z, mean, inverse, dys, dz, length, channels, BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, num_warps=4)
     return dys, dz
 
 
-# ---- torch custom ops: opaque to torch.compile, differentiable through register_autograd ----
-
-@torch.library.custom_op("defmamba::merge_and_gate_fwd", mutates_args=())
-def _fwd_op(ys: torch.Tensor, inverse: torch.Tensor, z: torch.Tensor,
-            save_mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(ys, inverse, z, save_mean)
-
-
-@_fwd_op.register_fake
-def _fwd_fake(ys, inverse, z, save_mean):
-    return z.new_empty(z.shape), z.new_empty(z.shape if save_mean else (0,))
-
-
-@torch.library.custom_op("defmamba::merge_and_gate_bwd", mutates_args=())
-def _bwd_op(grad: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor,
-            ys_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(grad, z, mean, inverse, ys_dtype)
-
-
-@_bwd_op.register_fake
-def _bwd_fake(grad, z, mean, inverse, ys_dtype):
+def _merge_gradients_fake(grad, z, mean, inverse, ys_dtype):
     batch, channels = z.shape[0], z.shape[-1]
-    return z.new_empty((batch, _ORDERS, channels, z.numel() // (batch * channels)), dtype=ys_dtype), z.new_empty(z.shape)
+    return (z.new_empty((batch, NUM_ORDERS, channels, z.numel() // (batch * channels)), dtype=ys_dtype),
+            z.new_empty(z.shape))
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _merge_setup_context(ctx, inputs, output) -> None:
     ys, inverse, z, _save_mean = inputs
     _out, mean = output
     ctx.save_for_backward(z, mean, inverse)
@@ -175,47 +163,46 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mean)
 
 
-def _autograd_backward(backward: Callable) -> Callable:
-    """The op's backward, computing the gradients with ``backward`` (the custom op or its body)."""
-
-    def run(ctx, grad, _dmean):
-        z, mean, inverse = ctx.saved_tensors
-        if mean.numel() == 0 and z.numel() > 0:
-            raise RuntimeError("merge_and_gate: the forward ran without a gradient and kept no mean, "
-                               "so it cannot be differentiated")
-        dys, dz = backward(grad, z, mean, inverse, ctx.ys_dtype)
-        return dys, None, dz, None
-
-    return run
+def _merge_backward(ctx, gradients: Callable, grad: torch.Tensor, _dmean: torch.Tensor):
+    z, mean, inverse = ctx.saved_tensors
+    if mean.numel() == 0 and z.numel() > 0:
+        raise RuntimeError("merge_and_gate: the forward ran without a gradient and kept no mean, "
+                           "so it cannot be differentiated")
+    dys, dz = gradients(grad, z, mean, inverse, ctx.ys_dtype)
+    return dys, None, dz, None
 
 
-_fwd_op.register_autograd(_autograd_backward(_bwd_op), setup_context=_setup_context)
-# Eager mode calls the kernels without the custom-op dispatch (eager_dispatch.py).
-_fwd = compile_aware(_fwd_op, with_autograd(_forward, _setup_context, _autograd_backward(_backward)))
+_merge_op = kernel_op("merge_and_gate", _merge_forward, _merge_forward_fake, setup_context=_merge_setup_context,
+                      backward=_merge_backward, backward_impl=_merge_gradients, backward_fake=_merge_gradients_fake)
 
 
 def merge_and_gate_triton(ys: torch.Tensor, inverse: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """:func:`defmamba.ops.scan_orders.merge_and_gate` through the Triton kernels (shapes checked there)."""
-    if triton is None:
-        raise RuntimeError(f"the Triton merge kernels are not available: {IMPORT_ERROR}")
-    if not ys.is_cuda and not interpreting():
-        raise RuntimeError(f"the Triton merge kernels need CUDA tensors; ys is on {ys.device}")
+    check_launch("merge", ys)
     save_mean = torch.is_grad_enabled() and (ys.requires_grad or z.requires_grad)
-    out, _mean = _fwd(ys.contiguous(), inverse.contiguous(), z.contiguous(), save_mean)
+    out, _mean = _merge_op(ys.contiguous(), inverse.contiguous(), z.contiguous(), save_mean)
     return out
 
 
 # ---- the input side: stack_scan_orders ----
 
 def _stack_forward(x: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    """The scan input (B, 3, D, L) in x's dtype from the raster tokens x and the sequence seq (B, L, D)."""
     batch, length, channels = x.shape
-    xs = torch.empty((batch, _ORDERS, channels, length), dtype=x.dtype, device=x.device)
+    xs = torch.empty((batch, NUM_ORDERS, channels, length), dtype=x.dtype, device=x.device)
     _stack_orders_fwd_kernel[_launch_grid(batch, length, channels)](
         x, seq, xs, length, channels, BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, num_warps=4)
     return xs
 
 
-def _stack_backward(dxs: torch.Tensor, x_dtype: torch.dtype, seq_dtype: torch.dtype):
+def _stack_forward_fake(x, seq):
+    batch, length, channels = x.shape
+    return x.new_empty((batch, NUM_ORDERS, channels, length))
+
+
+def _stack_gradients(dxs: torch.Tensor, x_dtype: torch.dtype,
+                     seq_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of the raster tokens and of the sequence, (B, L, D) each in its input's dtype."""
     batch, _, channels, length = dxs.shape
     dxs = dxs.contiguous()
     dx = torch.empty((batch, length, channels), dtype=x_dtype, device=dxs.device)
@@ -225,24 +212,7 @@ def _stack_backward(dxs: torch.Tensor, x_dtype: torch.dtype, seq_dtype: torch.dt
     return dx, dseq
 
 
-@torch.library.custom_op("defmamba::stack_scan_orders_fwd", mutates_args=())
-def _stack_fwd_op(x: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
-    return _stack_forward(x, seq)
-
-
-@_stack_fwd_op.register_fake
-def _stack_fwd_fake(x, seq):
-    batch, length, channels = x.shape
-    return x.new_empty((batch, _ORDERS, channels, length))
-
-
-@torch.library.custom_op("defmamba::stack_scan_orders_bwd", mutates_args=())
-def _stack_bwd_op(dxs: torch.Tensor, x_dtype: torch.dtype, seq_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return _stack_backward(dxs, x_dtype, seq_dtype)
-
-
-@_stack_bwd_op.register_fake
-def _stack_bwd_fake(dxs, x_dtype, seq_dtype):
+def _stack_gradients_fake(dxs, x_dtype, seq_dtype):
     batch, _, channels, length = dxs.shape
     return (dxs.new_empty((batch, length, channels), dtype=x_dtype),
             dxs.new_empty((batch, length, channels), dtype=seq_dtype))
@@ -253,23 +223,16 @@ def _stack_setup_context(ctx, inputs, output) -> None:
     ctx.dtypes = (x.dtype, seq.dtype)
 
 
-def _stack_autograd_backward(backward: Callable) -> Callable:
-    def run(ctx, dxs):
-        return backward(dxs, *ctx.dtypes)
-
-    return run
+def _stack_backward(ctx, gradients: Callable, dxs: torch.Tensor):
+    return gradients(dxs, *ctx.dtypes)
 
 
-_stack_fwd_op.register_autograd(_stack_autograd_backward(_stack_bwd_op), setup_context=_stack_setup_context)
-_stack_fwd = compile_aware(_stack_fwd_op, with_autograd(_stack_forward, _stack_setup_context,
-                                                        _stack_autograd_backward(_stack_backward)))
+_stack_op = kernel_op("stack_scan_orders", _stack_forward, _stack_forward_fake, setup_context=_stack_setup_context,
+                      backward=_stack_backward, backward_impl=_stack_gradients, backward_fake=_stack_gradients_fake)
 
 
 def stack_scan_orders_triton(x: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
     """:func:`defmamba.ops.scan_orders.stack_scan_orders` for the raster map as contiguous (B, L, D)
     tokens and the sequence (B, L, D) (shapes checked there); (B, 3, D, L) in x's dtype."""
-    if triton is None:
-        raise RuntimeError(f"the Triton scan-order kernels are not available: {IMPORT_ERROR}")
-    if not x.is_cuda and not interpreting():
-        raise RuntimeError(f"the Triton scan-order kernels need CUDA tensors; x is on {x.device}")
-    return _stack_fwd(x.contiguous(), seq.contiguous())
+    check_launch("scan-order", x)
+    return _stack_op(x.contiguous(), seq.contiguous())
