@@ -1,8 +1,5 @@
-"""Token permutations along the sequence axis.
-
-``torch.gather``'s backward is a ``scatter_add`` into zeros (atomics). For a permutation the
-adjoint is the inverse permutation, so the backward passes here gather through the inverse
-instead: exact, deterministic and free of atomics.
+"""Token permutations along the sequence axis: a gather by a token index, and the inverse of a
+permutation (whose gather is the exact, atomic-free adjoint of the first: docs/ops.md).
 """
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
 """Bilinear resize of a small (C, a, b) table to (h, w, C) as two small matrix products.
 
 ``F.interpolate(table[None], size=(h, w), mode="bilinear", align_corners=False)`` is separable:
-each output row mixes two table rows and each output column two table columns, with weights that
-depend only on the sizes. Written as matrices W_y (h, a) and W_x (w, b), the resize is
-W_y · T · W_xᵀ per channel. Done as two matmuls it writes the channels-last (h, w, C) layout that
-the sampling kernel reads, where PyTorch's upsampling kernel loops over the channels in every
-thread and its result then needs a transposed copy; its backward is two more matmuls, where
-PyTorch's accumulates with atomics.
+W_y · T · W_xᵀ per channel, with W_y (h, a) and W_x (w, b) depending only on the sizes. The result
+is the contiguous channels-last (h, w, C) layout the sampling kernel reads; its backward is two
+more matmuls (docs/ops.md).
 
 The products run in float32 (float64 for a float64 table) with autocast off, and the result has
 the table's dtype, as the interpolation's has. They follow PyTorch's float32 matmul precision

@@ -1,21 +1,12 @@
-"""Triton kernels of :func:`defmamba.ops.deformable_sampling.sample_in_path_order`.
+"""Triton kernels of :func:`defmamba.ops.deformable_sampling.sample_in_path_order` (CUDA tensors,
+float32/float16/bfloat16).
 
-Forward: one program per (image, block of sequence slots, block of channels). Each slot reads
-its token index from the order, the token's two points (map and bias table), and the four
-bilinear corners of both for its channels; channels are contiguous in a channels-last map and in
-the (h, w, C) copy of the table, so every corner read is a contiguous run. The sum is written in
-path order, (B, L, C), so no (B, C, L) intermediate and no gather exist.
-
-Backward: one program per (image, block of slots), looping over all channels. The gradients of
-the map and of the table are scattered to the four corners with float32 atomics (the map's into
-a channels-last buffer; the table's into a few partial copies, picked by image, then summed, so
-that the images of a batch do not all contend for the same addresses). The gradients of the two
-points are sums over channels, kept in registers and written once per token: each token has one
-slot, so these need no atomics. The per-slot channel mean of the incoming gradient is written for
-the path positions' surrogate gradient.
-
-Coordinates follow ``grid_sample(mode="bilinear", padding_mode="zeros", align_corners=True)``:
-pixel = (g + 1) / 2 · (size − 1), corners outside the map read 0 and receive nothing.
+The forward writes the sequence (B, L, C) in path order in x's dtype, both samples summed in
+float32. The backward gives float32 gradients of x, the sample points, the table and its points
+(summed with atomics, so in no fixed order) and the per-slot channel mean of the incoming gradient
+for the path positions' surrogate gradient. Coordinates follow ``grid_sample(mode="bilinear",
+padding_mode="zeros", align_corners=True)``: pixel = (g + 1) / 2 · (size − 1), corners outside the
+map read 0 and receive nothing. Design: docs/ops.md.
 """
 from __future__ import annotations
 

@@ -1,24 +1,9 @@
-"""Triton kernels of :func:`defmamba.ops.depthwise_conv.depthwise_conv2d` (channels-last maps).
+"""Triton kernels of :func:`defmamba.ops.depthwise_conv.depthwise_conv2d` (channels-last CUDA maps).
 
-A depthwise K×K convolution (stride 1, padding K//2, odd K) reads each input value K² times, so
-what matters is that those reads hit the cache and that the channels of a pixel, contiguous in a
-channels-last map, are read together. One forward program computes a tile of [BLOCK_W pixels of
-one row, BLOCK_C channels]: for each of the K² taps it loads the shifted input tile (masked at the
-borders), multiplies by the tap's weight per channel and accumulates in float32. The kernel rows are
-a loop and only the K taps of a row are unrolled: with all K² taps unrolled, the compiler kept so
-many tiles live at K ≥ 5 that registers spilled to local memory (thousands of local loads and
-stores per program at 7×7 and 9×9). The weights arrive as (K·K, C) in the maps' dtype (under
-autocast rounded on the host, as autocast rounds them).
-
-The input gradient is the same convolution of the output gradient with the kernel flipped, so the
-forward kernel computes it (``FLIP``). The weight gradient sums, per channel and tap, the output
-gradient times the shifted input over every pixel: one program takes a band of rows, one kernel row
-``kh`` and a block of channels. Per tile it loads the output gradient once and the input shifted by
-each of the row's K taps as one [taps, pixels, channels] block (cache hits), and accumulates the
-products elementwise. Blocks have power-of-two sizes, so a row of K = 2^n + 1 taps runs as a block
-of 2^n and the last tap on its own (9 = 8 + 1 instead of 9 padded to 16). The products are summed
-over the pixels once, at the end, into one partial row per tap and program, summed afterwards (no
-atomics). The bias gradient comes from the ``kh = 0`` programs the same way.
+Depthwise K×K convolution, stride 1, padding K//2, odd K, float32 accumulation; the input gradient
+is the same kernel with the taps flipped, the weight and bias gradients sum partial rows per
+program (no atomics: deterministic). x may be the channel slice of a wider channels-last tensor
+(:func:`pixel_stride`). Design: docs/ops.md.
 """
 from __future__ import annotations
 

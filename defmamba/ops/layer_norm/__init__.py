@@ -1,11 +1,11 @@
-"""LayerNorm over the last dim with Triton kernels for CUDA tensors (``triton.py``).
+"""LayerNorm over the last dim, a drop-in ``nn.LayerNorm``, and LayerNorm + GELU in one pass.
 
-A drop-in ``nn.LayerNorm`` (same parameters and state-dict keys, same result): contiguous CUDA
-inputs of float32/float16/bfloat16 with an elementwise affine run the Triton kernels, everything
-else ``F.layer_norm``. Under autocast it follows autocast's rule for ``layer_norm``: float32
-statistics and a float32 output, whatever the input dtype (a half-precision input is read as it is,
-not copied to float32 first). ``layer_norm_gelu`` adds the exact GELU in the same kernels, and
-optionally a per-image channel scale of the input.
+:class:`LayerNorm` has ``nn.LayerNorm``'s parameters and state-dict keys and computes the same
+result. Contiguous CUDA inputs of float32/float16/bfloat16 with an elementwise affine run the
+Triton kernels (``triton.py``), anything else ``F.layer_norm`` (``reference.py``). Under autocast it
+follows autocast's rule for ``layer_norm``: float32 statistics and a float32 output, whatever the
+input dtype (a half-precision input is read as it is, not copied to float32 first).
+:func:`layer_norm_gelu` adds the exact GELU, and optionally a per-image channel scale of the input.
 """
 from __future__ import annotations
 

@@ -1,22 +1,10 @@
-"""Triton kernels of :func:`defmamba.ops.layer_norm.layer_norm` (normalisation over the last dim).
+"""Triton kernels of :func:`defmamba.ops.layer_norm.layer_norm` and ``layer_norm_gelu``.
 
-DefMamba normalises many short rows: 96–768 channels at each of up to 128·56·56 positions.
-PyTorch's kernel gives each row its own thread block, so most of its threads idle on rows this
-short; here one program normalises a [ROWS, next_pow2(C)] tile, with ROWS chosen so that a tile
-holds about 4096 values, and the statistics are float32 whatever the input dtype.
-
-With ``gelu`` the forward applies the exact GELU to the normalised values before rounding them to
-the output dtype, and the backward recomputes the normalised values to take GELU's derivative:
-nothing more is stored than for the plain norm.
-
-With a channel scale s (B, C) the rows of image b are multiplied by s[b] as they are read, before
-the statistics (the channel attention of the offset network): the product is never written, and
-its backward is part of the norm's.
-
-Backward: the rows are split into segments (all rows; or, with a channel scale, the rows of one
-image each), each taken by a fixed number of programs that stride over its tiles. The weight, bias
-and channel-scale gradients (sums over a segment's rows) are accumulated per program in registers
-and written as one partial row each, then summed.
+LayerNorm over the last dim of a contiguous x (float32/float16/bfloat16; rows of at most
+:data:`MAX_COLUMNS`), float32 statistics, output in the dtype asked for; optionally the exact GELU
+of it, and optionally of x scaled per image and channel. The backward recomputes the normalised
+values (nothing is stored for GELU) and sums the parameter gradients per program, then over
+programs. Design: docs/ops.md.
 """
 from __future__ import annotations
 

@@ -1,21 +1,10 @@
-"""Triton kernels of :func:`defmamba.ops.scan_orders.merge_and_gate` and :func:`stack_scan_orders`.
+"""Triton kernels of :func:`defmamba.ops.scan_orders.stack_scan_orders` and :func:`merge_and_gate`.
 
-The three scan outputs (B, 3, D, L) run along the sequence; the gate and the result are
-channels-last (B, L, D). One program takes a tile of tokens × channels: it reads the raster output,
-the reversed one backwards and the deformable one at each token's sequence slot, averages them in
-float32, rounds the mean to the gate's dtype (where PyTorch's ``.to(z.dtype)`` would) and writes the
-gated product, plus the rounded mean when the backward needs it for the gate's gradient.
-
-The backward writes the three slices of the scan-output gradient directly: the same value
-(grad · z) / 3 at token l of the raster slice, at L-1-l of the reversed one and at the token's slot
-of the deformable one, a permutation, so no atomics and no zero fill.
-
-The input side, :func:`stack_scan_orders_triton`, is the same walk the other way round: one program
-reads a tile of the channels-last raster map and of the deformable sequence (tokens × channels) and
-writes it into the three slices of the (B, 3, D, L) scan input: at token l of the raster slice, at
-L-1-l of the reversed one and at l of the deformable one. Its backward reads the three gradient
-slices at those places and writes the raster map's gradient (raster + reversed, added in float32
-and rounded once, as PyTorch's add of the two does) and the sequence's, both channels-last.
+Each direction is one walk over tiles of tokens × channels: the stack writes the raster tokens and
+the deformable sequence (B, L, D) into the three slices of the (B, 3, D, L) scan input; the merge
+reads the three scan outputs at each token's place in each order, averages them in float32, rounds
+the mean to the gate's dtype and writes the gated product (B, L, D). Values and gradients are
+exactly the PyTorch formulation's, with no atomics. Design: docs/ops.md.
 """
 from __future__ import annotations
 

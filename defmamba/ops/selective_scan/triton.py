@@ -1,21 +1,9 @@
 """Triton backend of the selective scan: forward and backward kernels, no build step.
 
-Layout of the work: one program per (batch element, group k, block of BLOCK_C channels of that
-group). The program keeps the N states of each of its channels in registers as a [BLOCK_C, N]
-float32 tile and walks the sequence in order. Inputs are read in [BLOCK_C, 4] tiles (four
-consecutive positions of each channel, contiguous in memory), split into four columns in
-registers and applied one step at a time, so each step costs one exponential and a few fused
-multiply-adds per state and no re-reads; B and C, shared by all channels of a group, are read
-once per program. Short sequences get their parallelism from batch and channels, not from L.
-
-Backward: the forward stores the state at the end of every SEG positions (only when a
-gradient is needed). The backward walks the segments in reverse; inside a segment it first
-recomputes the forward and parks the state at the start of every 4-step sub-chunk in a small
-per-program scratch buffer, then walks the sub-chunks in reverse: recompute the 4 states from
-the parked one, run the reverse recurrence for dh (g_l = dy_l·C_l + exp(Δ_{l+1}A)·g_{l+1}) and
-emit du, ddelta, dB, dC for those positions. dA, dD and ddelta_bias are summed per program and
-reduced over the batch afterwards; dB and dC (sums over the channels of a group) are added
-with atomics across the channel blocks of a group.
+Same contract as :func:`defmamba.ops.selective_scan` for CUDA tensors in float32/float16/bfloat16,
+any strides; the state is float32. The forward keeps the state every 64 positions when a gradient
+is needed; the backward recomputes the forward segment by segment and runs the reverse recurrence
+one position at a time (:func:`_step_back`). Design and tile choices: docs/ops.md.
 """
 from __future__ import annotations
 
