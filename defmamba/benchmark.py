@@ -16,7 +16,7 @@ from torch import nn
 
 from .cuda_graphs import capture_cuda_graph, require_cuda_for_graphs
 
-__all__ = ["host_cost", "measure_throughput"]
+__all__ = ["event_time_ms", "host_cost", "measure_throughput"]
 
 # CUDA runtime / driver calls that launch one kernel each (cuBLAS, cuDNN, ATen and Triton launches).
 _LAUNCH_CALLS = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
@@ -117,7 +117,7 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
     rates = []
     for _ in range(repeats):
         if on_gpu:
-            seconds = _event_time_ms(lambda: [step() for _ in range(iters_per_window)]) / 1000.0
+            seconds = event_time_ms(lambda: [step() for _ in range(iters_per_window)]) / 1000.0
         else:
             t0 = time.perf_counter()
             for _ in range(iters_per_window):
@@ -169,6 +169,16 @@ def host_cost(step: Callable[[], object], device: torch.device, steps: int = 5) 
                                  if e.device_type == torch.autograd.DeviceType.CUDA]))
     return {"launches_per_step": int(statistics.median(launches)), "host_ms_per_step": statistics.median(issue_ms),
             "gpu_ms_per_step": statistics.median(busy_ms)}
+
+
+def event_time_ms(fn: Callable[[], object]) -> float:
+    """CUDA time of one call of ``fn`` on the current stream, from events around it."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def _busy_ms(intervals: list[tuple[float, float]]) -> float:

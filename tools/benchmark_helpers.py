@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 import defmamba
-from defmamba.benchmark import measure_throughput
+from defmamba.benchmark import event_time_ms, measure_throughput
 
 __all__ = ["MODES", "ab_table_row", "cuda_time_ms", "measure_model"]
 
@@ -24,21 +24,11 @@ MODES = {
 }
 
 
-def _event_time_ms(fn: Callable[[], object]) -> float:
-    """CUDA time of one call of ``fn`` on the current stream, from events around it."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def cuda_time_ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 20) -> float:
     """Median CUDA-event time (ms) of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
-    return statistics.median(_event_time_ms(fn) for _ in range(repeats))
+    return statistics.median(event_time_ms(fn) for _ in range(repeats))
 
 
 def measure_model(name: str, mode: str, batch_size: int = 128, warmup: int = 3, repeats: int = 5,
