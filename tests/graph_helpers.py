@@ -22,3 +22,16 @@ def assert_trained_alike(reference: Iterable[tuple[str, torch.Tensor]], other: I
         mismatched += (~torch.isclose(b, a, rtol=1e-3, atol=1e-4)).sum().item()
         total += a.numel()
     assert mismatched <= 1e-3 * total, f"{mismatched} of {total} entries differ beyond rtol 1e-3, atol 1e-4"
+
+
+def run_steps(step, optimizer: torch.optim.Optimizer, batches, lrs) -> tuple[list[float], list[float]]:
+    """Losses and gradient norms of one training ``step`` per (images, targets) batch, the
+    optimizer's learning rate set to the next of ``lrs`` before each."""
+    losses, norms = [], []
+    for (images, targets), lr in zip(batches, lrs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, norm = step(images, targets)
+        losses.append(loss.item())
+        norms.append(norm.item())
+    return losses, norms

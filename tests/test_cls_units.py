@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from graph_helpers import assert_trained_alike
+from graph_helpers import assert_trained_alike, run_steps
 from torch import nn
 
 from defmamba.train import config as app_config
@@ -382,13 +382,7 @@ def test_cuda_graph_train_step_follows_the_eager_steps(amp_dtype):
         step = ts.TrainStep(net, nn.CrossEntropyLoss(), optimizer, scaler, amp, clip_grad=1.0, model_ema=ema)
         if graphed:
             step = ts.CudaGraphTrainStep(step, warmup=3)
-        losses, norms = [], []
-        for (images, targets), lr in zip(batches, lrs):
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, norm = step(images, targets)
-            losses.append(loss.item())
-            norms.append(norm.item())
+        losses, norms = run_steps(step, optimizer, batches, lrs)
         return losses, norms, ema
 
     eager_losses, eager_norms, eager_ema = train(model, graphed=False)

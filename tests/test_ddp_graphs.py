@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-from graph_helpers import assert_trained_alike
+from graph_helpers import assert_trained_alike, run_steps
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -47,13 +47,7 @@ def _train(net: nn.Module, graphed: bool, batches, lrs, amp_dtype):
     if graphed:
         step = CudaGraphTrainStep(step, warmup=3, stream=stream)
         assert step.warmup == DDP_WARMUP_STEPS
-    losses, norms = [], []
-    for (images, targets), lr in zip(batches, lrs):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, norm = step(images, targets)
-        losses.append(loss.item())
-        norms.append(norm.item())
+    losses, norms = run_steps(step, optimizer, batches, lrs)
     if graphed:
         assert step.graph is not None     # the last steps were replays
     return losses, norms

@@ -7,9 +7,11 @@ crash at any moment leaves the previous version intact.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
+from typing import IO, Iterator
 
 import torch
 
@@ -32,26 +34,29 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to ``path`` so that ``path`` is always either the old or the new complete file."""
+@contextlib.contextmanager
+def _replacing(path: str, mode: str, **open_kwargs) -> Iterator[IO]:
+    """A file to write that replaces ``path`` once complete: written to ``path.tmp``, flushed to
+    disk, renamed over ``path``, and the rename itself flushed (the folder's entry)."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, mode, **open_kwargs) as f:
+        yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to ``path`` so that ``path`` is always either the old or the new complete file."""
+    with _replacing(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def atomic_write_text(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` so that ``path`` is always either the old or the new complete file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with _replacing(path, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _atomic_copy(src: str, dst: str) -> None:
