@@ -884,3 +884,38 @@ def test_metrics_file_is_replaced_atomically_and_skips_a_half_written_row(tmp_pa
     mtime = path.stat().st_mtime_ns
     records.keep_metrics_before(1)                      # nothing to change: not rewritten
     assert path.stat().st_mtime_ns == mtime
+
+
+def test_images_per_second_leave_out_a_graph_warm_up(caplog):
+    """A step still warming up for its CUDA graph (DDP: 11 eager steps, then the recording) keeps
+    those batches out of the epoch's images/s figure, as the first 10 of an eager run are."""
+    import logging
+
+    class _WarmingStep:
+        steps_before_replay = 12
+
+        def __init__(self, step):
+            self.step, self.model, self.optimizer, self.scaler = step, step.model, step.optimizer, step.scaler
+
+        def __call__(self, samples, targets, update=True):
+            return self.step(samples, targets, update)
+
+    config = app_config.get_config(opts=["PRINT_FREQ", "10", "DATA.BATCH_SIZE", "4"])
+    model = nn.Linear(3, 2)
+    step = app_train_step.TrainStep(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+                                    torch.amp.GradScaler("cpu", enabled=False),
+                                    app_engine.AmpSettings(False, torch.float32))
+    loader = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(100)]
+    with caplog.at_level(logging.INFO, logger="test"):
+        app_engine.train_one_epoch(config, _WarmingStep(step), loader, 0, None, _NoSchedule(), torch.device("cpu"),
+                                   logging.getLogger("test"))
+        app_engine.train_one_epoch(config, step, loader, 1, None, _NoSchedule(), torch.device("cpu"),
+                                   logging.getLogger("test"))
+    summaries = [r.message for r in caplog.records if "images/s" in r.message]
+    assert "after the first 12 batches" in summaries[0] and "after the first 10 batches" in summaries[1]
+    # A CUDA-graph step counts its eager warm-up and the recording.
+    capturable = app_train_step.TrainStep(model, nn.CrossEntropyLoss(),
+                                          torch.optim.AdamW(model.parameters(), capturable=True),
+                                          torch.amp.GradScaler("cpu", enabled=False),
+                                          app_engine.AmpSettings(False, torch.float32))
+    assert app_train_step.CudaGraphTrainStep(capturable, warmup=3).steps_before_replay == 4

@@ -101,7 +101,9 @@ def train_one_epoch(config, train_step, loader, epoch: int, mixup_fn, lr_schedul
     check_every = max(1, min(config.PRINT_FREQ, 50))
     loss_meter, norm_meter = AverageMeter(), AverageMeter()
     pending = _PendingStats()
-    warmup_batches = min(10, used_batches // 5)  # excluded from the images/s figure (compilation, autotuning)
+    # Excluded from the images/s figure: compilation, autotuning, and a CUDA graph's eager warm-up
+    # and recording (11 steps and more under DDP).
+    warmup_batches = min(max(10, train_step.steps_before_replay), used_batches // 5)
     start = time.time()
     steady_start = window_start = start
     window_first = 0

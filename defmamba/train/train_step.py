@@ -70,6 +70,8 @@ class TrainStep:
             self.model_ema.update(self.ema_source)
         return norm.detach()
 
+    steps_before_replay = 0  # eager steps run every step (CudaGraphTrainStep's count is its warm-up)
+
     def __call__(self, samples: torch.Tensor, targets: torch.Tensor,
                  update: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One micro-batch; with ``update`` the optimizer steps after it. Returns (loss, norm or None)."""
@@ -110,6 +112,11 @@ class CudaGraphTrainStep:
         self.eager_steps = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self._side_stream = stream
+
+    @property
+    def steps_before_replay(self) -> int:
+        """Batches still to come before the first replay: the eager warm-up and the recording."""
+        return 0 if self.graph is not None else self.warmup - self.eager_steps + 1
 
     @property
     def model(self) -> nn.Module:
