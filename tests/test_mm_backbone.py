@@ -15,7 +15,8 @@ from defmamba.checkpoint import CheckpointError  # noqa: E402
 from defmamba.mm import MM_DefMamba, load_backbone_weights  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-TINY = dict(dims=48, depths=(2, 2, 5, 2))
+TINY = dict(arch="tiny")
+TINY_DIMS = dict(dims=48, depths=(2, 2, 5, 2))  # the same variant, for the classification model
 
 
 def _reference_keys(name: str) -> list[str]:
@@ -53,7 +54,7 @@ def test_state_dict_keys_are_the_authors_backbone_keys():
 
 
 def test_official_classification_checkpoint_loads_without_missing_backbone_keys(tmp_path):
-    path, state = _authors_checkpoint(tmp_path, **TINY)
+    path, state = _authors_checkpoint(tmp_path, **TINY_DIMS)
     backbone = MM_DefMamba(**TINY, init_cfg=dict(type="Pretrained", checkpoint=str(path)))
     backbone.init_weights()
     report = backbone.load_report
@@ -68,11 +69,41 @@ def test_official_classification_checkpoint_loads_without_missing_backbone_keys(
 
 
 def test_ema_weights_are_chosen_by_key(tmp_path):
-    path, state = _authors_checkpoint(tmp_path, **TINY)
+    path, state = _authors_checkpoint(tmp_path, **TINY_DIMS)
     backbone = MM_DefMamba(**TINY, init_cfg=dict(type="Pretrained", checkpoint=str(path), key="model_ema"))
     backbone.init_weights()
     weight = backbone.state_dict()["layers.2.blocks.4.op.A_logs"]
     torch.testing.assert_close(weight, state["layers.2.blocks.4.op.A_logs"] + 1.0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "small", "base", "defmamba_small", "Base"])
+def test_arch_names_a_published_variant(arch):
+    from defmamba.mm.backbone import architecture
+    from defmamba.variants import VARIANTS
+
+    spec = VARIANTS[arch.lower().removeprefix("defmamba_")]
+    assert architecture(arch, None, None) == (spec.dims, spec.depths)
+
+
+def test_default_backbone_is_small_and_custom_needs_arch_none():
+    from defmamba.variants import VARIANTS
+
+    backbone = MM_DefMamba()
+    small = VARIANTS["small"]
+    assert backbone.dims[0] == small.dims and tuple(backbone.depths) == small.depths
+    custom = MM_DefMamba(arch=None, dims=16, depths=(1, 2, 1, 1))
+    assert custom.dims == [16, 32, 64, 128] and tuple(custom.depths) == (1, 2, 1, 1)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(arch="small", dims=48), r"arch='small' and dims=48.*set arch=None"),
+    (dict(arch="tiny", depths=(1, 1, 1, 1)), r"the variant fixes both"),
+    (dict(arch="huge"), r"arch must be one of \['base', 'small', 'tiny'\]"),
+    (dict(arch=None, dims=48), r"arch=None needs both dims and depths"),
+])
+def test_arch_conflicts_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MM_DefMamba(**kwargs)
 
 
 def test_checkpoint_of_another_variant_is_refused(tmp_path):
@@ -120,7 +151,7 @@ def test_frozen_stages_stay_frozen_in_train_mode():
 
 
 def test_outputs_follow_out_indices():
-    backbone = MM_DefMamba(dims=32, depths=(1, 1, 1, 1), out_indices=(1, 3)).eval()
+    backbone = MM_DefMamba(arch=None, dims=32, depths=(1, 1, 1, 1), out_indices=(1, 3)).eval()
     outs = backbone(torch.randn(2, 3, 70, 100))
     assert [tuple(o.shape) for o in outs] == [(2, 64, 9, 13), (2, 256, 3, 4)]
 
@@ -143,7 +174,7 @@ def test_mmengine_checkpoints_load_but_other_getattr_lookups_are_refused(tmp_pat
     hub.update_scalar("train/loss", 0.5)
     hub.update_scalar("train/loss", 1.5)
     path = tmp_path / "mm.pth"
-    torch.save({"state_dict": MM_DefMamba(dims=16, depths=(1, 1, 1, 1)).state_dict(),
+    torch.save({"state_dict": MM_DefMamba(arch=None, dims=16, depths=(1, 1, 1, 1)).state_dict(),
                 "message_hub": hub.state_dict()}, path)
     loaded = _safe_local_loader(allow_pickle=False)(str(path))
     buffer = loaded["message_hub"]["log_scalars"]["train/loss"]
@@ -154,7 +185,7 @@ def test_mmengine_checkpoints_load_but_other_getattr_lookups_are_refused(tmp_pat
     with pytest.raises(CheckpointError):
         _safe_local_loader(allow_pickle=False)(str(evil))
     with pytest.raises(CheckpointError):
-        load_backbone_weights(MM_DefMamba(dims=16, depths=(1, 1, 1, 1)), str(evil))
+        load_backbone_weights(MM_DefMamba(arch=None, dims=16, depths=(1, 1, 1, 1)), str(evil))
 
 
 # ---------------------------------------------------------------- the documented --cfg-options
@@ -187,7 +218,7 @@ def weight_files(tmp_path_factory) -> tuple[Path, Path, dict]:
     file stored elsewhere, both in the authors' layout, and the untouched weights."""
     root = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
-    state = {k: v.clone() for k, v in defmamba.DefMamba(**TINY).state_dict().items()}
+    state = {k: v.clone() for k, v in defmamba.DefMamba(**TINY_DIMS).state_dict().items()}
     files = {"config": root / "work" / "pretrained" / "defmamba_tiny.pth", "named": root / "elsewhere" / "tiny.pth"}
     for which, path in files.items():
         path.parent.mkdir(parents=True)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from defmamba.variants import VARIANTS
+
 pytest.importorskip("mmdet", reason="mmdet not installed (optional extra: bash tools/install_mm.sh)")
 pytest.importorskip("mmseg", reason="mmsegmentation not installed (optional extra: bash tools/install_mm.sh)")
 
@@ -82,6 +84,9 @@ def test_overlay_models_build_and_initialise_offline(task, tmp_path, monkeypatch
     classes = TASKS[task][2]
     for model in MODELS:
         cfg = _load(task, model, tmp_path, monkeypatch)
+        if cfg.model.backbone.type == "MM_DefMamba":  # the named variant's widths, one block per stage
+            cfg.model.backbone.dims = VARIANTS[cfg.model.backbone.arch].dims
+            cfg.model.backbone.arch = None
         cfg.model.backbone.depths = (1, 1, 1, 1)
         built = _registry(task, cfg, "MODELS").build(cfg.model)
         built.init_weights()

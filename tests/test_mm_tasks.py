@@ -183,6 +183,9 @@ def test_mask_rcnn_configs_match_variant_widths(schedule):
         assert cfg.model.backbone.type == "MM_DefMamba"
         names = {"t": "tiny", "s": "small", "b": "base"}
         assert cfg.model.backbone.init_cfg == dict(type="Pretrained", checkpoint=f"pretrained/defmamba_{names[variant]}.pth")
+        # the variant is named, not restated: its widths and depths come from defmamba.variants
+        assert cfg.model.backbone.arch == names[variant] and "dims" not in cfg.model.backbone
+        assert "depths" not in cfg.model.backbone
         assert list(cfg.model.neck.in_channels) == dims
         assert cfg.optim_wrapper.optimizer.type == "AdamW"
         assert cfg.train_cfg.max_epochs == (12 if schedule == "1x" else 36)
@@ -201,6 +204,8 @@ def test_upernet_configs_match_variant_widths():
         assert list(cfg.model.decode_head.in_channels) == dims
         assert cfg.model.auxiliary_head.in_channels == dims[2]
         assert cfg.model.decode_head.num_classes == 150
+        assert cfg.model.backbone.arch == {"t": "tiny", "s": "small", "b": "base"}[variant]
+        assert "dims" not in cfg.model.backbone and "depths" not in cfg.model.backbone
         assert cfg.train_cfg.max_iters == 160000
         assert cfg.optim_wrapper.optimizer.lr == pytest.approx(6e-5)
         if variant == "s":
@@ -215,7 +220,7 @@ def test_tiny_detector_and_segmentor_build_from_shipped_configs():
                                {"model.backbone.init_cfg": None})
     detector = build_task_model("det", det_cfg)
     assert type(detector).__name__ == "MaskRCNN" and isinstance(detector.backbone, MM_DefMamba)
-    assert detector.backbone.dims == [48, 96, 192, 384]
+    assert detector.backbone.dims == [48, 96, 192, 384] and tuple(detector.backbone.depths) == (2, 2, 5, 2)
     assert detector.roi_head.bbox_head.num_classes == 80
 
     seg_cfg = load_task_config("seg", str(SEG / "upernet_defmamba-t_8xb2-160k_ade20k-512x512.py"),

@@ -5,5 +5,5 @@ _base_ = ['./mask-rcnn_defmamba-s_fpn_ms-crop-3x_coco.py']
 pretrained = 'pretrained/defmamba_base.pth'
 
 model = dict(
-    backbone=dict(dims=96, depths=(2, 3, 16, 2), drop_path_rate=0.4, init_cfg=dict(checkpoint=pretrained)),
+    backbone=dict(arch='base', drop_path_rate=0.4, init_cfg=dict(checkpoint=pretrained)),
     neck=dict(in_channels=[96, 192, 384, 768]))

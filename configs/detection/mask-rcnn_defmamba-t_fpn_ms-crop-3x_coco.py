@@ -5,5 +5,5 @@ _base_ = ['./mask-rcnn_defmamba-s_fpn_ms-crop-3x_coco.py']
 pretrained = 'pretrained/defmamba_tiny.pth'
 
 model = dict(
-    backbone=dict(dims=48, depths=(2, 2, 5, 2), drop_path_rate=0.1, init_cfg=dict(checkpoint=pretrained)),
+    backbone=dict(arch='tiny', drop_path_rate=0.1, init_cfg=dict(checkpoint=pretrained)),
     neck=dict(in_channels=[48, 96, 192, 384]))

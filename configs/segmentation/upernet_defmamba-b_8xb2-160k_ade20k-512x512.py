@@ -5,6 +5,6 @@ _base_ = ['./upernet_defmamba-s_8xb2-160k_ade20k-512x512.py']
 pretrained = 'pretrained/defmamba_base.pth'
 
 model = dict(
-    backbone=dict(dims=96, depths=(2, 3, 16, 2), drop_path_rate=0.5, init_cfg=dict(checkpoint=pretrained)),
+    backbone=dict(arch='base', drop_path_rate=0.5, init_cfg=dict(checkpoint=pretrained)),
     decode_head=dict(in_channels=[96, 192, 384, 768]),
     auxiliary_head=dict(in_channels=384))

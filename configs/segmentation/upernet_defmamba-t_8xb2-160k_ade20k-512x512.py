@@ -5,6 +5,6 @@ _base_ = ['./upernet_defmamba-s_8xb2-160k_ade20k-512x512.py']
 pretrained = 'pretrained/defmamba_tiny.pth'
 
 model = dict(
-    backbone=dict(dims=48, depths=(2, 2, 5, 2), drop_path_rate=0.2, init_cfg=dict(checkpoint=pretrained)),
+    backbone=dict(arch='tiny', drop_path_rate=0.2, init_cfg=dict(checkpoint=pretrained)),
     decode_head=dict(in_channels=[48, 96, 192, 384]),
     auxiliary_head=dict(in_channels=192))

@@ -16,8 +16,9 @@ from typing import Mapping, Optional, Sequence, Union
 from torch import nn
 
 from ..models import DefMambaBackbone
+from ..variants import VARIANTS
 
-__all__ = ["MM_DefMamba", "pretrained_init_cfg"]
+__all__ = ["MM_DefMamba", "architecture", "pretrained_init_cfg"]
 
 _REGISTRIES = []
 try:
@@ -77,12 +78,36 @@ def pretrained_init_cfg(pretrained: Optional[str], init_cfg: Optional[Mapping]) 
     return dict(init_cfg)
 
 
+def architecture(arch: Optional[str], dims: Union[int, Sequence[int], None],
+                 depths: Optional[Sequence[int]]) -> tuple[Union[int, Sequence[int]], Sequence[int]]:
+    """Widths and depths of the backbone: those of the published variant ``arch`` ('tiny', 'small',
+    'base', or 'defmamba_tiny' …; :data:`defmamba.variants.VARIANTS`), or ``dims`` and ``depths``
+    for ``arch=None``. Giving both is an error: a variant name fixes its widths and depths."""
+    if arch is None:
+        if dims is None or depths is None:
+            raise ValueError("MM_DefMamba with arch=None needs both dims and depths; or name a published "
+                             f"variant: arch in {sorted(VARIANTS)}")
+        return dims, depths
+    if not isinstance(arch, str) or arch.lower().removeprefix("defmamba_") not in VARIANTS:
+        raise ValueError(f"MM_DefMamba arch must be one of {sorted(VARIANTS)} (or 'defmamba_<name>'), or None "
+                         f"with dims and depths; got {arch!r}")
+    if dims is not None or depths is not None:
+        raise ValueError(f"MM_DefMamba got arch={arch!r} and dims={dims!r}, depths={depths!r}: the variant fixes "
+                         "both; set arch=None to give your own dims and depths, or drop them")
+    spec = VARIANTS[arch.lower().removeprefix("defmamba_")]
+    return spec.dims, spec.depths
+
+
 class MM_DefMamba(DefMambaBackbone):  # noqa: N801  (OpenMMLab registry naming)
     """DefMamba backbone for mmdet/mmseg detectors and segmentors.
 
     Args:
-        dims, depths, drop_path_rate, d_state, mlp_ratio, in_chans, use_checkpoint, out_indices:
-            as :class:`~defmamba.DefMambaBackbone`.
+        arch: the published variant ('tiny', 'small', 'base'), whose widths and depths the backbone
+            takes (see :func:`architecture`); None for a custom one given by ``dims`` and ``depths``.
+        dims, depths: a custom architecture (with ``arch=None`` only), as :class:`~defmamba.DefMambaBackbone`.
+        drop_path_rate, d_state, mlp_ratio, in_chans, use_checkpoint, out_indices:
+            as :class:`~defmamba.DefMambaBackbone`; the drop-path rate is a fine-tuning choice of
+            each task's config, not part of the variant.
         frozen_stages: -1 trains everything; k ≥ 0 freezes the patch embedding and, for k ≥ 1,
             stages ``0 .. k-1`` with their ``outnorm``s (kept in eval mode and without gradients).
         pretrained: path or URL of a checkpoint to load in :meth:`init_weights`: the checkpoint of
@@ -91,10 +116,12 @@ class MM_DefMamba(DefMambaBackbone):  # noqa: N801  (OpenMMLab registry naming)
         allow_pickle: load a trusted checkpoint that carries classes outside the safe allowlist.
     """
 
-    def __init__(self, dims: Union[int, Sequence[int]] = 96, depths: Sequence[int] = (2, 2, 6, 2),
-                 out_indices: Sequence[int] = (0, 1, 2, 3), drop_path_rate: float = 0.2, d_state: int = 16,
+    def __init__(self, arch: Optional[str] = "small", dims: Union[int, Sequence[int], None] = None,
+                 depths: Optional[Sequence[int]] = None, out_indices: Sequence[int] = (0, 1, 2, 3),
+                 drop_path_rate: float = 0.2, d_state: int = 16,
                  mlp_ratio: float = 4.0, in_chans: int = 3, use_checkpoint: bool = False, frozen_stages: int = -1,
                  pretrained: Optional[str] = None, init_cfg: Optional[dict] = None, allow_pickle: bool = False) -> None:
+        dims, depths = architecture(arch, dims, depths)
         super().__init__(dims=dims, depths=depths, out_indices=out_indices, drop_path_rate=drop_path_rate,
                          d_state=d_state, mlp_ratio=mlp_ratio, in_chans=in_chans, use_checkpoint=use_checkpoint)
         init_cfg = pretrained_init_cfg(pretrained, init_cfg)
