@@ -354,6 +354,43 @@ def test_synthetic_dataset_trains_and_reports_images_per_second(app, work):
     assert "images/s over all processes" in log and "on 4 images" in log
 
 
+def test_compile_for_training_compiles_the_token_mixers_in_place(app, work, monkeypatch):
+    """--compile in training: every block's DSSM is compiled in place (regional compilation; here with
+    AOT autograd without Inductor, to stay quick), after the EMA copy was made, so the EMA keeps
+    eager modules of its own; checkpoint keys are unchanged and the run trains."""
+    from defmamba.models.dssm import DSSM
+    from defmamba.regional_compile import compile_token_mixers
+
+    compiled = []
+
+    def quick_compile(model):
+        compiled.append(model)
+        return compile_token_mixers(model, backend="aot_eager")
+
+    monkeypatch.setattr(app, "compile_token_mixers", quick_compile)
+    real_ema, emas = app.ModelEma, []
+
+    def recording_ema(model, decay):
+        emas.append(real_ema(model, decay))
+        return emas[-1]
+
+    monkeypatch.setattr(app, "ModelEma", recording_ema)
+    out = work / "out_compile"
+    status, _ = call(app, base_args(work, out) + ["--compile", "--opts", "TRAIN.EPOCHS", "1"])
+    assert status == 0
+    (model,) = compiled
+    mixers = [m for m in model.modules() if isinstance(m, DSSM)]
+    assert len(mixers) == 4 and all(m._compiled_call_impl is not None for m in mixers)
+    (ema,) = emas
+    assert all(m._compiled_call_impl is None for m in ema.module.modules() if isinstance(m, DSSM))
+    log = (run_dir(out) / "log_rank0.txt").read_text()
+    assert "the token mixers (DSSM) of 4 blocks are compiled (regional compilation)" in log
+    (record,) = metrics(run_dir(out))
+    assert np.isfinite([record["train_loss"], record["val_loss"], record["ema_loss"]]).all()
+    ckpt = load(run_dir(out) / "last.pth")
+    assert set(ckpt["model"]) == set(ckpt["model_ema"]) and not any("_orig_mod" in k for k in ckpt["model"])
+
+
 def test_gradient_accumulation_matches_the_larger_batch(app, work):
     """Batch 2 × 2 accumulation steps = batch 4 (same images, order, augmentation and learning rate).
     SGD, whose update is linear in the gradient, so summation-order noise stays at rounding level."""
@@ -552,6 +589,23 @@ def test_gpu_training_with_cuda_graphs(work):
     assert all(np.isfinite([r["train_loss"], r["val_loss"], r["ema_loss"]]).all() for r in records)
     ckpt = load(run_dir(out) / "last.pth")
     assert isinstance(ckpt["optimizer"]["param_groups"][0]["lr"], float)
+
+
+@pytest.mark.cuda
+def test_gpu_training_with_compile(work):
+    """main.py --compile on the GPU: the token mixers compiled with Inductor (regional compilation),
+    two epochs under bf16 autocast, finite losses, and the run's images/s reported."""
+    out = work / "out_gpu_compile"
+    gpu_env = {k: v for k, v in ENV.items() if k != "CUDA_VISIBLE_DEVICES"}
+    args = [PY, str(APP / "main.py"), *base_args(work, out), "--compile", "--amp-dtype", "bfloat16", "--opts",
+            "AMP_ENABLE", "True", "TRAIN.EPOCHS", "2", "DATA.IMG_SIZE", "64"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=ROOT, env=gpu_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (run_dir(out) / "log_rank0.txt").read_text()
+    assert "on cuda:0" in log and "(regional compilation)" in log
+    records = metrics(run_dir(out))
+    assert len(records) == 2
+    assert all(np.isfinite([r["train_loss"], r["val_loss"], r["ema_loss"]]).all() for r in records)
 
 
 # ---------------------------------------------------------------- official checkpoint format

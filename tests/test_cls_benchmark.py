@@ -216,3 +216,20 @@ def test_ab_table_row_reports_both_rates_the_change_and_the_peaks():
 def test_ab_benchmarks_load_their_helpers_and_refuse_without_a_gpu(tool, capsys):
     assert load_tool(tool).main(["--models", "defmamba_tiny"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_compile_token_mixers_compiles_defmamba_regions_and_leaves_peers_eager(bench, monkeypatch):
+    """--compile token-mixers hands each DefMamba model to compile_token_mixers (main.py --compile's
+    training) and measures the peers as they are."""
+    import defmamba.benchmark
+    import defmamba.regional_compile
+
+    compiled, measured = [], []
+    monkeypatch.setattr(defmamba.regional_compile, "compile_token_mixers", lambda model: compiled.append(model))
+    monkeypatch.setattr(defmamba.benchmark, "measure_throughput",
+                        lambda model, *args, **kwargs: measured.append(model) or {"images_per_s": 1.0})
+    args = bench.parse_args(["--device", "cpu", "--compile", "token-mixers", "--image-size", "32"])
+    bench.measure_one("defmamba_tiny", "train_bf16", args, torch.device("cpu"))
+    bench.measure_one("convnext_tiny", "train_bf16", args, torch.device("cpu"))
+    assert len(compiled) == 1 and measured[0] is compiled[0]
+    assert type(measured[1]).__name__ == "ConvNeXt"

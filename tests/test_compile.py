@@ -172,3 +172,72 @@ def test_model_training_step_compiles_gpu():
     for (name, _), g_got, g_expected in zip(model.named_parameters(), got_grads, expected_grads):
         error = ((g_got - g_expected).abs().max() / g_expected.abs().max().clamp_min(1e-30)).item()
         assert error <= 5e-2, f"grad of {name}: max error {error:.2e} of its largest entry"
+
+
+# ---------------------------------------------------------------- regional compilation (token mixers)
+
+def _regional_pair(device: str, backend: str, **kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Two equal models (a non-square input gives every stage its own map shape), the second with
+    its DSSMs compiled in place."""
+    torch.manual_seed(0)
+    spec = dict(num_classes=10, drop_path_rate=0.0, scan_backend=backend) | kwargs
+    eager = defmamba.DefMamba(**spec).to(device).train()
+    compiled = defmamba.DefMamba(**spec).to(device).train()
+    compiled.load_state_dict(eager.state_dict())
+    return eager, compiled
+
+
+def _train_outputs(model: torch.nn.Module, x: torch.Tensor, dtype=None) -> tuple[torch.Tensor, list]:
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        out = model(x).float()
+    return out, list(torch.autograd.grad(out.square().sum(), list(model.parameters())))
+
+
+def test_regional_compile_shares_one_graph_per_stage_and_keeps_keys():
+    """CPU, AOT autograd without Inductor (quick): every DSSM compiles without a graph break, the
+    blocks of a stage share one graph (4 graphs for 4 stages, none per block), the state-dict keys
+    stay the checkpoints' keys, and outputs and gradients are the eager ones."""
+    from torch._dynamo.utils import counters
+
+    from defmamba.regional_compile import compile_token_mixers
+
+    eager, compiled = _regional_pair("cpu", "torch", dims=16, depths=(2, 1, 3, 1), d_state=4)
+    keys = list(compiled.state_dict())
+    counters.clear()
+    assert compile_token_mixers(compiled, backend="aot_eager") == 7
+    assert list(compiled.state_dict()) == keys
+    x = torch.randn(2, 3, 72, 56)
+    got, got_grads = _train_outputs(compiled, x)
+    assert counters["stats"]["unique_graphs"] == 4
+    expected, expected_grads = _train_outputs(eager, x)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    for (name, _), g_got, g_expected in zip(eager.named_parameters(), got_grads, expected_grads):
+        torch.testing.assert_close(g_got, g_expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_regional_compile_refuses_a_model_without_token_mixers():
+    from defmamba.regional_compile import compile_token_mixers
+
+    with pytest.raises(ValueError, match="holds no DefMamba token mixer"):
+        compile_token_mixers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", _block_backends_gpu())
+def test_regional_compile_training_matches_eager_gpu(backend):
+    """Inductor on the GPU, each DSSM compiled (what main.py --compile does for GPU training): a
+    model of Small's width, one block per stage, on a non-square input, in float32 and under bf16
+    autocast. float32: logits and every gradient within 1e-4 of their largest entry; bf16: within
+    bf16 rounding (5e-2), as the whole-model check would be. A wrong gradient is off by O(1)."""
+    from defmamba.regional_compile import compile_token_mixers
+
+    eager, compiled = _regional_pair("cuda", backend, dims=96, depths=(1, 1, 1, 1))
+    compile_token_mixers(compiled)
+    x = torch.randn(2, 3, 96, 64, device="cuda")
+    for dtype, tolerance in ((None, 1e-4), (torch.bfloat16, 5e-2)):
+        got, got_grads = _train_outputs(compiled, x, dtype)
+        expected, expected_grads = _train_outputs(eager, x, dtype)
+        torch.testing.assert_close(got, expected, rtol=10 * tolerance, atol=10 * tolerance)
+        for (name, _), g_got, g_expected in zip(eager.named_parameters(), got_grads, expected_grads):
+            error = ((g_got - g_expected).abs().max() / g_expected.abs().max().clamp_min(1e-30)).item()
+            assert error <= tolerance, f"{dtype}: grad of {name}: max error {error:.2e} of its largest entry"

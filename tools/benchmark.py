@@ -2,6 +2,7 @@
 
     python tools/benchmark.py                              # T/S/B + ConvNeXt-T/S + Swin-T/S, batch 128, 224²
     python tools/benchmark.py --backend triton --compile [reduce-overhead] --json out.json
+    python tools/benchmark.py --compile token-mixers --modes train_fp16   # main.py --compile's training
     python tools/benchmark.py --cuda-graphs --modes infer_fp16 train_bf16   # host launch cost taken out
     python tools/benchmark.py --host-cost --modes train_fp16 train_bf16 infer_fp16   # eager vs graphed, launches
     python tools/benchmark.py --device cpu --models defmamba_tiny --peers convnext_tiny \
@@ -47,9 +48,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"],
                         help="selective-scan backend of the DefMamba models")
     parser.add_argument("--compile", nargs="?", const="default", default=None,
-                        choices=["default", "reduce-overhead", "max-autotune"],
+                        choices=["default", "reduce-overhead", "max-autotune", "token-mixers"],
                         help="torch.compile every model before measuring, in this mode (default: 'default'; "
-                             "'reduce-overhead' replays CUDA graphs, for host-bound models)")
+                             "'reduce-overhead' replays CUDA graphs, for host-bound models); 'token-mixers' "
+                             "compiles each DefMamba block's DSSM (regional, as main.py --compile trains) "
+                             "and leaves the peers eager")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="record each step into one CUDA graph and time its replays (GPU; eager models)")
     parser.add_argument("--host-cost", action="store_true",
@@ -129,7 +132,12 @@ def measure_one(name: str, mode: str, args: argparse.Namespace, device: torch.de
         # model, dtype and stage shape in one process, reaches Dynamo's recompile limit and the
         # later measurements run uncompiled.
         torch._dynamo.reset()
-        model = torch.compile(model, mode=args.compile)
+        if args.compile != "token-mixers":
+            model = torch.compile(model, mode=args.compile)
+        elif name.startswith("defmamba"):
+            from defmamba.regional_compile import compile_token_mixers
+
+            compile_token_mixers(model)
     settings = dict(mode=kind, amp_dtype=dtype, warmup=args.warmup, repeats=args.repeats,
                     iters_per_window=args.iters, device=device)
     try:

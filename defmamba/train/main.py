@@ -29,6 +29,7 @@ from .data import DataError, build_loaders
 from .data.verify import verify_images
 from ..benchmark import measure_throughput
 from ..checkpoint import CheckpointError, safe_load
+from ..regional_compile import compile_token_mixers
 from .engine import AmpSettings, train_one_epoch, validate
 from .errors import RunFolderError
 from .modeling import build_model, load_checkpoint_weights, load_pretrained
@@ -82,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="keep an EMA of the weights (true/false)")
     parser.add_argument("--model_ema_decay", type=float, help="EMA decay")
     parser.add_argument("--seed", type=int, help="random seed")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", action="store_true", help="torch.compile: for training each block's token mixer "
+                        "(regional compilation), for --eval / --throughput the whole model")
     parser.add_argument("--unsafe-load", action="store_true",
                         help="allow checkpoints holding arbitrary Python objects (only for files you trust)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -401,7 +403,7 @@ def _run(config, args: argparse.Namespace, info: DistInfo, run_dir: str, output_
     if config.THROUGHPUT_MODE:
         if info.is_main:
             save_config(config, output_dir, logger)
-        _throughput(config, model, amp, info.device, logger)
+        _throughput(config, torch.compile(model) if config.COMPILE else model, amp, info.device, logger)
         return 0
 
     if info.is_main and not config.EVAL_MODE and remove_stale_temporaries(output_dir):
@@ -437,13 +439,16 @@ def _run(config, args: argparse.Namespace, info: DistInfo, run_dir: str, output_
         elif checkpoint is not None:
             logger.info("the checkpoint has no EMA weights; the EMA starts from the model weights")
 
-    if config.COMPILE and not config.EVAL_MODE and info.device.type == "cuda":
-        # Not yet verified: compiling the whole model's backward on the GPU fails an internal
-        # Inductor assertion (tests/test_compile.py, strict xfail).
-        raise UsageError("--compile is not supported for GPU training yet: compiled whole-model training "
-                         "graphs do not pass the gradient check against eager mode (README, torch.compile); "
-                         "--compile works with --eval and --throughput; train without --compile")
-    run_model = torch.compile(model) if config.COMPILE else model
+    run_model = model
+    if config.COMPILE and config.EVAL_MODE:
+        run_model = torch.compile(model)
+    elif config.COMPILE:
+        # Training compiles each block's token mixer in place (regional compilation): the whole
+        # model's training graph fails an Inductor assertion on the GPU (tests/test_compile.py),
+        # the regions pass the gradient check against eager mode. After the EMA copy was made, so
+        # that it keeps its own eager modules.
+        count = compile_token_mixers(model)
+        logger.info(f"--compile: the token mixers (DSSM) of {count} blocks are compiled (regional compilation)")
     if config.EVAL_MODE:
         _evaluate(config, data, run_model, model_ema, amp, info, output_dir, resume or config.MODEL.PRETRAINED, logger)
     else:
