@@ -78,6 +78,17 @@ if [[ "$WANT_CUDA" == "1" ]]; then
          "for CPU ops only" >&2
     exit 1
   fi
+  # torch's CUDA headers include cuSPARSE/cuBLAS headers, which a toolkit of the compiler alone lacks;
+  # torch's own CUDA wheels (nvidia/cu*/include) carry them.
+  if [[ ! -f "$TOOLKIT/include/cusparse.h" ]]; then
+    WHEEL_HEADERS="$("$PY" -c '
+import glob, os, torch
+site = os.path.dirname(os.path.dirname(torch.__file__))
+print(next(iter(sorted(glob.glob(os.path.join(site, "nvidia", "*", "include", "cusparse.h")))), "").rsplit("/", 1)[0])')"
+    if [[ -n "$WHEEL_HEADERS" ]]; then
+      export CPATH="${CPATH:+$CPATH:}$WHEEL_HEADERS"
+    fi
+  fi
   CUDA_VERSION="$("$TOOLKIT/bin/nvcc" --version | sed -n 's/.*release \([0-9][0-9.]*\),.*/\1/p')"
   # Without a list torch compiles for the visible GPUs only, and fails with none visible.
   if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
@@ -157,6 +168,8 @@ if [[ -n "$WHEEL" ]]; then
   echo "== mmcv: using cached wheel $WHEEL"
   BUILT=0
 else
+  # mmcv's setup.py imports pkg_resources, which setuptools 81 removed; Python 3.12 venvs have none.
+  "$PY" -c 'import pkg_resources' 2>/dev/null || "${PIP[@]}" install -c "$WORK/constraints.txt" 'setuptools<81'
   echo "== mmcv: building 2.1.0 from source (MAX_JOBS=${MAX_JOBS:-$NPROC}; about 6 minutes on 2 cores for" \
        "CPU ops, far longer with CUDA ops)"
   "${PIP[@]}" download --no-deps --no-binary :all: --no-build-isolation 'mmcv==2.1.0' -d "$WORK/sdist"
