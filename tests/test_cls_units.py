@@ -913,6 +913,17 @@ def test_images_per_second_leave_out_a_graph_warm_up(caplog):
                                    logging.getLogger("test"))
     summaries = [r.message for r in caplog.records if "images/s" in r.message]
     assert "after the first 12 batches" in summaries[0] and "after the first 10 batches" in summaries[1]
+    # A short epoch times its last four fifths, but never a graph's warm-up; one that is all warm-up
+    # is timed whole and says so.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="test"):
+        for epoch, batches in enumerate((50, 12, 30)):
+            app_engine.train_one_epoch(config, _WarmingStep(step) if epoch < 2 else step, loader[:batches], epoch,
+                                       None, _NoSchedule(), torch.device("cpu"), logging.getLogger("test"))
+    summaries = [r.message for r in caplog.records if "images/s" in r.message]
+    assert "after the first 12 batches" in summaries[0]
+    assert "(the whole epoch, a CUDA graph's warm-up included)" in summaries[1]
+    assert "after the first 6 batches" in summaries[2]
     # A CUDA-graph step counts its eager warm-up and the recording.
     capturable = app_train_step.TrainStep(model, nn.CrossEntropyLoss(),
                                           torch.optim.AdamW(model.parameters(), capturable=True),

@@ -101,9 +101,14 @@ def train_one_epoch(config, train_step, loader, epoch: int, mixup_fn, lr_schedul
     check_every = max(1, min(config.PRINT_FREQ, 50))
     loss_meter, norm_meter = AverageMeter(), AverageMeter()
     pending = _PendingStats()
-    # Excluded from the images/s figure: compilation, autotuning, and a CUDA graph's eager warm-up
-    # and recording (11 steps and more under DDP).
-    warmup_batches = min(max(10, train_step.steps_before_replay), used_batches // 5)
+    # Excluded from the images/s figure: compilation and autotuning (the first 10 batches, a fifth
+    # of a shorter epoch), and all of a CUDA graph's eager warm-up and recording (12 batches under
+    # DDP), however short the epoch; an epoch that is all warm-up is timed whole, and says so.
+    graph_warmup = train_step.steps_before_replay
+    warmup_batches = max(min(10, used_batches // 5), graph_warmup)
+    timed_whole = warmup_batches >= used_batches
+    if timed_whole:
+        warmup_batches = 0
     start = time.time()
     steady_start = window_start = start
     window_first = 0
@@ -149,7 +154,9 @@ def train_one_epoch(config, train_step, loader, epoch: int, mixup_fn, lr_schedul
     steady_images = (used_batches - warmup_batches) * config.DATA.BATCH_SIZE * world_size()
     images_per_s = steady_images / max(end - steady_start, 1e-9)
     logger.info(f"EPOCH {epoch} training took {datetime.timedelta(seconds=int(end - start))}, "
-                f"{images_per_s:.1f} images/s over all processes (after the first {warmup_batches} batches)")
+                f"{images_per_s:.1f} images/s over all processes "
+                + ("(the whole epoch, a CUDA graph's warm-up included)" if timed_whole
+                   else f"(after the first {warmup_batches} batches)"))
     return {"loss": loss_meter.avg, "grad_norm": norm_meter.avg, "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": images_per_s}
 
