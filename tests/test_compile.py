@@ -222,22 +222,40 @@ def test_regional_compile_refuses_a_model_without_token_mixers():
         compile_token_mixers(torch.nn.Linear(2, 2))
 
 
+def _relative_errors(grads: list, reference: list) -> list[float]:
+    """Largest deviation of each gradient from the reference's, as a fraction of its largest entry."""
+    return [((g.double().cpu() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+            for g, r in zip(grads, reference)]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", _block_backends_gpu())
 def test_regional_compile_training_matches_eager_gpu(backend):
-    """Inductor on the GPU, each DSSM compiled (what main.py --compile does for GPU training): a
-    model of Small's width, one block per stage, on a non-square input, in float32 and under bf16
-    autocast. float32: logits and every gradient within 1e-4 of their largest entry; bf16: within
-    bf16 rounding (5e-2), as the whole-model check would be. A wrong gradient is off by O(1)."""
+    """Inductor on the GPU, each DSSM compiled (what main.py --compile does for GPU training): a model
+    of Small's width, one block per stage, on a non-square input, in float32 and under bf16 autocast.
+    Both the compiled and the eager gradients are measured against the same model in float64 on the
+    CPU (PyTorch formulation): compiled code may reorder sums, so it must be as close to the
+    float64 values as eager mode is (within 4× of eager's error plus float32 rounding; bf16: 2×
+    plus 1e-3). TF32 is off: cuDNN's TF32 convolutions alone differ from run to run by ~4e-4 of
+    the stem's weight gradient. A wrong gradient is off by O(1)."""
     from defmamba.regional_compile import compile_token_mixers
 
     eager, compiled = _regional_pair("cuda", backend, dims=96, depths=(1, 1, 1, 1))
+    reference = defmamba.DefMamba(dims=96, depths=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.0,
+                                  scan_backend="torch").double().train()
+    reference.load_state_dict(eager.state_dict())
     compile_token_mixers(compiled)
     x = torch.randn(2, 3, 96, 64, device="cuda")
-    for dtype, tolerance in ((None, 1e-4), (torch.bfloat16, 5e-2)):
-        got, got_grads = _train_outputs(compiled, x, dtype)
-        expected, expected_grads = _train_outputs(eager, x, dtype)
-        torch.testing.assert_close(got, expected, rtol=10 * tolerance, atol=10 * tolerance)
-        for (name, _), g_got, g_expected in zip(eager.named_parameters(), got_grads, expected_grads):
-            error = ((g_got - g_expected).abs().max() / g_expected.abs().max().clamp_min(1e-30)).item()
-            assert error <= tolerance, f"{dtype}: grad of {name}: max error {error:.2e} of its largest entry"
+    expected, expected_grads = _train_outputs(reference, x.double().cpu())
+    names = [name for name, _ in eager.named_parameters()]
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
+        for dtype, factor, floor in ((None, 4.0, 1e-5), (torch.bfloat16, 2.0, 1e-3)):
+            got, got_grads = _train_outputs(compiled, x, dtype)
+            eager_out, eager_grads = _train_outputs(eager, x, dtype)
+            (out_error, eager_out_error) = _relative_errors([got, eager_out], [expected, expected])
+            assert out_error <= factor * eager_out_error + floor, \
+                f"{dtype}: logits {out_error:.2e} of their largest entry, eager {eager_out_error:.2e}"
+            for name, error, eager_error in zip(names, _relative_errors(got_grads, expected_grads),
+                                                _relative_errors(eager_grads, expected_grads)):
+                assert error <= factor * eager_error + floor, \
+                    f"{dtype}: grad of {name}: compiled {error:.2e}, eager {eager_error:.2e} of its largest entry"
