@@ -87,7 +87,7 @@ _base_ = [{str(DET / 'mask-rcnn_defmamba-t_fpn_1x_coco.py')!r}]
 data_root = {str(root) + '/'!r}
 classes = {DET_CLASSES!r}
 model = dict(
-    backbone=dict(dims=16, depths=(1, 1, 1, 1), drop_path_rate=0.1, init_cfg=None),
+    backbone=dict(arch=None, dims=16, depths=(1, 1, 1, 1), drop_path_rate=0.1, init_cfg=None),
     neck=dict(in_channels=[16, 32, 64, 128], out_channels=32),
     rpn_head=dict(in_channels=32, feat_channels=32),
     roi_head=dict(
@@ -135,7 +135,7 @@ data_root = {str(root)!r}
 crop_size = (64, 64)
 model = dict(
     data_preprocessor=dict(size=crop_size),
-    backbone=dict(dims=16, depths=(1, 1, 1, 1), drop_path_rate=0.1, init_cfg=None),
+    backbone=dict(arch=None, dims=16, depths=(1, 1, 1, 1), drop_path_rate=0.1, init_cfg=None),
     decode_head=dict(in_channels=[16, 32, 64, 128], channels=32),
     auxiliary_head=dict(in_channels=64, channels=16))
 train_pipeline = [
@@ -433,7 +433,7 @@ def test_task_flops_count_backbone_and_heads(task, tmp_path):
     size = (3, 96, 128)
     total = count_task_flops(task, str(config), size)
     assert count_task_flops(task, str(config), size[1:]) == total  # (H, W) means 3 channels
-    backbone = MM_DefMamba(dims=16, depths=(1, 1, 1, 1))
+    backbone = MM_DefMamba(arch=None, dims=16, depths=(1, 1, 1, 1))
     backbone_flops, _ = count_flops(backbone, size)
     # The heads are far heavier than this 16-wide backbone: FPN + RPN + RoI heads, or UperNet.
     assert total > 2 * backbone_flops

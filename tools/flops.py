@@ -47,6 +47,9 @@ def config_variant(task: str, config_path: Path) -> Optional[str]:
         return [dims * 2 ** i for i in range(4)] if isinstance(dims, int) else list(dims)
 
     backbone = load_task_config(task, str(config_path)).model.backbone
+    if backbone.get("arch") is not None:  # MM_DefMamba naming its variant: arch='small'
+        name = str(backbone.arch).lower().removeprefix("defmamba_")
+        return f"defmamba_{name}" if name in VARIANTS else None
     if "dims" not in backbone or "depths" not in backbone:
         return None
     for name, spec in VARIANTS.items():
