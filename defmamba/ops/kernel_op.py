@@ -26,7 +26,8 @@ def kernel_op(name: str, impl: Callable, fake: Callable, *, setup_context: Optio
     ``torch.library.register_autograd``), the backward kernel ``backward_impl`` with its fake
     ``backward_fake``, and ``backward(ctx, kernel, *grads)``, which returns one gradient (or None)
     per input and computes them with ``kernel``: ``backward_impl`` in eager mode, its custom op
-    under torch.compile.
+    under torch.compile. In eager mode the gradient of an output that got none (one marked
+    non-differentiable in ``setup_context``) reaches ``backward`` as None, not as a zero tensor.
 
     Returns ``call(*args)``: the custom op while torch.compile traces, ``impl(*args)`` otherwise
     (through the ``autograd.Function`` when grad mode is on and a tensor argument requires grad).
@@ -48,6 +49,9 @@ def kernel_op(name: str, impl: Callable, fake: Callable, *, setup_context: Optio
         def forward(ctx, *args):
             output = impl(*args)
             setup_context(ctx, args, output)
+            # Outputs without a gradient (the non-differentiable statistics or states an op keeps)
+            # reach ``backward`` as None, not as zero tensors the engine would fill: a kernel each.
+            ctx.set_materialize_grads(False)
             return output
 
         @staticmethod
