@@ -57,9 +57,13 @@ if triton is not None:
                  mask=(w < width)[:, None] & c_ok[None, :])
 
     @triton.jit
-    def _dwconv_wgrad_kernel(g_ptr, x_ptr, wpart_ptr, bpart_ptr, rows, height, width, channels, x_pixel_stride,
-                             K: tl.constexpr, K_TILE: tl.constexpr, LAST_APART: tl.constexpr, BAND: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _dwconv_wgrad_kernel(g_ptr, x_ptr, wpart_ptr, bpart_ptr, part_stride, rows, height, width, channels,
+                             x_pixel_stride, K: tl.constexpr, K_TILE: tl.constexpr, LAST_APART: tl.constexpr,
+                             BAND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+        """Partial weight (and bias) gradient sums of one band of rows: row ``band`` of the float32
+        partials, ``part_stride`` apart, holds the weight's (C, K·K) at ``wpart_ptr`` and the bias's
+        (C) at ``bpart_ptr``."""
         band = tl.program_id(0).to(tl.int64)
         kh = tl.program_id(1)
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -94,12 +98,12 @@ if triton is not None:
                     x_last = tl.load(x_row + iw_last[:, None] * x_pixel_stride + c[None, :],
                                      mask=ok_last[:, None] & c_ok[None, :], other=0.0)
                     acc_last += x_last.to(tl.float32) * g
-        wpart_row = wpart_ptr + (band * channels + c) * (K * K) + kh * K  # [channel]: the taps (kh, ·)
+        wpart_row = wpart_ptr + band * part_stride + c * (K * K) + kh * K  # [channel]: the taps (kh, ·)
         tl.store(wpart_row[None, :] + kw[:, None], tl.sum(acc, axis=1), mask=(kw < K)[:, None] & c_ok[None, :])
         if LAST_APART:
             tl.store(wpart_row + (K - 1), tl.sum(acc_last, axis=0), mask=c_ok)
         if HAS_BIAS:
-            tl.store(bpart_ptr + band * channels + c, tl.sum(acc_bias, axis=0), mask=c_ok & (kh == 0))
+            tl.store(bpart_ptr + band * part_stride + c, tl.sum(acc_bias, axis=0), mask=c_ok & (kh == 0))
 
 
 def pixel_stride(x: torch.Tensor) -> Optional[int]:
@@ -173,9 +177,10 @@ def _forward_fake(x, weight, bias, out_dtype):
 
 
 def _gradients(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-               has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of x (channels-last, x's dtype), of the weight and of the bias (float32;
-    empty without a bias)."""
+               has_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of x (channels-last, x's dtype) and, flat in one float32 tensor, those of the
+    weight (C·K·K) and of the bias (C; none without a bias): a custom op's outputs may not alias
+    each other, so :func:`_backward` splits them."""
     batch, channels, height, width = x.shape
     k = weight.shape[-1]
     grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
@@ -185,20 +190,21 @@ def _gradients(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     block_c = _channel_block(channels, _WGRAD_BLOCK_C)
     rows = batch * height
     bands = triton.cdiv(rows, _BAND_ROWS)
-    wpart = torch.empty((bands, channels, k * k), dtype=torch.float32, device=x.device)
-    bpart = torch.empty((bands, channels) if has_bias else (1,), dtype=torch.float32, device=x.device)
+    # Per band, the partial weight sums (C·K·K) and then the bias's (C) in one row: one reduction
+    # finishes both.
+    taps = channels * k * k
+    parts = torch.empty((bands, taps + (channels if has_bias else 0)), dtype=torch.float32, device=x.device)
     grid = (bands, k, triton.cdiv(channels, block_c))
-    _dwconv_wgrad_kernel[grid](grad, x, wpart, bpart, rows, height, width, channels, pixel_stride(x),
+    _dwconv_wgrad_kernel[grid](grad, x, parts, parts[:, taps:] if has_bias else parts, parts.stride(0), rows,
+                               height, width, channels, pixel_stride(x),
                                K=k, K_TILE=k_tile, LAST_APART=last_apart, BAND=_BAND_ROWS, HAS_BIAS=has_bias,
                                BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
-    dweight = wpart.sum(0).view(weight.shape)
-    dbias = bpart.sum(0) if has_bias else bpart.new_empty((0,))
-    return dx, dweight, dbias
+    return dx, parts.sum(0)
 
 
 def _gradients_fake(grad, x, weight, has_bias):
-    return (torch.empty_like(x, memory_format=torch.channels_last), weight.new_empty(weight.shape, dtype=torch.float32),
-            weight.new_empty((weight.shape[0] if has_bias else 0,), dtype=torch.float32))
+    return (torch.empty_like(x, memory_format=torch.channels_last),
+            weight.new_empty((weight.numel() + (weight.shape[0] if has_bias else 0),), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -210,7 +216,8 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, gradients: Callable, grad: torch.Tensor):
     x, weight = ctx.saved_tensors
     has_bias = ctx.bias_dtype is not None
-    dx, dweight, dbias = gradients(grad, x, weight, has_bias)
+    dx, sums = gradients(grad, x, weight, has_bias)
+    dweight, dbias = sums[:weight.numel()].view(weight.shape), sums[weight.numel():]
     return dx, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype) if has_bias else None, None
 
 

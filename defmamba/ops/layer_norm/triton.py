@@ -148,9 +148,10 @@ def _forward_fake(x, weight, bias, scale, eps, out_dtype, gelu):
 
 def _gradients(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                scale: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-               gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of x (x's dtype), of the weight, the bias and the channel scale (float32;
-    the last (0, C) without a scale)."""
+               gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of x (x's dtype), of the weight and the bias stacked (2, C), and of the channel
+    scale (float32; (0, C) without a scale). The weight and bias gradients come as one tensor
+    because a custom op's outputs may not alias each other."""
     cols = x.shape[-1]
     rows = x.numel() // cols
     dy = dy.contiguous()
@@ -161,21 +162,21 @@ def _gradients(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: to
     programs = max(1, min(max(1, _BWD_PROGRAMS // segments), triton.cdiv(segment_rows, rows_per_tile)))
     f32 = dict(dtype=torch.float32, device=x.device)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw_part = torch.empty((segments, programs, cols), **f32)
-    db_part = torch.empty((segments, programs, cols), **f32)
+    # The weight and bias partial sums side by side, so that one reduction finishes both.
+    parts = torch.empty((2, segments, programs, cols), **f32)
+    dw_part, db_part = parts[0], parts[1]
     ds_part = torch.empty((segments, programs, cols), **f32) if scale is not None else dw_part
     _ln_bwd_kernel[(segments, programs)](dy, x, weight, bias, scale if scale is not None else weight, mean, rstd, dx,
                                          dw_part, db_part, ds_part, rows, cols, segment_rows,
                                          ROWS=rows_per_tile, BLOCK_N=block_n, GELU=gelu, SCALED=scale is not None,
                                          num_warps=num_warps)
     ds = ds_part.sum(1) if scale is not None else dw_part.new_empty((0, cols))  # (B, C); none without a scale
-    return dx, dw_part.sum((0, 1)), db_part.sum((0, 1)), ds
+    return dx, parts.sum((1, 2)), ds
 
 
 def _gradients_fake(dy, x, weight, bias, scale, mean, rstd, gelu):
     cols = x.shape[-1]
-    return (x.new_empty(x.shape), x.new_empty((cols,), dtype=torch.float32),
-            x.new_empty((cols,), dtype=torch.float32),
+    return (x.new_empty(x.shape), x.new_empty((2, cols), dtype=torch.float32),
             x.new_empty((x.shape[0] if scale is not None else 0, cols), dtype=torch.float32))
 
 
@@ -190,7 +191,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, gradients: Callable, dy: torch.Tensor, _dmean: torch.Tensor, _drstd: torch.Tensor):
     x, weight, bias, scale, mean, rstd = ctx.saved_tensors
-    dx, dw, db, ds = gradients(dy, x, weight, bias, scale, mean, rstd, ctx.gelu)
+    dx, (dw, db), ds = gradients(dy, x, weight, bias, scale, mean, rstd, ctx.gelu)
     w_dtype, b_dtype, s_dtype = ctx.param_dtypes
     return dx, dw.to(w_dtype), db.to(b_dtype), ds.to(s_dtype) if s_dtype is not None else None, None, None, None
 
