@@ -27,6 +27,12 @@ def _sample(device):
     return deformable_sampling.sample_in_path_order(x, points, torch.randn(3, 4, 5, device=device), points, path)
 
 
+def _positions(device):
+    offsets = torch.randn(2, 3, 4, 5, device=device)
+    return deformable_sampling.sample_positions(offsets, torch.rand(2, device=device), torch.rand(4, 5, 2, device=device),
+                                                torch.rand(4, 5, 2, device=device), torch.rand(20, device=device))
+
+
 def _conv(device):
     x = torch.randn(2, 6, 5, 7, device=device).contiguous(memory_format=torch.channels_last)
     return depthwise_conv.depthwise_conv2d(x, torch.randn(6, 1, 3, 3, device=device), torch.randn(6, device=device))
@@ -62,6 +68,7 @@ def _projection(device):
 ROUTES = [
     ("deformable_sampling", deformable_sampling, "sample_in_path_order_triton", "sample_in_path_order_reference",
      _sample),
+    ("deformable_sampling", deformable_sampling, "sample_positions_triton", "sample_positions_reference", _positions),
     ("depthwise_conv", depthwise_conv, "depthwise_conv2d_triton", "depthwise_conv2d_reference", _conv),
     ("layer_norm", layer_norm, "layer_norm_triton", "layer_norm_reference", _norm),
     ("scan_orders", scan_orders, "stack_scan_orders_triton", "stack_scan_orders_reference", _stack),

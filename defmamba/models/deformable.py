@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.deformable_sampling import sample_in_path_order
+from ..ops.deformable_sampling import sample_in_path_order, sample_positions
 from ..ops.depthwise_conv import DepthwiseConv2d
 from ..ops.layer_norm import LayerNorm, layer_norm_gelu
 from ..ops.table_resize import bilinear_weights, resize_channels_last
@@ -182,17 +182,13 @@ class DeformableLayer(nn.Module):
         nn.init.trunc_normal_(self.rpe_table, std=0.01)
 
     def forward(self, x: torch.Tensor) -> DeformableOutput:
-        batch, _, h, w = x.shape
+        _, _, h, w = x.shape
         constants = _grid_constants(h, w, x, tuple(self.rpe_table.shape[1:]))
         offsets = self.conv_offset(x)  # under autocast in its dtype; positions are built in float32
-        dtype = _position_dtype(x)
-        if offsets.dtype != dtype:
-            offsets = offsets.to(dtype)
-        bounded = torch.tanh(offsets).permute(0, 2, 3, 1)  # (B, h, w, 3): dy, dx, path
-        # Sample points (x, y) = reference point + tanh(offset) · grid step, in few launches: the
-        # channel pair is flipped to (dx, dy) once and scaled in place (in the position dtype, as a
-        # Python scalar factor would be).
-        grid = bounded[..., :2].flip(-1).mul_(constants.offset_scale_xy) + constants.reference_xy
+        # Sample points (x, y) = reference point + tanh(offset) · grid step, the bias-table points
+        # (key − sample point) / 2 and the path positions, in the position dtype (ops/deformable_sampling/).
+        grid, disp, path = sample_positions(offsets, constants.offset_scale_xy, constants.reference_xy,
+                                            constants.half_key_xy, constants.reference_path)
         # The resized bias table is the same for every image: resize once for the batch, as two small
         # matmuls writing the (h, w, C) layout the sampling kernel reads (ops/table_resize.py). A
         # traced model (FLOP counting) records the interpolation the paper's model counted.
@@ -201,9 +197,6 @@ class DeformableLayer(nn.Module):
         else:
             rpe = resize_channels_last(self.rpe_table, constants.table_weight_y,
                                        constants.table_weight_x).permute(2, 0, 1)
-        # Bias-table points (key − sample point) / 2, exactly as rounded as the two-step form.
-        disp = torch.add(constants.half_key_xy, grid, alpha=-0.5)
-        path = bounded[..., 2].reshape(batch, h * w) + constants.reference_path
         # x sampled at grid plus the table sampled at disp, in path order (ops/deformable_sampling.py).
         sequence, order, inverse = sample_in_path_order(x, grid, rpe, disp, path)
         return DeformableOutput(sequence, order, inverse, grid, path)

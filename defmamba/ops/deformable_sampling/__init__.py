@@ -1,5 +1,5 @@
 """Deformable sampling + relative position bias + path ordering: the token sequence of the
-deformable scan order, as one op.
+deformable scan order, as one op; and the positions it samples at, from the offset network's maps.
 
 For a map x (B, C, h, w), sample points ``grid`` and bias-table points ``disp`` (both (B, h, w, 2),
 (x, y) in ``grid_sample`` units with ``align_corners=True``, zeros outside), a bias table
@@ -21,10 +21,11 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import use_kernels
-from .reference import sample_in_path_order_reference, sort_path
+from .positions_triton import sample_positions_triton
+from .reference import sample_in_path_order_reference, sample_positions_reference, sort_path
 from .triton import sample_in_path_order_triton
 
-__all__ = ["sample_in_path_order"]
+__all__ = ["sample_in_path_order", "sample_positions"]
 
 
 def _check_shapes(x: torch.Tensor, grid: torch.Tensor, table: torch.Tensor, disp: torch.Tensor,
@@ -54,3 +55,30 @@ def sample_in_path_order(x: torch.Tensor, grid: torch.Tensor, table: torch.Tenso
         return sample_in_path_order_reference(x, grid, table, disp, path)
     order, inverse = sort_path(path)
     return sample_in_path_order_triton(x, grid, table, disp, path, order, inverse), order, inverse
+
+
+def sample_positions(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, reference_xy: torch.Tensor,
+                     half_key_xy: torch.Tensor, reference_path: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample points, bias-table points and path positions from the offset maps (B, 3, h, w)
+    (channels: row offset, column offset, path position, all before tanh), with t = tanh(offsets):
+
+        grid[b, i, j] = (t_col · scale_x, t_row · scale_y) + reference_xy[i, j]
+        disp[b, i, j] = half_key_xy[i, j] − grid[b, i, j] / 2
+        path[b, i·w + j] = t_path + reference_path[i·w + j]
+
+    ``offset_scale_xy`` (2,) float32, ``reference_xy`` and ``half_key_xy`` (h, w, 2) and
+    ``reference_path`` (h·w,) in the position dtype (float32, or float64), which is that of the
+    outputs; offsets in any floating dtype. Differentiable in the offsets. Float32 positions of
+    CUDA offsets run the Triton kernels (``positions_triton.py``), anything else the PyTorch
+    formulation (``reference.py``)."""
+    if offsets.dim() != 4 or offsets.shape[1] != 3:
+        raise ValueError(f"offsets must be (batch, 3, h, w); got {tuple(offsets.shape)}")
+    _, _, h, w = offsets.shape
+    for name, t, shape in (("offset_scale_xy", offset_scale_xy, (2,)), ("reference_xy", reference_xy, (h, w, 2)),
+                           ("half_key_xy", half_key_xy, (h, w, 2)), ("reference_path", reference_path, (h * w,))):
+        if t.shape != shape:
+            raise ValueError(f"{name} must be {shape} for offsets of shape {tuple(offsets.shape)}; got {tuple(t.shape)}")
+    if use_kernels("deformable_sampling", offsets) and reference_xy.dtype == torch.float32:
+        return sample_positions_triton(offsets, offset_scale_xy, reference_xy, half_key_xy, reference_path)
+    return sample_positions_reference(offsets, offset_scale_xy, reference_xy, half_key_xy, reference_path)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..permute import gather_tokens, invert_permutation
 
-__all__ = ["path_order", "sample_in_path_order_reference", "sort_path"]
+__all__ = ["path_order", "sample_in_path_order_reference", "sample_positions_reference", "sort_path"]
 
 
 class _PathOrder(torch.autograd.Function):
@@ -71,3 +71,18 @@ def _common_dtype(values: torch.Tensor, points: torch.Tensor) -> tuple[torch.Ten
         return values, points
     dtype = torch.promote_types(values.dtype, points.dtype)
     return values.to(dtype), points.to(dtype)
+
+
+def sample_positions_reference(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, reference_xy: torch.Tensor,
+                               half_key_xy: torch.Tensor, reference_path: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`defmamba.ops.deformable_sampling.sample_positions` in PyTorch (shapes checked there)."""
+    batch, _, h, w = offsets.shape
+    bounded = torch.tanh(offsets.to(reference_xy.dtype)).permute(0, 2, 3, 1)  # (B, h, w, 3): dy, dx, path
+    # The channel pair flipped to (dx, dy) once and scaled in place (in the position dtype, as a
+    # Python scalar factor would be).
+    grid = bounded[..., :2].flip(-1).mul_(offset_scale_xy) + reference_xy
+    # Bias-table points (key − sample point) / 2, exactly as rounded as the two-step form.
+    disp = torch.add(half_key_xy, grid, alpha=-0.5)
+    path = bounded[..., 2].reshape(batch, h * w) + reference_path
+    return grid, disp, path

@@ -1,0 +1,151 @@
+"""Triton kernels of :func:`defmamba.ops.deformable_sampling.sample_positions` (CUDA tensors).
+
+One kernel turns the offset network's three maps into the sample points, the bias-table points and
+the path positions, and one kernel gives the offsets' gradient from theirs: in PyTorch ops these
+are seven launches forward and about a dozen backward (casts, tanh, flip, scale, three sums; the
+slice, select and tanh gradients). Each value is rounded as the PyTorch formulation rounds it: a
+product and a sum are two float32 roundings (no fused multiply-add), and tanh is libdevice's, the
+function PyTorch's CUDA kernel calls.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..kernel_op import kernel_op
+from ..triton_support import check_launch, interpreting, tl, triton
+
+__all__ = ["sample_positions_triton"]
+
+_BLOCK = 256  # (image, token) pairs per program
+
+if triton is not None:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _tanh(x, INTERPRETED: tl.constexpr):
+        """tanh in float32: libdevice's on the GPU; from exp under the interpreter, which has no libdevice."""
+        if INTERPRETED:
+            e = tl.exp(-2.0 * tl.abs(x))
+            t = (1.0 - e) / (1.0 + e)
+            result = tl.where(x < 0.0, -t, t)
+        else:
+            result = libdevice.tanh(x)
+        return result
+
+    @triton.jit
+    def _load_offsets(off_ptr, i, ok, length, width, s_b, s_c, s_h, s_w, INTERPRETED: tl.constexpr):
+        """tanh of the row, column and path offsets of the flat (image, token) indices i."""
+        tok = i % length
+        src = off_ptr + (i // length) * s_b + (tok // width) * s_h + (tok % width) * s_w
+        t_row = _tanh(tl.load(src, mask=ok, other=0.0).to(tl.float32), INTERPRETED)
+        t_col = _tanh(tl.load(src + s_c, mask=ok, other=0.0).to(tl.float32), INTERPRETED)
+        t_path = _tanh(tl.load(src + 2 * s_c, mask=ok, other=0.0).to(tl.float32), INTERPRETED)
+        return tok, t_row, t_col, t_path
+
+    @triton.jit
+    def _positions_fwd_kernel(off_ptr, scale_ptr, ref_ptr, half_key_ptr, ref_path_ptr, grid_ptr, disp_ptr, path_ptr,
+                              tokens, length, width, s_b, s_c, s_h, s_w,
+                              BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # image · length + token
+        ok = i < tokens
+        tok, t_row, t_col, t_path = _load_offsets(off_ptr, i, ok, length, width, s_b, s_c, s_h, s_w, INTERPRETED)
+        grid_x = t_col * tl.load(scale_ptr) + tl.load(ref_ptr + 2 * tok, mask=ok, other=0.0)
+        grid_y = t_row * tl.load(scale_ptr + 1) + tl.load(ref_ptr + 2 * tok + 1, mask=ok, other=0.0)
+        tl.store(grid_ptr + 2 * i, grid_x, mask=ok)
+        tl.store(grid_ptr + 2 * i + 1, grid_y, mask=ok)
+        tl.store(disp_ptr + 2 * i, tl.load(half_key_ptr + 2 * tok, mask=ok, other=0.0) - 0.5 * grid_x, mask=ok)
+        tl.store(disp_ptr + 2 * i + 1, tl.load(half_key_ptr + 2 * tok + 1, mask=ok, other=0.0) - 0.5 * grid_y, mask=ok)
+        tl.store(path_ptr + i, t_path + tl.load(ref_path_ptr + tok, mask=ok, other=0.0), mask=ok)
+
+    @triton.jit
+    def _positions_bwd_kernel(off_ptr, scale_ptr, dgrid_ptr, ddisp_ptr, dpath_ptr, doff_ptr,
+                              tokens, length, width, s_b, s_c, s_h, s_w, d_b, d_c, d_h, d_w,
+                              BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < tokens
+        tok, t_row, t_col, t_path = _load_offsets(off_ptr, i, ok, length, width, s_b, s_c, s_h, s_w, INTERPRETED)
+        # A sample point's gradient: its own plus that of the table point (key - point) / 2.
+        g_x = tl.load(dgrid_ptr + 2 * i, mask=ok, other=0.0) - 0.5 * tl.load(ddisp_ptr + 2 * i, mask=ok, other=0.0)
+        g_y = (tl.load(dgrid_ptr + 2 * i + 1, mask=ok, other=0.0)
+               - 0.5 * tl.load(ddisp_ptr + 2 * i + 1, mask=ok, other=0.0))
+        g_row = (g_y * tl.load(scale_ptr + 1)) * (1.0 - t_row * t_row)
+        g_col = (g_x * tl.load(scale_ptr)) * (1.0 - t_col * t_col)
+        g_path = tl.load(dpath_ptr + i, mask=ok, other=0.0) * (1.0 - t_path * t_path)
+        dst = doff_ptr + (i // length) * d_b + (tok // width) * d_h + (tok % width) * d_w
+        out_type = doff_ptr.dtype.element_ty
+        tl.store(dst, g_row.to(out_type), mask=ok)
+        tl.store(dst + d_c, g_col.to(out_type), mask=ok)
+        tl.store(dst + 2 * d_c, g_path.to(out_type), mask=ok)
+
+
+def _launch_grid(offsets: torch.Tensor) -> tuple[int]:
+    return (triton.cdiv(offsets.shape[0] * offsets.shape[2] * offsets.shape[3], _BLOCK),)
+
+
+def _forward(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, reference_xy: torch.Tensor,
+             half_key_xy: torch.Tensor, reference_path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, _, h, w = offsets.shape
+    f32 = dict(dtype=torch.float32, device=offsets.device)
+    grid = torch.empty((batch, h, w, 2), **f32)
+    disp = torch.empty((batch, h, w, 2), **f32)
+    path = torch.empty((batch, h * w), **f32)
+    _positions_fwd_kernel[_launch_grid(offsets)](
+        offsets, offset_scale_xy, reference_xy, half_key_xy, reference_path, grid, disp, path,
+        batch * h * w, h * w, w, *offsets.stride(), BLOCK=_BLOCK, INTERPRETED=interpreting(), enable_fp_fusion=False)
+    return grid, disp, path
+
+
+def _forward_fake(offsets, offset_scale_xy, reference_xy, half_key_xy, reference_path):
+    batch, _, h, w = offsets.shape
+    f32 = dict(dtype=torch.float32)
+    return (offsets.new_empty((batch, h, w, 2), **f32), offsets.new_empty((batch, h, w, 2), **f32),
+            offsets.new_empty((batch, h * w), **f32))
+
+
+def _gradient(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, grad_grid: torch.Tensor, grad_disp: torch.Tensor,
+              grad_path: torch.Tensor) -> torch.Tensor:
+    """The offsets' gradient (offsets' dtype and layout) from the float32 gradients of the outputs."""
+    grad = torch.empty_like(offsets)
+    batch, _, h, w = offsets.shape
+    _positions_bwd_kernel[_launch_grid(offsets)](
+        offsets, offset_scale_xy, grad_grid.contiguous(), grad_disp.contiguous(), grad_path.contiguous(), grad,
+        batch * h * w, h * w, w, *offsets.stride(), *grad.stride(),
+        BLOCK=_BLOCK, INTERPRETED=interpreting(), enable_fp_fusion=False)
+    return grad
+
+
+def _gradient_fake(offsets, offset_scale_xy, grad_grid, grad_disp, grad_path):
+    return torch.empty_like(offsets)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    offsets, offset_scale_xy, *_ = inputs
+    ctx.save_for_backward(offsets, offset_scale_xy)
+
+
+def _backward(ctx, gradient: Callable, grad_grid: Optional[torch.Tensor], grad_disp: Optional[torch.Tensor],
+              grad_path: Optional[torch.Tensor]):
+    offsets, offset_scale_xy = ctx.saved_tensors
+    batch, _, h, w = offsets.shape
+    zeros = dict(dtype=torch.float32, device=offsets.device)
+    # An output the loss did not reach has no gradient (None): it contributes zero.
+    grad_grid = grad_grid if grad_grid is not None else torch.zeros((batch, h, w, 2), **zeros)
+    grad_disp = grad_disp if grad_disp is not None else torch.zeros((batch, h, w, 2), **zeros)
+    grad_path = grad_path if grad_path is not None else torch.zeros((batch, h * w), **zeros)
+    return gradient(offsets, offset_scale_xy, grad_grid, grad_disp, grad_path), None, None, None, None
+
+
+_positions = kernel_op("sample_positions", _forward, _forward_fake, setup_context=_setup_context, backward=_backward,
+                       backward_impl=_gradient, backward_fake=_gradient_fake)
+
+
+def sample_positions_triton(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, reference_xy: torch.Tensor,
+                            half_key_xy: torch.Tensor, reference_path: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`defmamba.ops.deformable_sampling.sample_positions` through the Triton kernels, for
+    float32/float16/bfloat16 offsets of any layout and float32 constants (shapes checked there)."""
+    check_launch("sample-position", offsets)
+    return _positions(offsets, offset_scale_xy.contiguous(), reference_xy.contiguous(), half_key_xy.contiguous(),
+                      reference_path.contiguous())
