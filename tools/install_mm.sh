@@ -178,7 +178,10 @@ else
   sed -i "s/'-std=c++17'/'-std=c++20'/g" "$WORK/mmcv-2.1.0/setup.py"
   grep -q "'-std=c++20'" "$WORK/mmcv-2.1.0/setup.py" || {
     echo "install_mm.sh: could not patch the C++ standard in mmcv's setup.py" >&2; exit 1; }
-  env "${BUILD_ENV[@]}" MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$NPROC}" CFLAGS="${CFLAGS:--g0}" \
+  # The extension must link libstdc++ as a shared library (see shared_libstdcxx_compiler.sh).
+  BUILD_CXX="$(bash "$REPO_ROOT/tools/shared_libstdcxx_compiler.sh")" || exit 1
+  [[ "$BUILD_CXX" == "${CXX:-c++}" ]] || echo "== mmcv: CXX=${CXX:-c++} links libstdc++ statically; building with $BUILD_CXX"
+  env "${BUILD_ENV[@]}" CXX="$BUILD_CXX" MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$NPROC}" CFLAGS="${CFLAGS:--g0}" \
     "${PIP[@]}" wheel --no-build-isolation --no-deps -w "$WORK/wheel" "$WORK/mmcv-2.1.0"
   WHEEL="$(ls "$WORK"/wheel/mmcv-2.1.0-*.whl)"
   BUILT=1
