@@ -80,3 +80,37 @@ def test_missing_run_directory_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tool.main([str(tmp_path / "nope")])
     assert "not a run directory" in capsys.readouterr().err
+
+
+def _write_test_text_log(work_dir: Path, timestamp: str, times: list[tuple[float, float]]) -> None:
+    """A test work dir's text log as mmengine writes it with logger interval 1 and window size 1:
+    one progress line per image, then the metrics line (whose time is the mean, not a progress line)."""
+    folder = work_dir / timestamp
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(times)
+    lines = [f"2026/12/04 16:58:54 - mmengine - INFO - Iter(test) [{i:>{len(str(n))}}/{n}]    eta: 0:00:0{i % 10}  "
+             f"time: {t:.4f}  data_time: {d:.4f}  memory: 812  " for i, (t, d) in enumerate(times, 1)]
+    lines.append(f"2026/12/04 16:58:55 - mmengine - INFO - Iter(test) [{n}/{n}]    aAcc: 90.0000  mIoU: 41.5000  "
+                 f"data_time: 9.0000  time: 9.0000")
+    (folder / f"{timestamp}.log").write_text("\n".join(lines) + "\n")
+
+
+def test_test_time_per_image_is_the_median_after_warm_up(tmp_path):
+    rng = random.Random(11)
+    run = tmp_path / "det-swin-s"
+    _write_log(run / "train", "20260102_000000", _train_records(rng, 30), training=True)
+    _write_test_text_log(run / "test", "20260101_000000", [(5.0, 5.0)] * 12)  # an older attempt
+    times = [(3.0, 2.0)] * 5 + [(round(rng.uniform(0.04, 0.09), 4), round(rng.uniform(0.001, 0.01), 4))
+                                for _ in range(15)]
+    _write_test_text_log(run / "test", "20260102_010000", times)
+    _write_log(run / "test", "20260102_010000", [{"coco/bbox_mAP": 0.25, "time": 0.8, "step": 30}], training=False)
+
+    summary = tool.summarise_run(run, warmup=20, test_warmup=5)
+    steady = times[5:]
+    assert summary["test_times"]["test"] == dict(images=15, time_s=pytest.approx(_median([t for t, _ in steady])),
+                                                 data_time_s=pytest.approx(_median([d for _, d in steady])))
+    table = tool.markdown_table([summary])
+    header, _, row = table.splitlines()
+    assert "s/img (test)" in header.split(" | ")
+    assert f"{_median([t for t, _ in steady]):.4f}" in row.split(" | ")
+    assert tool.summarise_run(run, warmup=20, test_warmup=20)["test_times"] == {}  # nothing after the warm-up

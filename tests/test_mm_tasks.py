@@ -278,11 +278,13 @@ def test_weight_decay_is_the_authors_rule(task, names, weight_decay):
 # ---------------------------------------------------------------- one iteration in-process
 
 
-def _train_and_infer(task: str, cfg, first_param: str):
+def _train_and_infer(task: str, cfg, first_param: str, device: str = "cpu"):
+    """One training step and inference on one held-out image; returns the losses, the prediction
+    and the model (in eval mode, on ``device``)."""
     from mmengine.dataset import pseudo_collate
     from mmengine.optim import build_optim_wrapper
 
-    model = build_task_model(task, cfg)  # also sets the default scope
+    model = build_task_model(task, cfg).to(device)  # also sets the default scope
     if task == "det":
         from mmdet.registry import DATASETS
     else:
@@ -298,13 +300,13 @@ def _train_and_infer(task: str, cfg, first_param: str):
     assert not torch.equal(before, param.detach()), "the optimizer step did not reach the backbone"
     model.eval()
     with torch.no_grad():
-        return losses, model.test_step(pseudo_collate([val_set[0]]))[0]
+        return losses, model.test_step(pseudo_collate([val_set[0]]))[0], model
 
 
 def test_mask_rcnn_trains_one_iteration_and_predicts(tmp_path):
     make_coco(tmp_path)
     cfg = load_task_config("det", str(write_det_config(tmp_path)))
-    losses, result = _train_and_infer("det", cfg, "backbone.layers.0.blocks.0.op.A_logs")
+    losses, result, _ = _train_and_infer("det", cfg, "backbone.layers.0.blocks.0.op.A_logs")
     assert {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask"} <= set(losses)
     pred = result.pred_instances
     assert pred.bboxes.shape[1] == 4 and len(pred) <= 20
@@ -315,10 +317,71 @@ def test_mask_rcnn_trains_one_iteration_and_predicts(tmp_path):
 def test_upernet_trains_one_iteration_and_predicts(tmp_path):
     make_ade(tmp_path)
     cfg = load_task_config("seg", str(write_seg_config(tmp_path)))
-    losses, result = _train_and_infer("seg", cfg, "backbone.layers.3.blocks.0.op.Ds")
+    losses, result, _ = _train_and_infer("seg", cfg, "backbone.layers.3.blocks.0.op.Ds")
     assert {"decode.loss_ce", "aux.loss_ce"} <= set(losses)
     assert result.pred_sem_seg.data.shape == (1, 64, 96)
     assert set(result.gt_sem_seg.data.unique().tolist()) == {0, 1, 2, 255}  # labels 1-3 shifted, 0 ignored
+
+
+# ---------------------------------------------------------------- on the GPU, with AMP
+
+
+def _gpu_amp_config(task: str, root: Path):
+    """The tiny config as ``--amp`` runs it on one GPU: AmpOptimWrapper with a dynamic loss scale,
+    and plain BN for SyncBN (no process group in-process)."""
+    from defmamba.mm.runner import syncbn_to_bn
+
+    if task == "det":
+        make_coco(root)
+        cfg = load_task_config("det", str(write_det_config(root)))
+    else:
+        make_ade(root)
+        cfg = load_task_config("seg", str(write_seg_config(root)))
+    cfg.optim_wrapper.type = "AmpOptimWrapper"
+    cfg.optim_wrapper.loss_scale = "dynamic"
+    syncbn_to_bn(cfg.model)
+    return cfg
+
+
+def _assert_same_on_the_cpu(gpu_model, inputs: torch.Tensor, features) -> None:
+    """The GPU model's features equal the same weights' features on the CPU (float32, eval mode)."""
+    import copy
+
+    cpu_model = copy.deepcopy(gpu_model).cpu().float()
+    with torch.no_grad():
+        expected = cpu_model.extract_feat(inputs)
+    for got, want in zip(features, expected):
+        scale = want.abs().max().item()
+        assert (got.cpu() - want).abs().max().item() <= 1e-4 * max(scale, 1.0), "GPU and CPU features differ"
+
+
+@pytest.mark.cuda
+def test_mask_rcnn_amp_step_and_inference_on_the_gpu(tmp_path):
+    """Needs mmcv's CUDA ops (RoIAlign, NMS): a CPU-only build fails here, not with a skip."""
+    cfg = _gpu_amp_config("det", tmp_path)
+    losses, result, model = _train_and_infer("det", cfg, "backbone.layers.0.blocks.0.op.A_logs", device="cuda")
+    assert {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask"} <= set(losses)
+    pred = result.pred_instances
+    assert pred.bboxes.is_cuda and pred.bboxes.shape[1] == 4 and len(pred) <= 20
+    assert pred.masks.shape[1:] == (96, 128)
+    torch.manual_seed(0)
+    inputs = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        features = model.extract_feat(inputs.cuda())
+    _assert_same_on_the_cpu(model, inputs, features)
+
+
+@pytest.mark.cuda
+def test_upernet_amp_step_and_inference_on_the_gpu(tmp_path):
+    cfg = _gpu_amp_config("seg", tmp_path)
+    losses, result, model = _train_and_infer("seg", cfg, "backbone.layers.3.blocks.0.op.Ds", device="cuda")
+    assert {"decode.loss_ce", "aux.loss_ce"} <= set(losses)
+    assert result.pred_sem_seg.data.is_cuda and result.pred_sem_seg.data.shape == (1, 64, 96)
+    torch.manual_seed(0)
+    inputs = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        features = model.extract_feat(inputs.cuda())
+    _assert_same_on_the_cpu(model, inputs, features)
 
 
 # ---------------------------------------------------------------- CPU distributed plumbing

@@ -1,28 +1,35 @@
 """Summarise mmengine runs: iteration time and data time (medians after warm-up), peak GPU memory,
-the loss at the start and the end, and the test metrics, as JSON and a markdown table.
+the loss at the start and the end, the test metrics and the test time per image, as JSON and a
+markdown table.
 
-  python tools/mm_log_summary.py RUN_DIR... [--warmup 20] [--json FILE] [--markdown FILE]
+  python tools/mm_log_summary.py RUN_DIR... [--warmup 20] [--test-warmup 5] [--json FILE] [--markdown FILE]
 
 A run directory (as tools/device/dense_tasks.sh writes them) holds ``train/``, the training work dir,
 any number of test work dirs (``test/``, ``test-tta/`` ...), and ``error.txt`` when a step failed.
 mmengine logs one JSON record per logged iteration to ``<timestamp>/vis_data/<timestamp>.json`` of a
 training work dir (``time``/``data_time`` averaged over the logging window, ``memory`` the peak MiB
 since the previous record, on GPU only) and the metrics of a test to ``<timestamp>/<timestamp>.json``;
-the newest timestamp is read.
+the newest timestamp is read. Test times come from the text log ``<timestamp>/<timestamp>.log`` of a test
+work dir, one line per image when the test ran with ``default_hooks.logger.interval=1
+log_processor.window_size=1`` (as dense_tasks.sh runs it; the test batch is one image).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["read_records", "train_stats", "evaluation_metrics", "summarise_run", "markdown_table", "main"]
+__all__ = ["read_records", "train_stats", "evaluation_metrics", "test_times", "summarise_run", "markdown_table",
+           "main"]
 
 BOOKKEEPING = {"time", "data_time", "step", "iter", "epoch", "memory", "lr", "base_lr"}
 TABLE_METRICS = {"coco/bbox_mAP": "box mAP", "coco/segm_mAP": "mask mAP", "mIoU": "mIoU"}
+# a progress line of the test loop: "Iter(test) [12/50]    eta: 0:00:03  time: 0.0612  data_time: 0.0021 ..."
+_TEST_LINE = re.compile(r"\((?:test)\)\s*\[\s*(\d+)/(\d+)\]\s+eta:.*?\btime: ([0-9.]+)\s+data_time: ([0-9.]+)")
 
 
 def read_records(work_dir: Path) -> list[dict]:
@@ -62,16 +69,37 @@ def evaluation_metrics(records: Sequence[dict]) -> dict:
     return {}
 
 
-def summarise_run(run_dir: Path, warmup: int) -> dict:
-    """One run directory as a dict: name, status ('ok' or 'error'), error, train, metrics per test dir."""
+def test_times(work_dir: Path, warmup: int) -> Optional[dict]:
+    """Median time and data time per test iteration after ``warmup`` iterations, from the newest
+    text log of a test work dir; None when it logged no iteration after the warm-up."""
+    logs = sorted(work_dir.glob("*/*.log"))
+    if not logs:
+        return None
+    steady = []
+    for line in logs[-1].read_text(errors="replace").splitlines():
+        match = _TEST_LINE.search(line)
+        if match and int(match.group(1)) > warmup:
+            steady.append((float(match.group(3)), float(match.group(4))))
+    if not steady:
+        return None
+    return dict(images=len(steady), time_s=statistics.median(t for t, _ in steady),
+                data_time_s=statistics.median(d for _, d in steady))
+
+
+def summarise_run(run_dir: Path, warmup: int, test_warmup: int = 5) -> dict:
+    """One run directory as a dict: name, status ('ok' or 'error'), error, train, and per test dir
+    the metrics and the test times (:func:`test_times`)."""
     error = run_dir / "error.txt"
     summary = dict(name=run_dir.name, status="error" if error.is_file() else "ok",
                    error=error.read_text().strip() if error.is_file() else None,
-                   train=train_stats(read_records(run_dir / "train"), warmup), metrics={})
+                   train=train_stats(read_records(run_dir / "train"), warmup), metrics={}, test_times={})
     for test_dir in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("test")):
         metrics = evaluation_metrics(read_records(test_dir))
         if metrics:
             summary["metrics"][test_dir.name] = metrics
+        times = test_times(test_dir, test_warmup)
+        if times:
+            summary["test_times"][test_dir.name] = times
     return summary
 
 
@@ -80,11 +108,14 @@ def _number(value: Optional[float], digits: int) -> str:
 
 
 def markdown_table(runs: Sequence[dict]) -> str:
-    """One row per run: training measurements, then the headline metric of each test."""
+    """One row per run: training measurements, then the headline metric of each test and the test
+    time per image."""
     columns = sorted({(test, key) for run in runs for test, metrics in run["metrics"].items()
                       for key in metrics if key in TABLE_METRICS})
+    timed = sorted({test for run in runs for test in run.get("test_times", {})})
     header = ["run", "iters", "s/iter", "data s/iter", "peak GiB", "loss first → last",
-              *[f"{TABLE_METRICS[key]} ({test})" for test, key in columns], "status"]
+              *[f"{TABLE_METRICS[key]} ({test})" for test, key in columns], *[f"s/img ({test})" for test in timed],
+              "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         train = run["train"] or {}
@@ -92,7 +123,8 @@ def markdown_table(runs: Sequence[dict]) -> str:
         status = "ok" if run["status"] == "ok" else "error: " + run["error"].splitlines()[0].replace("|", "\\|")
         cells = [run["name"], str(train.get("iters", "—")), _number(train.get("time_s"), 3),
                  _number(train.get("data_time_s"), 3), _number(train.get("peak_memory_gib"), 1), loss,
-                 *[_number(run["metrics"].get(test, {}).get(key), 3) for test, key in columns], status]
+                 *[_number(run["metrics"].get(test, {}).get(key), 3) for test, key in columns],
+                 *[_number(run.get("test_times", {}).get(test, {}).get("time_s"), 4) for test in timed], status]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -101,16 +133,19 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories")
     parser.add_argument("--warmup", type=int, default=20, help="iterations left out of the medians (default 20)")
+    parser.add_argument("--test-warmup", type=int, default=5,
+                        help="test iterations (images) left out of the test-time medians (default 5)")
     parser.add_argument("--json", type=Path, help="write the summary as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.runs if not p.is_dir()]
     if missing:
         parser.error("not a run directory: " + ", ".join(missing))
-    runs = [summarise_run(run, args.warmup) for run in args.runs]
+    runs = [summarise_run(run, args.warmup, args.test_warmup) for run in args.runs]
     table = markdown_table(runs)
     if args.json:
-        args.json.write_text(json.dumps(dict(warmup=args.warmup, runs=runs), indent=2) + "\n")
+        args.json.write_text(json.dumps(dict(warmup=args.warmup, test_warmup=args.test_warmup, runs=runs), indent=2)
+                             + "\n")
     if args.markdown:
         args.markdown.write_text(table)
     print(table, end="")

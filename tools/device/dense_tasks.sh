@@ -5,10 +5,13 @@
 #   data     both sets (tools/make_dense_data.py) under $DATA_DIR; skipped when there
 #   main     DefMamba-S, $ITERS iterations each: Mask R-CNN, then dist_test.sh on the held-out split
 #            (box and mask mAP); UperNet, then dist_test.sh without and with --tta (mIoU)
-#   peers    $PEERS (DefMamba-T, Swin-T, Swin-S), $PEER_ITERS iterations of each task, same data and batch
-#   summary  iteration time and data time (medians after 20 warm-up iterations), peak memory, losses
-#            and metrics of every run in OUT_DIR/summary.{json,md} (tools/mm_log_summary.py)
+#   peers    $PEERS (DefMamba-T, Swin-T, Swin-S), $PEER_ITERS iterations of each task, same data and batch,
+#            then dist_test.sh on the held-out split
+#   summary  iteration time and data time (medians after 20 warm-up iterations), peak memory, losses,
+#            metrics and test time per image (median after 5 images) of every run in
+#            OUT_DIR/summary.{json,md} (tools/mm_log_summary.py)
 # Usage (repository root): bash tools/device/dense_tasks.sh OUT_DIR [STEP...]   (default: every step)
+# STEP may name one task of a step: main:det, peers:seg (both tasks when none is named).
 # Environment: MM_WHEELS (unset: pip uses its index), DATA_DIR (work_dirs/synthetic_data),
 #   ITERS (300), PEER_ITERS (100), PEERS (defmamba-t swin-t swin-s), TRAIN_IMAGES (200), VAL_IMAGES (50),
 #   AMP (--amp; set it empty for fp32), DET_CFG_OPTIONS / SEG_CFG_OPTIONS (more key=value overrides
@@ -16,15 +19,16 @@
 # Each run keeps its logs and work dirs in OUT_DIR/runs/<task>-<model>/; a failed step adds to that
 # folder's error.txt and the other runs go on; the exit status is 1 when any run failed.
 set -euo pipefail
-if [[ $# -lt 1 ]]; then sed -n '2,17p' "$0" >&2; exit 2; fi
+if [[ $# -lt 1 ]]; then sed -n '2,20p' "$0" >&2; exit 2; fi
 out=$1
 shift
 steps=("$@")
 [[ ${#steps[@]} -gt 0 ]] || steps=(install data main peers summary)
 for s in "${steps[@]}"; do
   case $s in
-    install|data|main|peers|summary) ;;
-    *) echo "dense_tasks.sh: unknown step '$s' (steps: install data main peers summary)" >&2; exit 2 ;;
+    install|data|main|main:det|main:seg|peers|peers:det|peers:seg|summary) ;;
+    *) echo "dense_tasks.sh: unknown step '$s' (steps: install data main[:det|:seg] peers[:det|:seg] summary)" >&2
+       exit 2 ;;
   esac
 done
 
@@ -120,25 +124,32 @@ run_model() {
     option=${test#"$name"}
     option=${option#:}
     echo "== $run: $name"
+    # one log line per image (the test batch is one image): the summary takes the median time per image
     step "$run" "$name" bash "$tool/dist_test.sh" "$config" "$(cat "$dir/train/last_checkpoint")" 1 \
-      --work-dir "$dir/$name" ${option:+"$option"} ${options[0]+--cfg-options "${options[@]}"} || true
+      --work-dir "$dir/$name" ${option:+"$option"} --cfg-options default_hooks.logger.interval=1 \
+      log_processor.window_size=1 "${options[@]}" || true
   done
 }
 
 for step_name in "${steps[@]}"; do
+  tasks=(det seg)
+  [[ $step_name == *:* ]] && tasks=("${step_name#*:}")
   case $step_name in
     install) install_stack ;;
     data) make_data coco 1333 800; make_data ade 512 512 ;;
-    main)
-      run_model det defmamba-s "${ITERS:-300}" test
-      run_model seg defmamba-s "${ITERS:-300}" test test-tta:--tta ;;
-    peers)
-      for model in ${PEERS:-defmamba-t swin-t swin-s}; do
-        run_model det "$model" "${PEER_ITERS:-100}"
-        run_model seg "$model" "${PEER_ITERS:-100}"
+    main*)
+      for task in "${tasks[@]}"; do
+        if [[ $task == det ]]; then run_model det defmamba-s "${ITERS:-300}" test
+        else run_model seg defmamba-s "${ITERS:-300}" test test-tta:--tta; fi
+      done ;;
+    peers*)
+      for task in "${tasks[@]}"; do
+        for model in ${PEERS:-defmamba-t swin-t swin-s}; do
+          run_model "$task" "$model" "${PEER_ITERS:-100}" test
+        done
       done ;;
     summary)
-      "$PYTHON" tools/mm_log_summary.py "$out"/runs/*/ --warmup 20 --json "$out/summary.json" \
+      "$PYTHON" tools/mm_log_summary.py "$out"/runs/*/ --warmup 20 --test-warmup 5 --json "$out/summary.json" \
         --markdown "$out/summary.md" ;;
   esac
 done
