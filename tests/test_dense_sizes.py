@@ -80,7 +80,9 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("height,width", [(800, 1344), (517, 771)])
 def test_kernels_match_the_pytorch_formulation_at_dense_sizes(height, width):
     torch.manual_seed(0)
-    model = DefMambaBackbone(dims=96, depths=(1, 1, 1, 1), drop_path_rate=0.0).cuda().train()
+    # narrow (16 channels at stage 1): the sequence length is what is tested, and the PyTorch scan holds
+    # every doubling pass for autograd (about 130 GiB in float32 at Small's widths and 800 × 1344)
+    model = DefMambaBackbone(dims=16, depths=(1, 1, 1, 1), drop_path_rate=0.0).cuda().train()
     x = torch.randn(1, 3, height, width, device="cuda")
     with torch.no_grad():
         shapes = [f.shape for f in model(x)]

@@ -114,3 +114,11 @@ def test_test_time_per_image_is_the_median_after_warm_up(tmp_path):
     assert "s/img (test)" in header.split(" | ")
     assert f"{_median([t for t, _ in steady]):.4f}" in row.split(" | ")
     assert tool.summarise_run(run, warmup=20, test_warmup=20)["test_times"] == {}  # nothing after the warm-up
+
+
+def test_a_run_cut_off_before_its_first_logged_iteration_is_incomplete(tmp_path):
+    run = tmp_path / "seg-swin-t"
+    (run / "train" / "20260102_000000").mkdir(parents=True)  # the work dir exists, no record yet
+    summary = tool.summarise_run(run, warmup=20)
+    assert summary["status"] == "incomplete" and summary["train"] is None
+    assert tool.markdown_table([summary]).splitlines()[-1].endswith("| incomplete |")

@@ -295,8 +295,13 @@ def _train_and_infer(task: str, cfg, first_param: str, device: str = "cpu"):
     param = dict(model.named_parameters())[first_param]
     before = param.detach().clone()
     model.train()
-    losses = model.train_step(pseudo_collate([train_set[0], train_set[1]]), optim)
-    assert all(torch.isfinite(v).all() for v in losses.values())
+    # a dynamic loss scale starts high (2^16) and skips the steps whose fp16 gradients overflow while
+    # it comes down: allow a few
+    for _ in range(1 if cfg.optim_wrapper.type == "OptimWrapper" else 8):
+        losses = model.train_step(pseudo_collate([train_set[0], train_set[1]]), optim)
+        assert all(torch.isfinite(v).all() for v in losses.values())
+        if not torch.equal(before, param.detach()):
+            break
     assert not torch.equal(before, param.detach()), "the optimizer step did not reach the backbone"
     model.eval()
     with torch.no_grad():
@@ -343,13 +348,20 @@ def _gpu_amp_config(task: str, root: Path):
     return cfg
 
 
-def _assert_same_on_the_cpu(gpu_model, inputs: torch.Tensor, features) -> None:
-    """The GPU model's features equal the same weights' features on the CPU (float32, eval mode)."""
+def _assert_same_on_the_cpu(gpu_model, inputs: torch.Tensor) -> None:
+    """The GPU model's features equal the same weights' features on the CPU (float32, eval mode; TF32
+    off, which cuDNN convolutions use by default and which rounds to 10 mantissa bits)."""
     import copy
 
     cpu_model = copy.deepcopy(gpu_model).cpu().float()
-    with torch.no_grad():
-        expected = cpu_model.extract_feat(inputs)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            features = gpu_model.extract_feat(inputs.cuda())
+            expected = cpu_model.extract_feat(inputs)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     for got, want in zip(features, expected):
         scale = want.abs().max().item()
         assert (got.cpu() - want).abs().max().item() <= 1e-4 * max(scale, 1.0), "GPU and CPU features differ"
@@ -365,10 +377,7 @@ def test_mask_rcnn_amp_step_and_inference_on_the_gpu(tmp_path):
     assert pred.bboxes.is_cuda and pred.bboxes.shape[1] == 4 and len(pred) <= 20
     assert pred.masks.shape[1:] == (96, 128)
     torch.manual_seed(0)
-    inputs = torch.randn(1, 3, 96, 128)
-    with torch.no_grad():
-        features = model.extract_feat(inputs.cuda())
-    _assert_same_on_the_cpu(model, inputs, features)
+    _assert_same_on_the_cpu(model, torch.randn(1, 3, 96, 128))
 
 
 @pytest.mark.cuda
@@ -378,10 +387,7 @@ def test_upernet_amp_step_and_inference_on_the_gpu(tmp_path):
     assert {"decode.loss_ce", "aux.loss_ce"} <= set(losses)
     assert result.pred_sem_seg.data.is_cuda and result.pred_sem_seg.data.shape == (1, 64, 96)
     torch.manual_seed(0)
-    inputs = torch.randn(1, 3, 64, 96)
-    with torch.no_grad():
-        features = model.extract_feat(inputs.cuda())
-    _assert_same_on_the_cpu(model, inputs, features)
+    _assert_same_on_the_cpu(model, torch.randn(1, 3, 64, 96))
 
 
 # ---------------------------------------------------------------- CPU distributed plumbing

@@ -87,12 +87,14 @@ def test_times(work_dir: Path, warmup: int) -> Optional[dict]:
 
 
 def summarise_run(run_dir: Path, warmup: int, test_warmup: int = 5) -> dict:
-    """One run directory as a dict: name, status ('ok' or 'error'), error, train, and per test dir
-    the metrics and the test times (:func:`test_times`)."""
+    """One run directory as a dict: name, status, error, train, and per test dir the metrics and the
+    test times (:func:`test_times`). The status is 'error' when a step failed (error.txt), 'incomplete'
+    when training logged nothing (a run cut off before its first logged iteration), else 'ok'."""
     error = run_dir / "error.txt"
-    summary = dict(name=run_dir.name, status="error" if error.is_file() else "ok",
-                   error=error.read_text().strip() if error.is_file() else None,
-                   train=train_stats(read_records(run_dir / "train"), warmup), metrics={}, test_times={})
+    train = train_stats(read_records(run_dir / "train"), warmup)
+    status = "error" if error.is_file() else "incomplete" if train is None else "ok"
+    summary = dict(name=run_dir.name, status=status, error=error.read_text().strip() if error.is_file() else None,
+                   train=train, metrics={}, test_times={})
     for test_dir in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("test")):
         metrics = evaluation_metrics(read_records(test_dir))
         if metrics:
@@ -120,7 +122,8 @@ def markdown_table(runs: Sequence[dict]) -> str:
     for run in runs:
         train = run["train"] or {}
         loss = (f"{train['first_loss']:.3f} → {train['last_loss']:.3f}" if train else "—")
-        status = "ok" if run["status"] == "ok" else "error: " + run["error"].splitlines()[0].replace("|", "\\|")
+        status = ("error: " + run["error"].splitlines()[0].replace("|", "\\|") if run["status"] == "error"
+                  else run["status"])
         cells = [run["name"], str(train.get("iters", "—")), _number(train.get("time_s"), 3),
                  _number(train.get("data_time_s"), 3), _number(train.get("peak_memory_gib"), 1), loss,
                  *[_number(run["metrics"].get(test, {}).get(key), 3) for test, key in columns],

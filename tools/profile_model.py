@@ -1,7 +1,9 @@
 """Where the time goes: profile one DefMamba inference pass and one training step on the GPU.
 
-Prints the CUDA time per operator category (scan kernels, grid_sample, LayerNorm, GEMMs,
-copies/casts, ...) and the top kernels, and writes the whole table as JSON.
+Prints the CUDA time and the kernel launches per operator category (scan kernels, grid_sample,
+LayerNorm, GEMMs, copies/casts, ...), the top kernels by time and by launches, and writes the whole
+table as JSON. In eager mode every launch costs the host time, so the launch counts say where a
+host-bound step's time goes.
 
     python tools/profile_model.py --model defmamba_small --batch-size 128 --amp float16 --out prof.json
 """
@@ -43,13 +45,15 @@ def categorise(name: str) -> str:
     return "other"
 
 
-def kernel_times(prof) -> dict[str, float]:
-    """CUDA kernel time (ms) per kernel name."""
+def kernel_times(prof) -> tuple[dict[str, float], dict[str, int]]:
+    """CUDA kernel time (ms) and launches per kernel name."""
     times: dict[str, float] = defaultdict(float)
+    launches: dict[str, int] = defaultdict(int)
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             times[event.name] += event.device_time_total / 1000
-    return times
+            launches[event.name] += 1
+    return times, launches
 
 
 def ops_by_shape(prof, top: int) -> list[tuple[str, str, int, float]]:
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
     images = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
     targets = torch.randint(0, 1000, (args.batch_size,), device=device)
     amp_dtype = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.amp]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as benchmark.py --host-cost
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     def infer():
@@ -93,20 +97,28 @@ def run(args: argparse.Namespace) -> dict:
         with profile(activities=activities, record_shapes=args.ops_by_shape) as prof:
             step()
             torch.cuda.synchronize()
-        kernels = kernel_times(prof)
+        kernels, launches = kernel_times(prof)
         total = sum(kernels.values())
         by_category: dict[str, float] = defaultdict(float)
+        launches_by_category: dict[str, int] = defaultdict(int)
         for kernel, ms in kernels.items():
             by_category[categorise(kernel)] += ms
+            launches_by_category[categorise(kernel)] += launches[kernel]
         top = sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]
-        report[name] = {"total_ms": total, "by_category_ms": dict(by_category), "top_kernels_ms": top}
+        most_launched = sorted(launches.items(), key=lambda kv: -kv[1])[: args.top]
+        report[name] = {"total_ms": total, "launches": sum(launches.values()), "by_category_ms": dict(by_category),
+                        "launches_by_category": dict(launches_by_category), "top_kernels_ms": top,
+                        "top_kernels_by_launches": most_launched}
         print(f"\n== {args.model} {name} (batch {args.batch_size}, amp {args.amp}, backend {args.backend}): "
-              f"{total:.1f} ms CUDA time")
+              f"{total:.1f} ms CUDA time, {sum(launches.values())} kernel launches")
         for category, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
-            print(f"  {category:28s} {ms:8.2f} ms  {100 * ms / total:5.1f}%")
+            print(f"  {category:28s} {ms:8.2f} ms  {100 * ms / total:5.1f}%  {launches_by_category[category]:5d} launches")
         print("  top kernels:")
         for kernel, ms in top:
             print(f"    {ms:8.2f} ms  {kernel[:110]}")
+        print("  most launched kernels:")
+        for kernel, count in most_launched:
+            print(f"    {count:6d}×  {kernel[:110]}")
         if args.ops_by_shape:
             report[name]["ops_by_shape"] = ops_by_shape(prof, args.top)
             print("  top operators by input shape (CUDA time including the operators they call):")
