@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.layer_norm import LayerNorm
+from .autocast_parameters import ParameterCastGroup
 from .blocks import DMBlock, Downsample, PatchEmbed
 
 __all__ = ["DefMamba", "DefMambaBackbone", "DEFORM_KERNEL_SIZES", "MIN_INPUT_SIZE"]
@@ -31,14 +32,20 @@ class Stage(nn.Module):
             DMBlock(dim, deform_kernel_size, drop_path=drop_paths[i], **block_kwargs) for i in range(depth)])
         self.downsample = Downsample(dim, out_dim) if out_dim is not None else nn.Identity()
         self.grad_checkpointing = False
+        self._autocast_group = ParameterCastGroup(
+            self.blocks, [f"{i}.{name}" for i in range(depth) for name in DMBlock.AUTOCAST_PARAMETERS])
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # the recomputation must record the forward's operations, autocast's casts included
+            for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+            return x
+        # under autocast, the blocks' matmul parameters cast in one go (autocast_parameters.py); a
+        # replica of nn.DataParallel shares this attribute with the original but has its own blocks
+        if self._autocast_group.root is not self.blocks:
+            self._autocast_group = ParameterCastGroup(self.blocks, self._autocast_group.names)
+        return self._autocast_group.run(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.downsample(self.forward_blocks(x))

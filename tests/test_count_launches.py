@@ -1,0 +1,37 @@
+"""tools/count_launches.py: the launches of an eager step along the GPU routes, counted on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_training_step_of_tiny_along_the_gpu_routes(tmp_path):
+    out = tmp_path / "counts.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "count_launches.py"), "--json", str(out), "--top", "5"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    forward, backward = report["by_op"]["forward"], report["by_op"]["backward"]
+    blocks = 2 + 2 + 5 + 2  # DefMamba-T
+    # one launch of each of the block's kernels per block, each way: the GPU routes were taken
+    for kernel in ("_scan_fwd_kernel", "_sampling_fwd_kernel", "_positions_fwd_kernel", "_merge_gate_fwd_kernel",
+                   "_stack_orders_fwd_kernel", "_projection_kernel"):
+        assert forward[f"triton::{kernel}"] == blocks, kernel
+    for kernel in ("_scan_bwd_kernel", "_sampling_bwd_kernel", "_positions_bwd_kernel", "_gelu_grad_kernel"):
+        assert backward[f"triton::{kernel}"] == blocks, kernel
+    assert forward["triton::_dwconv_fwd_kernel"] == 2 * blocks  # the block's conv and the offset network's
+    # the blocks' matmul parameters cast once per stage each way (models/autocast_parameters.py)
+    assert forward["aten::_foreach_copy_"] == backward["aten::_foreach_copy_"] == 4
+    for phase in ("forward", "backward"):
+        assert sum(report["by_source"][phase].values()) == report["totals"][phase] == sum(report["by_op"][phase].values())
+    assert "launching operators" in result.stdout

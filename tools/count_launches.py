@@ -1,0 +1,194 @@
+"""Count the kernel launches of an eager DefMamba step, and where they come from, on a CPU.
+
+In eager mode every kernel launch costs the host time (about 50 µs each on the H200 machines of
+docs/benchmarks.md), so a host-bound step is as fast as its launches are few. This tool counts
+them without a GPU: it runs the model on CPU tensors along the GPU routes (the Triton kernels'
+Python wrappers, their kernels replaced by counters, TRITON_INTERPRET set so that their CPU-tensor
+checks pass), under float16 autocast, and records every ATen operator that would launch a kernel
+(views, allocations and metadata operators launch none) with the model source line that issued it.
+
+    python tools/count_launches.py [--model defmamba_tiny] [--mode train|infer] [--size 64] [--top 30]
+                                   [--json FILE]
+
+The counts are of operators, not of CUDA kernels: an operator may launch more than one kernel
+(a sort, a GEMM with a split-K reduction), the optimizer's launches are not included, and autocast's
+CPU and CUDA operator lists differ in a few operators. The profile on a GPU
+(``tools/profile_model.py``) gives the exact kernels; this gives their sources, anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional, Sequence
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, so before the library is imported
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import defmamba  # noqa: E402
+
+__all__ = ["LaunchCounter", "gpu_routes_on_cpu", "count_step", "main"]
+
+# Operators that launch no kernel: views, allocations without initialisation, metadata.
+NO_LAUNCH = {
+    "view", "_unsafe_view", "permute", "expand", "transpose", "t", "as_strided", "slice", "select", "unsqueeze",
+    "squeeze", "alias", "detach", "unbind", "split", "split_with_sizes", "chunk", "reshape", "unflatten",
+    "flatten", "narrow", "view_as", "expand_as", "diagonal", "_reshape_alias", "lift_fresh", "empty_like", "empty",
+    "new_empty", "empty_strided", "new_empty_strided", "is_same_size", "sym_size", "sym_stride", "sym_numel",
+    "set_", "_local_scalar_dense", "resolve_conj", "resolve_neg", "result_type", "promote_types", "device",
+    "_has_compatible_shallow_copy_type", "is_nonzero", "contiguous",
+}
+TRITON_KERNEL = "triton"
+
+
+def _source(frames: list[traceback.FrameSummary]) -> str:
+    """The innermost frame in the library: 'models/dssm.py:64 forward'."""
+    root = os.sep + "defmamba" + os.sep
+    for frame in reversed(frames):
+        if root in frame.filename and "count_launches" not in frame.filename:
+            return f"{frame.filename.split(root, 1)[1]}:{frame.lineno} {frame.name}"
+    return "outside the library"
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts launching operators (and the Triton kernels reported to :meth:`triton_launch`) by
+    name and by source line, separately for the phases set in :attr:`phase`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "forward"
+        self.by_op: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.by_source: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.active = True
+
+    def record(self, name: str) -> None:
+        if self.active:
+            self.by_op[self.phase][name] += 1
+            self.by_source[self.phase][f"{name}  @ {_source(traceback.extract_stack()[:-2])}"] += 1
+
+    def triton_launch(self, kernel_name: str) -> None:
+        self.record(f"{TRITON_KERNEL}::{kernel_name}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name not in NO_LAUNCH and not name.endswith("_copy_nocopy"):
+            self.record(f"aten::{name}" if func.namespace == "aten" else f"{func.namespace}::{name}")
+        return func(*args, **(kwargs or {}))
+
+    def totals(self) -> dict[str, int]:
+        return {phase: sum(counts.values()) for phase, counts in self.by_op.items()}
+
+
+class gpu_routes_on_cpu:
+    """Inside this block, the library takes its GPU routes for CPU tensors, with each Triton kernel
+    launch reported to ``counter`` instead of run."""
+
+    def __init__(self, counter: LaunchCounter) -> None:
+        self.counter = counter
+        self.saved: list[tuple[object, str, object]] = []
+
+    def _patch(self, owner: object, name: str, value: object) -> None:
+        self.saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def __enter__(self) -> "gpu_routes_on_cpu":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from defmamba.ops import dispatch
+
+        counter = self.counter
+
+        def use_kernels(op: str, *tensors: Optional[torch.Tensor]) -> bool:
+            # dispatch.use_kernels's rule with CPU tensors standing for CUDA ones
+            return (not dispatch.reference_forced(op) and not torch.jit.is_tracing()
+                    and all(t is None or (t.dtype in dispatch.KERNEL_DTYPES and t.numel()) for t in tensors))
+
+        def launch(kernel, grid):
+            return lambda *args, **kwargs: counter.triton_launch(kernel.fn.__name__)
+
+        rule = dispatch.use_kernels
+        for name, module in list(sys.modules.items()):
+            if name.startswith("defmamba.ops.") and module is not dispatch and getattr(module, "use_kernels", None) is rule:
+                self._patch(module, "use_kernels", use_kernels)
+        self._patch(InterpretedFunction, "__getitem__", launch)
+        # the ops ask whether CUDA autocast is on: it is, where the CPU one is
+        enabled, autocast_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+        self._patch(torch, "is_autocast_enabled",
+                    lambda device_type=None: enabled("cpu" if device_type == "cuda" else device_type)
+                    if device_type is not None else enabled())
+        self._patch(torch, "get_autocast_dtype",
+                    lambda device_type: autocast_dtype("cpu" if device_type == "cuda" else device_type))
+        scan = importlib.import_module("defmamba.ops.selective_scan")
+        triton_scan = importlib.import_module("defmamba.ops.selective_scan.triton")
+        self._patch(scan, "_loaded", dict(scan._loaded, triton=(triton_scan.selective_scan_triton, ""),
+                                          cuda=(None, "not counted")))
+        self._patch(scan, "BACKENDS", ("triton", "torch"))
+        self._patch(scan, "resolve_backend", _cpu_as_cuda(scan.resolve_backend))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, value in reversed(self.saved):
+            setattr(owner, name, value)
+
+
+def _cpu_as_cuda(resolve):
+    def resolve_backend(backend: str, device: torch.device):
+        return resolve(backend, torch.device("cuda") if device.type == "cpu" else device)
+    return resolve_backend
+
+
+def count_step(model_name: str = "defmamba_tiny", mode: str = "train", size: int = 64, batch: int = 2) -> LaunchCounter:
+    """The launches of the second of two steps (the first fills the library's caches): forward and,
+    in training, backward of a cross-entropy loss under float16 autocast."""
+    torch.manual_seed(0)
+    # channels-last, as tools/benchmark.py and training run it (the depthwise-conv kernels need it)
+    model = defmamba.build_model(model_name).to(memory_format=torch.channels_last).train(mode == "train")
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (batch,))
+    counter = LaunchCounter()
+    with gpu_routes_on_cpu(counter), counter, torch.set_grad_enabled(mode == "train"):
+        for step in range(2):
+            counter.active = step == 1
+            counter.phase = "forward"
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), target)
+            if mode == "train":
+                counter.phase = "backward"
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+    return counter
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="defmamba_tiny", choices=["defmamba_tiny", "defmamba_small", "defmamba_base"])
+    parser.add_argument("--mode", default="train", choices=["train", "infer"])
+    parser.add_argument("--size", type=int, default=64, help="image size (the counts do not depend on it; default 64)")
+    parser.add_argument("--top", type=int, default=30, help="rows per table (default 30)")
+    parser.add_argument("--json", type=Path, help="write every count here")
+    args = parser.parse_args(argv)
+    counter = count_step(args.model, args.mode, args.size)
+    report = dict(model=args.model, mode=args.mode, totals=counter.totals(),
+                  by_op={p: dict(c.most_common()) for p, c in counter.by_op.items()},
+                  by_source={p: dict(c.most_common()) for p, c in counter.by_source.items()})
+    for phase, total in report["totals"].items():
+        print(f"== {args.model} {args.mode}, {phase}: {total} launching operators")
+        for name, count in counter.by_op[phase].most_common(args.top):
+            print(f"  {count:5d}  {name}")
+        print("  by source:")
+        for name, count in counter.by_source[phase].most_common(args.top):
+            print(f"  {count:5d}  {name}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
