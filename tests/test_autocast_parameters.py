@@ -102,6 +102,13 @@ def test_group_names_are_checked_and_weights_loaded_later_are_seen():
         group.run(torch.randn(1, 8, 8, 16))
     assert seen[0].dtype == torch.bfloat16 and torch.equal(seen[0], fresh.detach().bfloat16())
     assert model.layers[0].blocks[0].op.in_proj.weight is fresh  # put back after the run
+    # a parameter moved out of its module (as FSDP's flat parameters do): the group stands aside
+    del model.layers[0].blocks[0].op.in_proj._parameters["weight"]
+    model.layers[0].blocks[0].op.in_proj.weight = fresh.detach().clone()
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        group.run(torch.randn(1, 8, 8, 16))
+    assert seen[0].dtype == torch.float32
 
 
 def test_gradient_checkpointing_keeps_per_layer_casts():

@@ -122,8 +122,9 @@ class ParameterCastGroup:
 
     def run(self, *args: Any) -> Any:
         """``root(*args)``, under autocast with the group's parameters cast in one go (module docstring)."""
-        params = [module._parameters[leaf] for module, leaf in self.holders]
-        dtype = autocast_dtype_for(params, self.ancestors)
+        params = [module._parameters.get(leaf) for module, leaf in self.holders]
+        # a wrapper that moved the parameters elsewhere (FSDP's flat parameters): leave it to them
+        dtype = None if any(p is None for p in params) else autocast_dtype_for(params, self.ancestors)
         if dtype is None:
             return self.root(*args)
         cast = cast_parameters(dtype, params)

@@ -168,23 +168,28 @@ def _taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return taps.copy_(weight.detach().reshape(channels, k * k).t())
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    return _conv(x, _taps(weight, x.dtype), bias, out_dtype, weight.shape[-1], False)
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and the taps (kept for the backward, which reads the same taps flipped)."""
+    taps = _taps(weight, x.dtype)
+    return _conv(x, taps, bias, out_dtype, weight.shape[-1], False), taps
 
 
 def _forward_fake(x, weight, bias, out_dtype):
-    return torch.empty_like(x, dtype=out_dtype, memory_format=torch.channels_last)
+    channels, _, k, _ = weight.shape
+    return (torch.empty_like(x, dtype=out_dtype, memory_format=torch.channels_last),
+            x.new_empty((k * k, channels)))
 
 
-def _gradients(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+def _gradients(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, taps: torch.Tensor,
                has_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradient of x (channels-last, x's dtype) and, flat in one float32 tensor, those of the
-    weight (C·K·K) and of the bias (C; none without a bias): a custom op's outputs may not alias
-    each other, so :func:`_backward` splits them."""
+    """The gradient of x (channels-last, x's dtype; the forward's taps, flipped) and, flat in one
+    float32 tensor, those of the weight (C·K·K) and of the bias (C; none without a bias): a custom
+    op's outputs may not alias each other, so :func:`_backward` splits them."""
     batch, channels, height, width = x.shape
     k = weight.shape[-1]
     grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
-    dx = _conv(grad, _taps(weight, x.dtype), None, x.dtype, k, True)
+    dx = _conv(grad, taps, None, x.dtype, k, True)
     k_tile, last_apart = _wgrad_taps(k)
     block_w = min(triton.next_power_of_2(width), max(1, _WGRAD_TILE // k_tile))
     block_c = _channel_block(channels, _WGRAD_BLOCK_C)
@@ -202,21 +207,23 @@ def _gradients(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return dx, parts.sum(0)
 
 
-def _gradients_fake(grad, x, weight, has_bias):
+def _gradients_fake(grad, x, weight, taps, has_bias):
     return (torch.empty_like(x, memory_format=torch.channels_last),
             weight.new_empty((weight.numel() + (weight.shape[0] if has_bias else 0),), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, _out_dtype = inputs
-    ctx.save_for_backward(x, weight)
+    _y, taps = output
+    ctx.save_for_backward(x, weight, taps)
     ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(taps)
 
 
-def _backward(ctx, gradients: Callable, grad: torch.Tensor):
-    x, weight = ctx.saved_tensors
+def _backward(ctx, gradients: Callable, grad: torch.Tensor, _dtaps: Optional[torch.Tensor]):
+    x, weight, taps = ctx.saved_tensors
     has_bias = ctx.bias_dtype is not None
-    dx, sums = gradients(grad, x, weight, has_bias)
+    dx, sums = gradients(grad, x, weight, taps, has_bias)
     dweight, dbias = sums[:weight.numel()].view(weight.shape), sums[weight.numel():]
     return dx, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype) if has_bias else None, None
 
@@ -235,4 +242,4 @@ def depthwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     if pixel_stride(x) is None:
         raise ValueError("the Triton depthwise convolution takes channels-last inputs (channels contiguous, "
                          f"pixels evenly spaced); got strides {x.stride()} for shape {tuple(x.shape)}")
-    return _conv_op(x, weight, bias, out_dtype)
+    return _conv_op(x, weight, bias, out_dtype)[0]
