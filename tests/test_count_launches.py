@@ -32,6 +32,10 @@ def test_training_step_of_tiny_along_the_gpu_routes(tmp_path):
     assert forward["triton::_dwconv_fwd_kernel"] == 2 * blocks  # the block's conv and the offset network's
     # the blocks' matmul parameters cast once per stage each way (models/autocast_parameters.py)
     assert forward["aten::_foreach_copy_"] == backward["aten::_foreach_copy_"] == 4
+    sources = report["by_source"]
+    # the depthwise convolution's weight taps copied once per call, in the forward only
+    assert sum(n for s, n in sources["forward"].items() if "_taps" in s) == 2 * blocks
+    assert not [s for s in sources["backward"] if "_taps" in s]
     for phase in ("forward", "backward"):
         assert sum(report["by_source"][phase].values()) == report["totals"][phase] == sum(report["by_op"][phase].values())
     assert "launching operators" in result.stdout
