@@ -102,7 +102,11 @@ class gpu_routes_on_cpu:
         from triton.runtime.interpreter import InterpretedFunction
 
         from defmamba.ops import dispatch
+        from defmamba.ops.layer_norm.triton import _ln_fwd_kernel
 
+        if not isinstance(_ln_fwd_kernel, InterpretedFunction):
+            raise RuntimeError("count_launches: the library's Triton kernels were defined before TRITON_INTERPRET=1 "
+                               "was set; run tools/count_launches.py as a script (or import it before defmamba)")
         counter = self.counter
 
         def use_kernels(op: str, *tensors: Optional[torch.Tensor]) -> bool:
