@@ -27,7 +27,8 @@ pytestmark = pytest.mark.cuda
 # Errors relative to the largest magnitude of the float64 tensor they belong to.
 FORWARD_TOLERANCE = 1e-4
 GRADIENT_TOLERANCE = 1e-3
-PATH_TOLERANCE = 1e-5  # path positions lie in [-2, 2]; float32's resolution there is 2.4e-7
+PATH_TOLERANCE = 1e-4  # path positions lie in [-2, 2] (float32 resolution 2.4e-7); the offsets behind
+# them carry the float32 error of every layer upstream
 
 
 @contextlib.contextmanager
