@@ -7,8 +7,9 @@ Python wrappers, their kernels replaced by counters, TRITON_INTERPRET set so tha
 checks pass), under float16 autocast, and records every ATen operator that would launch a kernel
 (views, allocations and metadata operators launch none) with the model source line that issued it.
 
-    python tools/count_launches.py [--model defmamba_tiny] [--mode train|infer] [--size 64] [--top 30]
+    python tools/count_launches.py [--model defmamba_tiny] [--mode train|infer] [--size 224] [--top 30]
                                    [--json FILE]
+    python tools/count_launches.py --model swin_tiny_patch4_window7_224     # a timm peer, the same count
 
 The counts are of operators, not of CUDA kernels: an operator may launch more than one kernel
 (a sort, a GEMM with a split-K reduction), the optimizer's launches are not included, and autocast's
@@ -148,12 +149,18 @@ def _cpu_as_cuda(resolve):
     return resolve_backend
 
 
-def count_step(model_name: str = "defmamba_tiny", mode: str = "train", size: int = 64, batch: int = 2) -> LaunchCounter:
+def count_step(model_name: str = "defmamba_tiny", mode: str = "train", size: int = 224, batch: int = 2) -> LaunchCounter:
     """The launches of the second of two steps (the first fills the library's caches): forward and,
-    in training, backward of a cross-entropy loss under float16 autocast."""
+    in training, backward of a cross-entropy loss under float16 autocast. ``model_name``: a DefMamba
+    variant or any timm model (a peer)."""
+    import timm
+
     torch.manual_seed(0)
+    if model_name not in timm.list_models():
+        raise ValueError(f"count_launches: unknown model {model_name!r}; name a DefMamba variant "
+                         f"(defmamba_tiny/small/base) or a timm model such as swin_tiny_patch4_window7_224")
     # channels-last, as tools/benchmark.py and training run it (the depthwise-conv kernels need it)
-    model = defmamba.build_model(model_name).to(memory_format=torch.channels_last).train(mode == "train")
+    model = timm.create_model(model_name).to(memory_format=torch.channels_last).train(mode == "train")
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (batch,))
     counter = LaunchCounter()
@@ -172,9 +179,10 @@ def count_step(model_name: str = "defmamba_tiny", mode: str = "train", size: int
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="defmamba_tiny", choices=["defmamba_tiny", "defmamba_small", "defmamba_base"])
+    parser.add_argument("--model", default="defmamba_tiny",
+                        help="a DefMamba variant or a timm peer (default defmamba_tiny)")
     parser.add_argument("--mode", default="train", choices=["train", "infer"])
-    parser.add_argument("--size", type=int, default=64, help="image size (the counts do not depend on it; default 64)")
+    parser.add_argument("--size", type=int, default=224, help="image size (default 224; the peers may need theirs)")
     parser.add_argument("--top", type=int, default=30, help="rows per table (default 30)")
     parser.add_argument("--json", type=Path, help="write every count here")
     args = parser.parse_args(argv)
