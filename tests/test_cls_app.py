@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "classification"
 PY = sys.executable
 # CPU runs (the deterministic ones) even on a GPU machine, with the in-process runs' thread count.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+# The checkout's library first on the path: the app runs from this tree whether or not it is installed.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 CLASSES = ("cat", "dog", "fox")
 N_TRAIN, N_VAL = 4, 2      # images per class
 
