@@ -197,8 +197,9 @@ def _gradients(grad: torch.Tensor, x: torch.Tensor, grid: torch.Tensor, table_hw
     length = h * w
     partials = min(batch, _TABLE_PARTIALS)
     f32 = dict(dtype=torch.float32, device=x.device)
-    grad_x = torch.zeros((batch, h, w, channels), **f32)  # channels-last
-    grad_table = torch.zeros((partials, h, w, channels), **f32)
+    # grad_x (channels-last) and the table's partial sums, both accumulated atomically: one zero fill
+    accumulated = torch.zeros((batch + partials, h, w, channels), **f32)
+    grad_x, grad_table = accumulated[:batch], accumulated[batch:]
     grad_grid = torch.empty((batch, h, w, 2), **f32)
     grad_disp = torch.empty((batch, h, w, 2), **f32)
     slot_mean = torch.empty((batch, length), **f32)

@@ -185,7 +185,7 @@ if triton is not None:
 
     def _scan_bwd_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, hs_ptr, sc_ptr,
-        du_ptr, dd_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+        du_ptr, dd_ptr, dA_ptr, dB_ptr, dC_ptr,
         L, L_al, Dg, C_tot, n_cb, n_seg, K, st_c, st_n,
         su_b, su_c, su_l, sd_b, sd_c, sd_l, sA_c, sA_n,
         sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sy_b, sy_c, sy_l,
@@ -312,10 +312,12 @@ if triton is not None:
                 tl.atomic_add(dB_ptr + bc_off, tl.trans(_stack4(gB0, gB1, gB2, gB3)), mask=m_nl)
                 tl.atomic_add(dC_ptr + bc_off, tl.trans(_stack4(gC0, gC1, gC2, gC3)), mask=m_nl)
 
-        part = b * C_tot + c
-        tl.store(dA_ptr + part[None, :] * NP + n[:, None], dA_acc, mask=mc[None, :])
-        tl.store(dD_ptr + part, dD_acc, mask=mc)
-        tl.store(dbias_ptr + part, db_acc, mask=mc)
+        # This batch element's partial sums, in its row of the wrapper's (batch, C·NP + 2C) buffer:
+        # [dA (C, NP) | dD (C) | dbias (C)], reduced over the batch by one sum.
+        row = b * (C_tot * NP + 2 * C_tot)
+        tl.store(dA_ptr + row + c[None, :] * NP + n[:, None], dA_acc, mask=mc[None, :])
+        tl.store(dA_ptr + row + C_tot * NP + c, dD_acc, mask=mc)
+        tl.store(dA_ptr + row + C_tot * NP + C_tot + c, db_acc, mask=mc)
 
 
 if triton is not None:
@@ -405,8 +407,11 @@ def _forward_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype, s
 
 
 def _gradients(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-               delta_bias: Optional[Tensor], states: Tensor,
-               delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+               delta_bias: Optional[Tensor], states: Tensor, delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward kernel's raw outputs (du, ddelta, dBC, partials); :func:`_unpack_gradients`
+    turns them into the seven gradients. dBC (2, batch, K, N, L) float32 holds dB and dC, which the
+    kernel accumulates atomically (one zero fill for both); partials (batch, C·NP + 2C) float32
+    holds each batch element's dA, dD and dbias, reduced by one sum."""
     batch, channels, length = u.shape
     groups, n_state = B.shape[1], A.shape[1]
     dg = channels // groups
@@ -420,11 +425,8 @@ def _gradients(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     dev = u.device
     du = _new((batch, channels, length), u.dtype, dev)
     ddelta = _new((batch, channels, length), delta.dtype, dev)
-    dA = _new((batch, channels, np_), torch.float32, dev)
-    dD = _new((batch, channels), torch.float32, dev)
-    dbias = _new((batch, channels), torch.float32, dev)
-    dB = torch.zeros((batch, groups, n_state, length), dtype=torch.float32, device=dev)
-    dC = torch.zeros((batch, groups, n_state, length), dtype=torch.float32, device=dev)
+    partials = _new((batch, channels * np_ + 2 * channels), torch.float32, dev)
+    dBC = torch.zeros((2, batch, groups, n_state, length), dtype=torch.float32, device=dev)
     scratch = torch.empty((batch * groups * n_cb, _SEG // _CL, block_c, np_), dtype=torch.float32, device=dev)
     a_t = A.to(torch.float32).t().contiguous()
     # du/ddelta/dB/dC are fresh contiguous buffers: aligned exactly when the inputs' rows are.
@@ -432,28 +434,46 @@ def _gradients(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     grid = (batch * groups * n_cb,)
     _KERNELS["bwd", _CONFIG["bwd"][1]][grid](
         u, delta, a_t, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A, dy, states, scratch,
-        du, ddelta, dA, dB, dC, dD, dbias,
+        du, ddelta, partials, dBC[0], dBC[1],
         length, length // align, dg, channels, n_cb, n_seg, groups, np_, 1, *strides,
         N=n_state, NP=np_, BLOCK_C=block_c, SEG=_SEG,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ALIGN=align,
         num_warps=1,
     )
-    dA = dA.sum(0)[:, :n_state].to(A.dtype)
-    dD, dbias = dD.sum(0), dbias.sum(0)
-    return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD if D is None else dD.to(D.dtype),
-            dbias if delta_bias is None else dbias.to(delta_bias.dtype))
+    return du, ddelta, dBC, partials
 
 
 def _gradients_fake(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus):
     # The real backward returns fresh contiguous buffers; the fake must promise the same strides
     # (empty_like would copy the strides of non-contiguous inputs such as sliced B/C views).
-    channels = u.shape[1]
-    return (u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape), B.new_empty(B.shape),
-            C.new_empty(C.shape), u.new_empty((channels,), dtype=D.dtype if D is not None else torch.float32),
-            u.new_empty((channels,), dtype=delta_bias.dtype if delta_bias is not None else torch.float32))
+    batch, channels, length = u.shape
+    np_ = 1 << max(A.shape[1] - 1, 0).bit_length()
+    f32 = torch.float32
+    return (u.new_empty(u.shape), delta.new_empty(delta.shape), B.new_empty((2, *B.shape), dtype=f32),
+            u.new_empty((batch, channels * np_ + 2 * channels), dtype=f32))
 
 
-_scan = scan_kernel_op("selective_scan_triton", _forward, _forward_fake, _gradients, _gradients_fake)
+def _unpack_gradients(raw: tuple[Tensor, ...], A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                      delta_bias: Optional[Tensor]) -> tuple[Tensor, ...]:
+    """The seven gradients (du, ddelta, dA, dB, dC, dD, dbias) in their inputs' dtypes from
+    :func:`_gradients`' packed buffers: one sum for dA, dD and dbias, at most one cast for dB and dC."""
+    du, ddelta, dBC, partials = raw
+    channels, n_state = A.shape
+    np_ = (partials.shape[1] - 2 * channels) // channels
+    sums = partials.sum(0)
+    dA = sums[: channels * np_].view(channels, np_)[:, :n_state].to(A.dtype)
+    dD = sums[channels * np_: channels * np_ + channels]
+    dbias = sums[channels * np_ + channels:]
+    if B.dtype == C.dtype:
+        dB, dC = dBC.to(B.dtype).unbind(0)
+    else:
+        dB, dC = dBC[0].to(B.dtype), dBC[1].to(C.dtype)
+    return (du, ddelta, dA, dB, dC, dD if D is None else dD.to(D.dtype),
+            dbias if delta_bias is None else dbias.to(delta_bias.dtype))
+
+
+_scan = scan_kernel_op("selective_scan_triton", _forward, _forward_fake, _gradients, _gradients_fake,
+                       unpack=_unpack_gradients)
 
 
 def selective_scan_triton(
