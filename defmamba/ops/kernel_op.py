@@ -44,21 +44,22 @@ def kernel_op(name: str, impl: Callable, fake: Callable, *, setup_context: Optio
     backward_op = _custom_op(f"{name}_bwd", backward_impl, backward_fake)
     op.register_autograd(lambda ctx, *grads: backward(ctx, backward_op, *grads), setup_context=setup_context)
 
-    class _Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            output = impl(*args)
-            setup_context(ctx, args, output)
-            # Outputs without a gradient (the non-differentiable statistics or states an op keeps)
-            # reach ``backward`` as None, not as zero tensors the engine would fill: a kernel each.
-            ctx.set_materialize_grads(False)
-            return output
+    def forward_with_context(ctx, *args):
+        output = impl(*args)
+        setup_context(ctx, args, output)
+        # Outputs without a gradient (the non-differentiable statistics or states an op keeps)
+        # reach ``backward`` as None, not as zero tensors the engine would fill: a kernel each.
+        ctx.set_materialize_grads(False)
+        return output
 
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, backward_impl, *grads)
+    def backward_with_kernel(ctx, *grads):
+        return backward(ctx, backward_impl, *grads)
 
-    apply = _Function.apply
+    # Named after the op, so that profiler traces and autograd graphs show which op a node is
+    # (``<name>Backward``), not one anonymous class for every op.
+    function = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward_with_context),
+                                                       "backward": staticmethod(backward_with_kernel)})
+    apply = function.apply
 
     def call(*args: Any) -> Any:
         if torch.compiler.is_compiling():
