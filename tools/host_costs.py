@@ -79,7 +79,7 @@ def _module_cases(name: str, ours: nn.Module, peer: Optional[nn.Module], x: torc
     return out
 
 
-class _Identity(torch.autograd.Function):
+class _Double(torch.autograd.Function):
     """One ATen op each way inside a Python Function: the Function's own cost over ``x * 2``."""
 
     @staticmethod
@@ -98,7 +98,7 @@ def _primitive_cases(device: torch.device) -> list[Case]:
         ("primitives", "ATen add", lambda: torch.add(small, 1.0)),
         ("primitives", "ATen empty", lambda: torch.empty(64, device=device)),
         ("primitives", "x * 2 forward+backward", lambda: (leaf * 2).backward(small)),
-        ("primitives", "autograd.Function(x * 2) forward+backward", lambda: _Identity.apply(leaf).backward(small)),
+        ("primitives", "autograd.Function(x * 2) forward+backward", lambda: _Double.apply(leaf).backward(small)),
         ("primitives", "dispatch.use_kernels", lambda: dispatch.use_kernels("layer_norm", small)),
     ]
     if device.type == "cuda" and triton is not None and dispatch.use_kernels("layer_norm", small):
@@ -117,17 +117,13 @@ def _triton_cases(device: torch.device) -> list[Case]:
     def launch() -> None:
         _noop[(1,)](*tensors, 5, 64, 7, A=1, B=2)
 
-    class _LaunchInBackward(torch.autograd.Function):
-        """``_Identity`` plus a Triton launch in the backward (autograd's device thread)."""
-
-        @staticmethod
-        def forward(ctx, x):
-            return x * 2
+    class _LaunchInBackward(_Double):
+        """``_Double`` plus a Triton launch in the backward (autograd's device thread)."""
 
         @staticmethod
         def backward(ctx, grad):
             launch()
-            return grad * 2
+            return _Double.backward(ctx, grad)
 
     leaf, small = torch.ones(64, device=device, requires_grad=True), torch.ones(64, device=device)
     out: list[Case] = [
