@@ -185,7 +185,7 @@ if triton is not None:
 
     def _scan_bwd_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, hs_ptr, sc_ptr,
-        du_ptr, dd_ptr, dA_ptr, dB_ptr, dC_ptr,
+        du_ptr, dd_ptr, parts_ptr, dB_ptr, dC_ptr,
         L, L_al, Dg, C_tot, n_cb, n_seg, K, st_c, st_n,
         su_b, su_c, su_l, sd_b, sd_c, sd_l, sA_c, sA_n,
         sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sy_b, sy_c, sy_l,
@@ -315,9 +315,9 @@ if triton is not None:
         # This batch element's partial sums, in its row of the wrapper's (batch, C·NP + 2C) buffer:
         # [dA (C, NP) | dD (C) | dbias (C)], reduced over the batch by one sum.
         row = b * (C_tot * NP + 2 * C_tot)
-        tl.store(dA_ptr + row + c[None, :] * NP + n[:, None], dA_acc, mask=mc[None, :])
-        tl.store(dA_ptr + row + C_tot * NP + c, dD_acc, mask=mc)
-        tl.store(dA_ptr + row + C_tot * NP + C_tot + c, db_acc, mask=mc)
+        tl.store(parts_ptr + row + c[None, :] * NP + n[:, None], dA_acc, mask=mc[None, :])
+        tl.store(parts_ptr + row + C_tot * NP + c, dD_acc, mask=mc)
+        tl.store(parts_ptr + row + C_tot * NP + C_tot + c, db_acc, mask=mc)
 
 
 if triton is not None:
