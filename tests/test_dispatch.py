@@ -156,6 +156,19 @@ def test_environment_variable_forces_every_reference(monkeypatch, kernels_variab
         assert _route_on_fake_cuda(monkeypatch, route) == ["kernels"], route[0]
 
 
+def test_environment_variable_names_the_ops_to_force(monkeypatch, kernels_variable):
+    monkeypatch.setenv(dispatch.REFERENCE_OPS_VAR, "layer_norm, depthwise_conv")
+    kernels_variable("")
+    assert dispatch.reference_forced("layer_norm") and dispatch.reference_forced("depthwise_conv")
+    for route in ROUTES:
+        expected = "reference" if route[0] in ("layer_norm", "depthwise_conv") else "kernels"
+        assert _route_on_fake_cuda(monkeypatch, route) == [expected], route[0]
+    assert not dispatch.reference_forced("selective_scan")
+    monkeypatch.setenv(dispatch.REFERENCE_OPS_VAR, "layer_norm,layernorm")
+    with pytest.raises(ValueError, match="DEFMAMBA_REFERENCE_OPS names unknown op 'layernorm'; give a comma"):
+        dispatch._reference_from_environment()
+
+
 def test_selective_scan_auto_resolves_to_torch_when_forced(monkeypatch):
     """"auto" takes the first available GPU backend, unless the references are forced; a backend
     named explicitly is used as asked."""

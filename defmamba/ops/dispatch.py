@@ -6,7 +6,8 @@ picks between them; two switches force the reference formulations for A/B measur
 debugging:
 
 * the environment variable ``DEFMAMBA_KERNELS=0`` (read when ``defmamba.ops`` is imported) forces
-  them for every op, for the whole process;
+  them for every op, for the whole process, and ``DEFMAMBA_REFERENCE_OPS=layer_norm,depthwise_conv``
+  for the ops it names (the names are :data:`OPS`);
 * ``with defmamba.ops.reference_only():`` forces them inside the block, for every op, or only for
   the ops it names (``reference_only("depthwise_conv")``; the names are :data:`OPS`).
 
@@ -23,9 +24,10 @@ import torch
 
 from . import triton_support
 
-__all__ = ["ENV_VAR", "KERNEL_DTYPES", "OPS", "reference_forced", "reference_only", "use_kernels"]
+__all__ = ["ENV_VAR", "KERNEL_DTYPES", "OPS", "REFERENCE_OPS_VAR", "reference_forced", "reference_only", "use_kernels"]
 
 ENV_VAR = "DEFMAMBA_KERNELS"
+REFERENCE_OPS_VAR = "DEFMAMBA_REFERENCE_OPS"
 OPS = ("deformable_sampling", "depthwise_conv", "gelu_mlp", "layer_norm", "scan_orders", "selective_scan",
        "time_step_projection")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,7 +38,14 @@ def _reference_from_environment() -> frozenset[str]:
     if value not in ("", "0", "1"):
         raise ValueError(f"{ENV_VAR}={value!r} is not understood: set {ENV_VAR}=0 to run every op's PyTorch "
                          f"reference formulation, or 1 (the default) for the kernels")
-    return frozenset(OPS) if value == "0" else frozenset()
+    if value == "0":
+        return frozenset(OPS)
+    named = [name.strip() for name in os.environ.get(REFERENCE_OPS_VAR, "").split(",") if name.strip()]
+    unknown = sorted(set(named) - set(OPS))
+    if unknown:
+        raise ValueError(f"{REFERENCE_OPS_VAR} names unknown op {', '.join(map(repr, unknown))}; give a comma-separated "
+                         f"list of {', '.join(OPS)}")
+    return frozenset(named)
 
 
 _reference: frozenset[str] = _reference_from_environment()  # ops forced to their reference formulation
