@@ -1,12 +1,14 @@
 """merge_and_gate: the Triton kernels against the PyTorch formulation in float64 (CPU: Triton's
 interpreter in a subprocess; GPU: compiled), on fresh random inputs of odd and non-square sizes,
-plus the shape checks and the dispatch."""
+with the gate dense and as the channel half of a wider tensor (as the DSSM passes it), plus the
+shape checks and the dispatch."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from triton_helpers import assert_cases_within, needs_triton_gpu, run_under_interpreter
 
 from defmamba.ops import scan_orders
@@ -28,16 +30,25 @@ def make_inputs(batch: int, channels: int, h: int, w: int, seed: int) -> dict:
 
 
 def reference(ys, order, inverse, z):
-    """The DSSM's original formulation: merge, back to channels-last, cast, gate."""
+    """The DSSM's original formulation: merge, back to channels-last, cast, gate with SiLU(z)."""
     merged = scan_orders.merge_scan_orders(ys, order, inverse)
-    return merged.transpose(1, 2).reshape(z.shape).to(z.dtype) * z
+    return merged.transpose(1, 2).reshape(z.shape).to(z.dtype) * F.silu(z)
 
 
-def run(fn, inputs: dict, ys_dtype: torch.dtype, z_dtype: torch.dtype, device: str, weight: torch.Tensor):
-    """Output and the gradients of ys and z for the loss sum(weight · out)."""
+def as_half_of_wider(z: torch.Tensor) -> torch.Tensor:
+    """z's values as the second channel half of a (B, h, w, 2D) tensor (in_proj's output layout)."""
+    wider = torch.cat((torch.full_like(z, float("nan")), z), dim=-1)
+    return wider[..., z.shape[-1]:]
+
+
+def run(fn, inputs: dict, ys_dtype: torch.dtype, z_dtype: torch.dtype, device: str, weight: torch.Tensor,
+        strided_gate: bool = False):
+    """Output and the gradients of ys and z for the loss sum(weight · out); with ``strided_gate``
+    z is passed as the channel half of a wider tensor."""
     ys = inputs["ys"].detach().to(device=device, dtype=ys_dtype).requires_grad_()
     z = inputs["z"].detach().to(device=device, dtype=z_dtype).requires_grad_()
-    out = fn(ys, inputs["order"].to(device), inputs["inverse"].to(device), z)
+    gate = as_half_of_wider(z) if strided_gate else z
+    out = fn(ys, inputs["order"].to(device), inputs["inverse"].to(device), gate)
     assert out.dtype == z_dtype and out.shape == z.shape
     (out.double() * weight.to(device)).sum().backward()
     return out.double().cpu(), ys.grad.double().cpu(), z.grad.double().cpu()
@@ -49,7 +60,8 @@ def triton_fn(ys, order, inverse, z):
     return kernels.merge_and_gate_triton(ys, inverse, z)
 
 
-def max_errors(case: tuple, ys_dtype: torch.dtype, z_dtype: torch.dtype, device: str, seed: int) -> dict:
+def max_errors(case: tuple, ys_dtype: torch.dtype, z_dtype: torch.dtype, device: str, seed: int,
+               strided_gate: bool = False) -> dict:
     """Largest error of the Triton results relative to the largest float64 reference entry."""
     inputs = make_inputs(*case, seed=seed)
     # The reference sees the same rounded inputs.
@@ -57,7 +69,7 @@ def max_errors(case: tuple, ys_dtype: torch.dtype, z_dtype: torch.dtype, device:
     inputs["z"] = inputs["z"].to(z_dtype).double()
     weight = torch.randn(inputs["z"].shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     ref = run(reference, inputs, torch.float64, torch.float64, "cpu", weight)
-    got = run(triton_fn, inputs, ys_dtype, z_dtype, device, weight)
+    got = run(triton_fn, inputs, ys_dtype, z_dtype, device, weight, strided_gate)
     return {name: ((a - b).abs().max() / b.abs().max()).item() for name, a, b in zip(("out", "ys", "z"), got, ref)}
 
 
@@ -73,17 +85,18 @@ def compiled_matches_eager() -> float:
 def test_triton_kernels_match_float64_reference_in_interpreter():
     errors = run_under_interpreter(__file__)
     assert errors.pop("compiled vs eager") == 0.0
-    assert_cases_within(errors, 1e-6, cases=len(CASES))
+    assert_cases_within(errors, 1e-6, cases=2 * len(CASES))
 
 
 @pytest.mark.cuda
 @needs_triton_gpu
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("strided_gate", [False, True], ids=["dense-gate", "strided-gate"])
 @pytest.mark.parametrize("z_dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
-def test_triton_kernels_match_float64_reference_gpu(case, z_dtype, tol):
+def test_triton_kernels_match_float64_reference_gpu(case, strided_gate, z_dtype, tol):
     """float32 scan outputs and a gate in each dtype, as the model runs with and without autocast;
     half results carry one or two roundings of that type."""
-    for name, err in max_errors(case, torch.float32, z_dtype, "cuda", seed=sum(case)).items():
+    for name, err in max_errors(case, torch.float32, z_dtype, "cuda", seed=sum(case), strided_gate=strided_gate).items():
         assert err <= tol, f"{name} off by {err:.2e}"
 
 
@@ -96,8 +109,20 @@ def test_gpu_result_is_the_pytorch_formulation_under_autocast_rounding():
     ys = inputs["ys"].float().cuda()
     z = inputs["z"].to(torch.bfloat16).cuda()
     order, inverse = inputs["order"].cuda(), inputs["inverse"].cuda()
-    torch.testing.assert_close(triton_fn(ys, order, inverse, z), reference(ys, order, inverse, z),
-                               rtol=0, atol=0, msg="the Triton result differs from the PyTorch formulation")
+    expected = reference(ys, order, inverse, z)
+    for gate in (z, as_half_of_wider(z)):
+        torch.testing.assert_close(triton_fn(ys, order, inverse, gate), expected, rtol=0, atol=0,
+                                   msg="the Triton result differs from the PyTorch formulation")
+
+
+def test_a_gate_that_is_not_evenly_strided_is_copied_not_misread():
+    """A transposed gate (tokens not evenly strided) goes through a copy: same values as dense."""
+    from defmamba.ops.scan_orders.triton import _token_stride
+
+    z = torch.randn(2, 5, 3, 4)
+    assert _token_stride(z) == 4 and _token_stride(as_half_of_wider(z)) == 8
+    assert _token_stride(z.transpose(1, 2)) == 0 and _token_stride(z[:, :, :, ::2]) == 0
+    assert _token_stride(torch.randn(1, 1, 1, 8)[..., 2:6]) == 4  # one token: any stride is fine
 
 
 def test_dispatch_uses_pytorch_formulation_off_gpu():
@@ -120,4 +145,6 @@ if __name__ == "__main__":  # the interpreter check (run by the test above in a 
     results = {"compiled vs eager": compiled_matches_eager()}
     for i, case in enumerate(CASES):
         results[str(case)] = max_errors(case, torch.float32, torch.float32, "cpu", seed=i)
+        results[f"{case} strided gate"] = max_errors(case, torch.float32, torch.float32, "cpu", seed=i,
+                                                     strided_gate=True)
     print(json.dumps(results))

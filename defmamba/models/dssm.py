@@ -64,9 +64,9 @@ class DSSM(nn.Module):
         x_in, z = self.in_proj(x).chunk(2, dim=-1)
         # Both halves are read in place: the depthwise conv reads the channel slice of the
         # channels-last in_proj output directly (its Triton kernels take the pixel stride 2D), and
-        # SiLU writes a dense z. The two keep in_proj's output for their backward, as many bytes as
-        # dense copies of both halves would be, without the copies.
-        z = F.silu(z)
+        # so does the gate at the end, which applies SiLU(z) itself. The two keep in_proj's output
+        # for their backward, as many bytes as dense copies of both halves would be, without the
+        # copies, and no SiLU(z) tensor is written or kept.
         x_in = F.silu(self.conv2d(x_in.permute(0, 3, 1, 2)))  # (B, D, h, w), dense channels-last
 
         deformable = self.DS(x_in)
@@ -76,7 +76,7 @@ class DSSM(nn.Module):
         xs = stack_scan_orders(x_in, deformable.sequence)
         ys = self._scan(xs).view(batch, NUM_SCANS, self.d_inner, length)
 
-        # The three outputs averaged in raster order, channels-last, times the gate (ops/scan_orders/).
+        # The three outputs averaged in raster order, channels-last, times SiLU(z) (ops/scan_orders/).
         return self.out_proj(merge_and_gate(ys, deformable.order, deformable.inverse, z))
 
     def _scan(self, xs: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@
 sequence: raster order, reversed raster order and the deformable order. :func:`merge_scan_orders`
 averages the three scan outputs, each brought back to raster order (the reversed one flipped, the
 deformable one gathered through the inverse of its token order); :func:`merge_and_gate` also
-applies the DSSM's gate: the merged map, channels-last and in the gate's dtype, times the gate.
+applies the DSSM's gate: the merged map, channels-last and in the gate's dtype, times SiLU of the gate.
 
 CUDA tensors of float32/float16/bfloat16 run the Triton kernels (``triton.py``; for the stack, a
 dense channels-last map), anything else the PyTorch formulation (``reference.py``): the same
@@ -38,10 +38,13 @@ def stack_scan_orders(x_map: torch.Tensor, sequence: torch.Tensor) -> torch.Tens
 
 
 def merge_and_gate(ys: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``merge_scan_orders(ys, order, inverse)`` as a channels-last map in z's dtype, times z.
+    """``merge_scan_orders(ys, order, inverse)`` as a channels-last map in z's dtype, times SiLU(z).
 
-    ys (B, 3, D, L), order/inverse (B, L) as in :func:`merge_scan_orders`, the gate z (B, h, w, D)
-    with h·w = L. Returns (B, h, w, D) in z's dtype; differentiable in ys and z.
+    ys (B, 3, D, L), order/inverse (B, L) as in :func:`merge_scan_orders`, the gate's
+    pre-activation z (B, h, w, D) with h·w = L (the kernels read it in place when its tokens are
+    evenly strided, as in a channel half of the in_proj output). Returns a dense (B, h, w, D) in
+    z's dtype; differentiable in ys and z. SiLU is applied here, not before, so that no SiLU(z)
+    tensor is written, kept for the backward and read back.
     """
     if ys.dim() != 4 or ys.shape[1] != NUM_ORDERS:
         raise ValueError(f"ys must be (batch, {NUM_ORDERS}, channels, L); got {tuple(ys.shape)}")

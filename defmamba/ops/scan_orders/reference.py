@@ -1,8 +1,9 @@
 """The three scan orders in PyTorch: flip, transposing copies and a stack into the scan input; flip,
-gather and mean back out of it, then the gate. Any device and dtype; the ground truth of the kernels."""
+gather and mean back out of it, then the SiLU gate. Any device and dtype; the ground truth of the kernels."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..permute import gather_tokens
 
@@ -54,4 +55,4 @@ def merge_and_gate_reference(ys: torch.Tensor, order: torch.Tensor, inverse: tor
                              z: torch.Tensor) -> torch.Tensor:
     """:func:`defmamba.ops.scan_orders.merge_and_gate` in PyTorch (shapes checked there)."""
     merged = merge_scan_orders(ys, order, inverse)
-    return merged.transpose(1, 2).reshape(z.shape).to(z.dtype) * z
+    return merged.transpose(1, 2).reshape(z.shape).to(z.dtype) * F.silu(z)

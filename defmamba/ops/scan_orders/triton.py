@@ -3,8 +3,11 @@
 Each direction is one walk over tiles of tokens × channels: the stack writes the raster tokens and
 the deformable sequence (B, L, D) into the three slices of the (B, 3, D, L) scan input; the merge
 reads the three scan outputs at each token's place in each order, averages them in float32, rounds
-the mean to the gate's dtype and writes the gated product (B, L, D). Values and gradients are
-exactly the PyTorch formulation's, with no atomics. Design: docs/ops.md.
+the mean to the gate's dtype and writes the product with SiLU of the gate (B, L, D), the gate read
+where it lies (rows of tokens with any token stride, such as a half of the in_proj output). Values
+are the PyTorch formulation's, rounding for rounding (SiLU as x / (1 + exp(−x)) in float32 with
+libdevice's exp and a correctly rounded division, PyTorch's CUDA formula, rounded to the gate's
+dtype); gradients agree with it to float32 rounding. No atomics. Design: docs/ops.md.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..kernel_op import kernel_op
-from ..triton_support import check_launch, tl, triton
+from ..triton_support import check_launch, interpreting, tl, triton
 from .reference import NUM_ORDERS
 
 __all__ = ["merge_and_gate_triton", "stack_scan_orders_triton"]
@@ -23,10 +26,31 @@ _BLOCK_D = 32  # channels per program tile
 
 
 if triton is not None:
+    from triton.language.extra import libdevice
 
     @triton.jit
-    def _merge_gate_fwd_kernel(ys_ptr, inverse_ptr, z_ptr, out_ptr, mean_ptr, length, channels,
-                               BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SAVE_MEAN: tl.constexpr):
+    def _sigmoid(z, INTERPRETED: tl.constexpr):
+        """1 / (1 + exp(−z)) in float32: libdevice's exp and a correctly rounded division on the GPU
+        (the operations of PyTorch's CUDA SiLU); plain ones under the interpreter, which has no libdevice."""
+        if INTERPRETED:
+            result = 1.0 / (1.0 + tl.exp(-z))
+        else:
+            result = libdevice.div_rn(1.0, 1.0 + libdevice.exp(-z))
+        return result
+
+    @triton.jit
+    def _silu(z, INTERPRETED: tl.constexpr):
+        """z / (1 + exp(−z)) in float32, as PyTorch's CUDA SiLU computes it."""
+        if INTERPRETED:
+            result = z / (1.0 + tl.exp(-z))
+        else:
+            result = libdevice.div_rn(z, 1.0 + libdevice.exp(-z))
+        return result
+
+    @triton.jit
+    def _merge_gate_fwd_kernel(ys_ptr, inverse_ptr, z_ptr, out_ptr, mean_ptr, length, channels, z_stride,
+                               BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SAVE_MEAN: tl.constexpr,
+                               INTERPRETED: tl.constexpr):
         l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
         b = tl.program_id(1).to(tl.int64)
         d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -40,15 +64,16 @@ if triton is not None:
         deform = tl.load(rows + 2 * order_stride + slot[:, None], mask=mask, other=0.0).to(tl.float32)
         mean = ((raster + reverse + deform) / 3.0).to(z_ptr.dtype.element_ty)
         tokens = (b * length + l)[:, None] * channels + d[None, :]
-        z = tl.load(z_ptr + tokens, mask=mask, other=0.0)
-        out = mean.to(tl.float32) * z.to(tl.float32)
+        z = tl.load(z_ptr + (b * length + l)[:, None] * z_stride + d[None, :], mask=mask, other=0.0)
+        gate = _silu(z.to(tl.float32), INTERPRETED).to(z_ptr.dtype.element_ty)
+        out = mean.to(tl.float32) * gate.to(tl.float32)
         tl.store(out_ptr + tokens, out.to(out_ptr.dtype.element_ty), mask=mask)
         if SAVE_MEAN:
             tl.store(mean_ptr + tokens, mean, mask=mask)
 
     @triton.jit
-    def _merge_gate_bwd_kernel(grad_ptr, z_ptr, mean_ptr, inverse_ptr, dys_ptr, dz_ptr, length, channels,
-                               BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _merge_gate_bwd_kernel(grad_ptr, z_ptr, mean_ptr, inverse_ptr, dys_ptr, dz_ptr, length, channels, z_stride,
+                               BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr):
         l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
         b = tl.program_id(1).to(tl.int64)
         d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -56,11 +81,16 @@ if triton is not None:
         mask = l_ok[:, None] & (d < channels)[None, :]
         tokens = (b * length + l)[:, None] * channels + d[None, :]
         grad = tl.load(grad_ptr + tokens, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + tokens, mask=mask, other=0.0)
+        z = tl.load(z_ptr + (b * length + l)[:, None] * z_stride + d[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + tokens, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dz_ptr + tokens, (grad * mean).to(dz_ptr.dtype.element_ty), mask=mask)
+        # The gate's gradient in its dtype (the product's backward), then through SiLU:
+        # d SiLU(z) / dz = s · (1 + z · (1 − s)) with s = sigmoid(z), PyTorch's formula.
+        d_gate = (grad * mean).to(dz_ptr.dtype.element_ty).to(tl.float32)
+        s = _sigmoid(z, INTERPRETED)
+        tl.store(dz_ptr + tokens, (d_gate * s * (1.0 + z * (1.0 - s))).to(dz_ptr.dtype.element_ty), mask=mask)
         # The mean's gradient in the gate's dtype (the product's backward), then float32 / 3.
-        g = (grad * z.to(tl.float32)).to(z_ptr.dtype.element_ty).to(tl.float32) / 3.0
+        gate = _silu(z, INTERPRETED).to(z_ptr.dtype.element_ty).to(tl.float32)
+        g = (grad * gate).to(z_ptr.dtype.element_ty).to(tl.float32) / 3.0
         g = g.to(dys_ptr.dtype.element_ty)
         rows = dys_ptr + ((b * 3 * channels + d) * length)[None, :]
         order_stride = channels * length
@@ -109,39 +139,57 @@ def _launch_grid(batch: int, length: int, channels: int) -> tuple[int, int, int]
     return triton.cdiv(length, _BLOCK_L), batch, triton.cdiv(channels, _BLOCK_D)
 
 
+def _token_stride(z: torch.Tensor) -> int:
+    """The stride between z's tokens (B, h, w, D), or 0 where z is not rows of tokens with unit
+    channel stride and one token stride throughout (the wrapper then copies it). The strides of
+    size-1 dims do not matter."""
+    batch, h, w, channels = z.shape
+    sizes, strides = (batch, h, w), z.stride()[:3]
+    step = next((st // span for size, st, span in zip(reversed(sizes), reversed(strides), (1, w, h * w))
+                 if size > 1), channels)
+    spans = (h * w, w, 1)
+    if channels > 1 and z.stride(3) != 1:
+        return 0
+    if step < channels or any(size > 1 and st != span * step for size, st, span in zip(sizes, strides, spans)):
+        return 0
+    return step
+
+
 def _merge_forward(ys: torch.Tensor, inverse: torch.Tensor, z: torch.Tensor,
                    save_mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the gated merge in z's dtype, the merged mean in z's dtype if ``save_mean`` else an empty tensor)."""
+    """(the merge times SiLU(z), dense in z's dtype; the merged mean in z's dtype if ``save_mean``,
+    else an empty tensor)."""
     batch, _, channels, length = ys.shape
     out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     mean = torch.empty(z.shape if save_mean else (0,), dtype=z.dtype, device=z.device)
     _merge_gate_fwd_kernel[_launch_grid(batch, length, channels)](
-        ys, inverse, z, out, mean if save_mean else out, length, channels,
-        BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, SAVE_MEAN=save_mean, num_warps=4)
+        ys, inverse, z, out, mean if save_mean else out, length, channels, _token_stride(z),
+        BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, SAVE_MEAN=save_mean, INTERPRETED=interpreting(), num_warps=4)
     return out, mean
 
 
 def _merge_forward_fake(ys, inverse, z, save_mean):
-    return z.new_empty(z.shape), z.new_empty(z.shape if save_mean else (0,))
+    return torch.empty(z.shape, dtype=z.dtype, device=z.device), z.new_empty(z.shape if save_mean else (0,))
 
 
 def _merge_gradients(grad: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor,
                      ys_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of ys (in ``ys_dtype``) and of z."""
+    """The gradients of ys (in ``ys_dtype``) and of z (dense)."""
     batch, channels = z.shape[0], z.shape[-1]
     length = z.numel() // (batch * channels)
     grad = grad.contiguous()
     dys = torch.empty((batch, NUM_ORDERS, channels, length), dtype=ys_dtype, device=z.device)
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     _merge_gate_bwd_kernel[_launch_grid(batch, length, channels)](
-        grad, z, mean, inverse, dys, dz, length, channels, BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, num_warps=4)
+        grad, z, mean, inverse, dys, dz, length, channels, _token_stride(z), BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D,
+        INTERPRETED=interpreting(), num_warps=4)
     return dys, dz
 
 
 def _merge_gradients_fake(grad, z, mean, inverse, ys_dtype):
     batch, channels = z.shape[0], z.shape[-1]
     return (z.new_empty((batch, NUM_ORDERS, channels, z.numel() // (batch * channels)), dtype=ys_dtype),
-            z.new_empty(z.shape))
+            torch.empty(z.shape, dtype=z.dtype, device=z.device))
 
 
 def _merge_setup_context(ctx, inputs, output) -> None:
@@ -166,10 +214,14 @@ _merge_op = kernel_op("merge_and_gate", _merge_forward, _merge_forward_fake, set
 
 
 def merge_and_gate_triton(ys: torch.Tensor, inverse: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """:func:`defmamba.ops.scan_orders.merge_and_gate` through the Triton kernels (shapes checked there)."""
+    """:func:`defmamba.ops.scan_orders.merge_and_gate` through the Triton kernels (shapes checked
+    there); z is read in place when its tokens are evenly strided rows (a channel slice of a wider
+    channels-last tensor), copied otherwise."""
     check_launch("merge", ys)
     save_mean = torch.is_grad_enabled() and (ys.requires_grad or z.requires_grad)
-    out, _mean = _merge_op(ys.contiguous(), inverse.contiguous(), z.contiguous(), save_mean)
+    if not _token_stride(z):
+        z = z.contiguous()
+    out, _mean = _merge_op(ys.contiguous(), inverse.contiguous(), z, save_mean)
     return out
 
 
