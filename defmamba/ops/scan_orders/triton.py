@@ -29,22 +29,22 @@ if triton is not None:
     from triton.language.extra import libdevice
 
     @triton.jit
-    def _sigmoid(z, INTERPRETED: tl.constexpr):
-        """1 / (1 + exp(−z)) in float32: libdevice's exp and a correctly rounded division on the GPU
-        (the operations of PyTorch's CUDA SiLU); plain ones under the interpreter, which has no libdevice."""
+    def _one_plus_exp(z, INTERPRETED: tl.constexpr):
+        """1 + exp(−z) in float32 (libdevice's exp on the GPU, as PyTorch's CUDA SiLU; the
+        interpreter has no libdevice)."""
         if INTERPRETED:
-            result = 1.0 / (1.0 + tl.exp(-z))
+            result = 1.0 + tl.exp(-z)
         else:
-            result = libdevice.div_rn(1.0, 1.0 + libdevice.exp(-z))
+            result = 1.0 + libdevice.exp(-z)
         return result
 
     @triton.jit
-    def _silu(z, INTERPRETED: tl.constexpr):
-        """z / (1 + exp(−z)) in float32, as PyTorch's CUDA SiLU computes it."""
+    def _divide(x, y, INTERPRETED: tl.constexpr):
+        """x / y correctly rounded on the GPU (Triton's plain float32 division is approximate)."""
         if INTERPRETED:
-            result = z / (1.0 + tl.exp(-z))
+            result = x / y
         else:
-            result = libdevice.div_rn(z, 1.0 + libdevice.exp(-z))
+            result = libdevice.div_rn(x, y)
         return result
 
     @triton.jit
@@ -65,7 +65,8 @@ if triton is not None:
         mean = ((raster + reverse + deform) / 3.0).to(z_ptr.dtype.element_ty)
         tokens = (b * length + l)[:, None] * channels + d[None, :]
         z = tl.load(z_ptr + (b * length + l)[:, None] * z_stride + d[None, :], mask=mask, other=0.0)
-        gate = _silu(z.to(tl.float32), INTERPRETED).to(z_ptr.dtype.element_ty)
+        zf = z.to(tl.float32)
+        gate = _divide(zf, _one_plus_exp(zf, INTERPRETED), INTERPRETED).to(z_ptr.dtype.element_ty)
         out = mean.to(tl.float32) * gate.to(tl.float32)
         tl.store(out_ptr + tokens, out.to(out_ptr.dtype.element_ty), mask=mask)
         if SAVE_MEAN:
@@ -86,10 +87,11 @@ if triton is not None:
         # The gate's gradient in its dtype (the product's backward), then through SiLU:
         # d SiLU(z) / dz = s · (1 + z · (1 − s)) with s = sigmoid(z), PyTorch's formula.
         d_gate = (grad * mean).to(dz_ptr.dtype.element_ty).to(tl.float32)
-        s = _sigmoid(z, INTERPRETED)
+        denominator = _one_plus_exp(z, INTERPRETED)
+        s = _divide(1.0, denominator, INTERPRETED)
         tl.store(dz_ptr + tokens, (d_gate * s * (1.0 + z * (1.0 - s))).to(dz_ptr.dtype.element_ty), mask=mask)
         # The mean's gradient in the gate's dtype (the product's backward), then float32 / 3.
-        gate = _silu(z, INTERPRETED).to(z_ptr.dtype.element_ty).to(tl.float32)
+        gate = _divide(z, denominator, INTERPRETED).to(z_ptr.dtype.element_ty).to(tl.float32)
         g = (grad * gate).to(z_ptr.dtype.element_ty).to(tl.float32) / 3.0
         g = g.to(dys_ptr.dtype.element_ty)
         rows = dys_ptr + ((b * 3 * channels + d) * length)[None, :]
