@@ -1,66 +1,84 @@
 #!/usr/bin/env bash
-# Host cost before and after a change, on one GPU machine: tools/benchmark.py --host-cost of a
-# baseline tree and of this checkout, alternated ROUNDS times in one session (eager figures of
-# host-bound models drift between runs by ±15 %, so only pairs run side by side compare).
-# Usage (repository root): bash tools/device/host_cost_ab.sh BASE_DIR OUT_DIR [ROUNDS]
-#   BASE_DIR  the baseline's library and tools, e.g. made here by
-#             git archive REV defmamba tools | tar -x -C .ab_before   (an ignored folder, carried)
-#   ROUNDS    before/after pairs (default 2)
+# Host and GPU cost of a training step in several variants, side by side on one GPU machine:
+# tools/benchmark.py --host-cost once per variant, the variants alternated ROUNDS times in one
+# session (eager figures of host-bound models drift between runs by ±15 %, so only runs side by
+# side compare). The peers run once per round, with the first variant.
+# Usage (repository root): bash tools/device/host_cost_ab.sh OUT_DIR ROUNDS VARIANT...
+#   VARIANT  kernels            this checkout as it is
+#            tree=DIR           the library and tools in DIR, e.g. a baseline made here by
+#                               git archive REV defmamba tools | tar -x -C .ab_before  (an ignored folder, carried)
+#            reference=OPS      this checkout with OPS (comma-separated names of defmamba.ops.dispatch.OPS)
+#                               forced to their PyTorch formulations (DEFMAMBA_REFERENCE_OPS)
+#   e.g. before/after a change:  bash tools/device/host_cost_ab.sh out 2 tree=.ab_before kernels
+#        routes:                 bash tools/device/host_cost_ab.sh out 1 kernels reference=layer_norm \
+#                                  reference=depthwise_conv reference=layer_norm,depthwise_conv
 # Environment: MODELS (defmamba_tiny defmamba_small), PEERS (swin_tiny_patch4_window7_224), MODES
-#   (train_fp16 train_bf16 infer_fp16), BENCH_ARGS (--warmup 3 --repeats 5 --iters 3).
-# Writes OUT_DIR/{before,after}_<round>.{json,log} and OUT_DIR/ab.md, a table of launches, host ms,
-# GPU ms and eager and graphed images/s per model and mode, before → after in each round.
+#   (train_fp16), BENCH_ARGS (--warmup 3 --repeats 5 --iters 3).
+# Writes OUT_DIR/<round>_<variant>.{json,log} and OUT_DIR/ab.md: launches, host ms, GPU ms, eager
+# images/s, peak GiB and graphed images/s per run, model and mode.
 set -euo pipefail
-if [[ $# -lt 2 ]]; then sed -n '2,13p' "$0" >&2; exit 2; fi
-base=$(cd "$1" && pwd)
-out=$2
-rounds=${3:-2}
-[[ -f $base/tools/benchmark.py && -d $base/defmamba ]] || {
-  echo "host_cost_ab.sh: $base holds no defmamba/ and tools/benchmark.py (make it with git archive REV defmamba tools)" >&2
-  exit 2; }
+if [[ $# -lt 3 ]]; then sed -n '2,18p' "$0" >&2; exit 2; fi
+out=$1
+rounds=$2
+shift 2
+variants=("$@")
+for variant in "${variants[@]}"; do
+  case $variant in
+    kernels | reference=?*) ;;
+    tree=?*) [[ -f ${variant#tree=}/tools/benchmark.py && -d ${variant#tree=}/defmamba ]] || {
+      echo "host_cost_ab.sh: ${variant#tree=} holds no defmamba/ and tools/benchmark.py (make it with" \
+           "git archive REV defmamba tools | tar -x -C DIR)" >&2; exit 2; } ;;
+    *) echo "host_cost_ab.sh: variant '$variant' is not kernels, tree=DIR or reference=OPS" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 read -r -a models <<< "${MODELS:-defmamba_tiny defmamba_small}"
 read -r -a peers <<< "${PEERS:-swin_tiny_patch4_window7_224}"
-read -r -a modes <<< "${MODES:-train_fp16 train_bf16 infer_fp16}"
+read -r -a modes <<< "${MODES:-train_fp16}"
 read -r -a bench_args <<< "${BENCH_ARGS:---warmup 3 --repeats 5 --iters 3}"
 export PYTHONUNBUFFERED=1
 
-measure() {  # TREE NAME
-  (cd "$1" && PYTHONPATH="$1" python3 tools/benchmark.py --host-cost "${bench_args[@]}" --modes "${modes[@]}" \
-     --models "${models[@]}" --peers "${peers[@]}" --json "$out/$2.json") > "$out/$2.log" 2>&1 || {
-    echo "host_cost_ab.sh: $2 failed; the end of $out/$2.log:" >&2; tail -n 20 "$out/$2.log" >&2; exit 1; }
+measure() {  # RUN_NAME VARIANT PEERS...
+  local name=$1 variant=$2 tree=$PWD ops=""; shift 2
+  case $variant in
+    tree=*) tree=$(cd "${variant#tree=}" && pwd) ;;
+    reference=*) ops=${variant#reference=} ;;
+  esac
+  (cd "$tree" && DEFMAMBA_REFERENCE_OPS=$ops PYTHONPATH="$tree" python3 tools/benchmark.py --host-cost \
+     "${bench_args[@]}" --modes "${modes[@]}" --models "${models[@]}" --peers "$@" --json "$out/$name.json") \
+    > "$out/$name.log" 2>&1 || {
+    echo "host_cost_ab.sh: $name failed; the end of $out/$name.log:" >&2; tail -n 20 "$out/$name.log" >&2; exit 1; }
 }
 
 for round in $(seq 1 "$rounds"); do
-  echo "== round $round: before"; measure "$base" "before_$round"
-  echo "== round $round: after"; measure "$PWD" "after_$round"
+  for i in "${!variants[@]}"; do
+    variant=${variants[$i]}
+    name=${round}_$(tr -c 'A-Za-z0-9_+\n' '_' <<< "${variant//,/+}")
+    echo "== round $round: $variant"
+    if [[ $i -eq 0 ]]; then measure "$name" "$variant" "${peers[@]}"; else measure "$name" "$variant"; fi
+  done
 done
-python3 - "$out" "$rounds" <<'EOF'
+python3 - "$out" "${variants[@]}" <<'PY'
 import json
+import re
 import sys
 from pathlib import Path
 
-out, rounds = Path(sys.argv[1]), int(sys.argv[2])
-keys = [("launches", "launches_per_step"), ("host ms", "host_ms_per_step"), ("GPU ms", "gpu_ms_per_step"),
-        ("eager img/s", "images_per_s"), ("graphed img/s", "graphed_images_per_s")]
-
-
-def rows(path):
-    """(model, mode) → the host-cost record of one tools/benchmark.py --host-cost JSON."""
-    results = json.loads(path.read_text())["results"]
-    return {(model, mode): record for model, modes in results.items() for mode, record in modes.items()}
-
-
-lines = ["| round | model | mode | " + " | ".join(k for k, _ in keys) + " |", "|---" * (3 + len(keys)) + "|"]
-for i in range(1, rounds + 1):
-    before, after = rows(out / f"before_{i}.json"), rows(out / f"after_{i}.json")
-    for key in sorted(before.keys() & after.keys()):
-        cells = []
-        for _, field in keys:
-            b, a = before[key].get(field), after[key].get(field)
-            cells.append("—" if b is None or a is None else f"{b:.0f} → {a:.0f}" if field == "launches_per_step"
-                         else f"{b:.1f} → {a:.1f}")
-        lines.append(f"| {i} | {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+out, variants = Path(sys.argv[1]), sys.argv[2:]
+fields = [("launches", "launches_per_step", "{:.0f}"), ("host ms", "host_ms_per_step", "{:.1f}"),
+          ("GPU ms", "gpu_ms_per_step", "{:.1f}"), ("eager img/s", "images_per_s", "{:.0f}"),
+          ("peak GiB", "peak_memory_gib", "{:.2f}"), ("graphed img/s", "graphed_images_per_s", "{:.0f}")]
+stems = [re.sub(r"[^A-Za-z0-9_+]", "_", v.replace(",", "+")) for v in variants]
+runs = sorted((p for p in out.glob("*_*.json") if p.stem.split("_", 1)[0].isdigit() and p.stem.split("_", 1)[1] in stems),
+              key=lambda p: (int(p.stem.split("_", 1)[0]), stems.index(p.stem.split("_", 1)[1])))
+lines = ["| round | variant | model | mode | " + " | ".join(f[0] for f in fields) + " |", "|---" * (4 + len(fields)) + "|"]
+for path in runs:
+    round_, stem = path.stem.split("_", 1)
+    for model, modes in json.loads(path.read_text())["results"].items():
+        for mode, record in modes.items():
+            cells = ["—" if record.get(key) is None else fmt.format(record[key]) for _, key, fmt in fields]
+            lines.append(f"| {round_} | {variants[stems.index(stem)]} | {model} | {mode} | " + " | ".join(cells) + " |")
 (out / "ab.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
-EOF
+PY
