@@ -36,6 +36,11 @@ def test_training_step_of_tiny_along_the_gpu_routes(tmp_path):
     # the depthwise convolution's weight taps copied once per call, in the forward only
     assert sum(n for s, n in sources["forward"].items() if "_taps" in s) == 2 * blocks
     assert not [s for s in sources["backward"] if "_taps" in s]
+    # autograd's own backward operators are traced to the forward line that made their node: only
+    # the loss's (ones_like, log-softmax and NLL backward, the logits' cast) come from outside
+    unattributed = {s: n for s, n in sources["backward"].items() if "outside the library" in s}
+    assert sum(unattributed.values()) <= 4, unattributed
+    assert any(s.startswith("aten::mm  @ MmBackward0 of models/dssm.py:") for s in sources["backward"])
     for phase in ("forward", "backward"):
         assert sum(report["by_source"][phase].values()) == report["totals"][phase] == sum(report["by_op"][phase].values())
     assert "launching operators" in result.stdout

@@ -5,7 +5,9 @@ docs/benchmarks.md), so a host-bound step is as fast as its launches are few. Th
 them without a GPU: it runs the model on CPU tensors along the GPU routes (the Triton kernels'
 Python wrappers, their kernels replaced by counters, TRITON_INTERPRET set so that their CPU-tensor
 checks pass), under float16 autocast, and records every ATen operator that would launch a kernel
-(views, allocations and metadata operators launch none) with the model source line that issued it.
+(views, allocations and metadata operators launch none) with the model source line that issued it;
+an operator of autograd's own backward formulas is attributed to its node and to the library line
+whose forward made the node ('aten::mm  @ MmBackward0 of models/dssm.py:80 forward').
 
     python tools/count_launches.py [--model defmamba_tiny] [--mode train|infer] [--size 224] [--top 30]
                                    [--json FILE]
@@ -23,6 +25,7 @@ import collections
 import importlib
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -49,13 +52,28 @@ NO_LAUNCH = {
 TRITON_KERNEL = "triton"
 
 
+_ROOT = os.sep + "defmamba" + os.sep
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>\S+)')
+
+
 def _source(frames: list[traceback.FrameSummary]) -> str:
     """The innermost frame in the library: 'models/dssm.py:64 forward'."""
-    root = os.sep + "defmamba" + os.sep
     for frame in reversed(frames):
-        if root in frame.filename and "count_launches" not in frame.filename:
-            return f"{frame.filename.split(root, 1)[1]}:{frame.lineno} {frame.name}"
+        if _ROOT in frame.filename and "count_launches" not in frame.filename:
+            return f"{frame.filename.split(_ROOT, 1)[1]}:{frame.lineno} {frame.name}"
     return "outside the library"
+
+
+def _node_source(node: object) -> str:
+    """For an operator that autograd's backward node ``node`` issued outside the library: the node
+    and the library line whose forward made it ('MmBackward0 of models/dssm.py:80 forward'), read
+    from the forward's stack that anomaly mode keeps on the node."""
+    stack = getattr(node, "metadata", {}).get("traceback_", [])
+    for entry in reversed(stack if isinstance(stack, list) else [stack]):
+        match = _FRAME.search(entry)
+        if match and _ROOT in match["file"] and "kernel_op.py" not in match["file"]:
+            return f"{type(node).__name__} of {match['file'].split(_ROOT, 1)[1]}:{match['line']} {match['name']}"
+    return f"{type(node).__name__} of a forward outside the library"
 
 
 class LaunchCounter(TorchDispatchMode):
@@ -72,7 +90,12 @@ class LaunchCounter(TorchDispatchMode):
     def record(self, name: str) -> None:
         if self.active:
             self.by_op[self.phase][name] += 1
-            self.by_source[self.phase][f"{name}  @ {_source(traceback.extract_stack()[:-2])}"] += 1
+            source = _source(traceback.extract_stack()[:-2])
+            if source == "outside the library" and self.phase == "backward":
+                node = torch._C._current_autograd_node()  # the backward node issuing it (autograd's own formulas)
+                if node is not None:
+                    source = _node_source(node)
+            self.by_source[self.phase][f"{name}  @ {source}"] += 1
 
     def triton_launch(self, kernel_name: str) -> None:
         self.record(f"{TRITON_KERNEL}::{kernel_name}")
@@ -164,7 +187,10 @@ def count_step(model_name: str = "defmamba_tiny", mode: str = "train", size: int
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (batch,))
     counter = LaunchCounter()
-    with gpu_routes_on_cpu(counter), counter, torch.set_grad_enabled(mode == "train"):
+    # anomaly mode keeps each backward node's forward stack: the backward's operators are
+    # attributed to the library line whose forward made their node
+    with gpu_routes_on_cpu(counter), counter, torch.set_grad_enabled(mode == "train"), \
+            torch.autograd.set_detect_anomaly(True, check_nan=False):
         for step in range(2):
             counter.active = step == 1
             counter.phase = "forward"
