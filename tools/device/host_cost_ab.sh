@@ -9,6 +9,8 @@
 #                               git archive REV defmamba tools | tar -x -C .ab_before  (an ignored folder, carried)
 #            reference=OPS      this checkout with OPS (comma-separated names of defmamba.ops.dispatch.OPS)
 #                               forced to their PyTorch formulations (DEFMAMBA_REFERENCE_OPS)
+#            cores=LIST         this checkout with the process pinned to the CPU cores LIST (taskset -c LIST;
+#                               one core: autograd's device thread runs on the main thread's core)
 #   e.g. before/after a change:  bash tools/device/host_cost_ab.sh out 2 tree=.ab_before kernels
 #        routes:                 bash tools/device/host_cost_ab.sh out 1 kernels reference=layer_norm \
 #                                  reference=depthwise_conv reference=layer_norm,depthwise_conv
@@ -17,18 +19,18 @@
 # Writes OUT_DIR/<round>_<variant>.{json,log} and OUT_DIR/ab.md: launches, host ms, GPU ms, eager
 # images/s, peak GiB and graphed images/s per run, model and mode.
 set -euo pipefail
-if [[ $# -lt 3 ]]; then sed -n '2,18p' "$0" >&2; exit 2; fi
+if [[ $# -lt 3 ]]; then sed -n '2,20p' "$0" >&2; exit 2; fi
 out=$1
 rounds=$2
 shift 2
 variants=("$@")
 for variant in "${variants[@]}"; do
   case $variant in
-    kernels | reference=?*) ;;
+    kernels | reference=?* | cores=?*) ;;
     tree=?*) [[ -f ${variant#tree=}/tools/benchmark.py && -d ${variant#tree=}/defmamba ]] || {
       echo "host_cost_ab.sh: ${variant#tree=} holds no defmamba/ and tools/benchmark.py (make it with" \
            "git archive REV defmamba tools | tar -x -C DIR)" >&2; exit 2; } ;;
-    *) echo "host_cost_ab.sh: variant '$variant' is not kernels, tree=DIR or reference=OPS" >&2; exit 2 ;;
+    *) echo "host_cost_ab.sh: variant '$variant' is not kernels, tree=DIR, reference=OPS or cores=LIST" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out"
@@ -40,12 +42,13 @@ read -r -a bench_args <<< "${BENCH_ARGS:---warmup 3 --repeats 5 --iters 3}"
 export PYTHONUNBUFFERED=1
 
 measure() {  # RUN_NAME VARIANT PEERS...
-  local name=$1 variant=$2 tree=$PWD ops=""; shift 2
+  local name=$1 variant=$2 tree=$PWD ops="" pin=(); shift 2
   case $variant in
     tree=*) tree=$(cd "${variant#tree=}" && pwd) ;;
     reference=*) ops=${variant#reference=} ;;
+    cores=*) pin=(taskset -c "${variant#cores=}") ;;
   esac
-  (cd "$tree" && DEFMAMBA_REFERENCE_OPS=$ops PYTHONPATH="$tree" python3 tools/benchmark.py --host-cost \
+  (cd "$tree" && DEFMAMBA_REFERENCE_OPS=$ops PYTHONPATH="$tree" ${pin[@]+"${pin[@]}"} python3 tools/benchmark.py --host-cost \
      "${bench_args[@]}" --modes "${modes[@]}" --models "${models[@]}" --peers "$@" --json "$out/$name.json") \
     > "$out/$name.log" 2>&1 || {
     echo "host_cost_ab.sh: $name failed; the end of $out/$name.log:" >&2; tail -n 20 "$out/$name.log" >&2; exit 1; }
