@@ -69,9 +69,9 @@ def _node_source(node: object) -> str:
     and the library line whose forward made it ('MmBackward0 of models/dssm.py:80 forward'), read
     from the forward's stack that anomaly mode keeps on the node."""
     stack = getattr(node, "metadata", {}).get("traceback_", [])
-    for entry in reversed(stack if isinstance(stack, list) else [stack]):
-        match = _FRAME.search(entry)
-        if match and _ROOT in match["file"] and "kernel_op.py" not in match["file"]:
+    text = "".join(stack) if isinstance(stack, list) else str(stack)
+    for match in reversed(list(_FRAME.finditer(text))):
+        if _ROOT in match["file"] and "kernel_op.py" not in match["file"]:
             return f"{type(node).__name__} of {match['file'].split(_ROOT, 1)[1]}:{match['line']} {match['name']}"
     return f"{type(node).__name__} of a forward outside the library"
 
