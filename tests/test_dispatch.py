@@ -14,8 +14,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from triton_helpers import needs_triton_gpu
 
-from defmamba.ops import (deformable_sampling, depthwise_conv, dispatch, gelu_mlp, layer_norm, reference_only,
-                          scan_orders, time_step_projection)
+from defmamba.ops import (channel_attention, deformable_sampling, depthwise_conv, dispatch, gelu_mlp, layer_norm,
+                          reference_only, scan_orders, time_step_projection)
 
 scan = importlib.import_module("defmamba.ops.selective_scan")  # the package (its name in defmamba.ops is the function)
 
@@ -31,6 +31,12 @@ def _positions(device):
     offsets = torch.randn(2, 3, 4, 5, device=device)
     return deformable_sampling.sample_positions(offsets, torch.rand(2, device=device), torch.rand(4, 5, 2, device=device),
                                                 torch.rand(4, 5, 2, device=device), torch.rand(20, device=device))
+
+
+def _attention(device):
+    return channel_attention.channel_attention(torch.randn(3, 32, device=device), torch.randn(2, 32, device=device),
+                                               torch.randn(2, device=device), torch.randn(32, 2, device=device),
+                                               torch.randn(32, device=device))
 
 
 def _conv(device):
@@ -66,6 +72,7 @@ def _projection(device):
 
 # op name, its package, the kernel and the reference entry the package routes to, a call with tensors on `device`
 ROUTES = [
+    ("channel_attention", channel_attention, "channel_attention_triton", "channel_attention_reference", _attention),
     ("deformable_sampling", deformable_sampling, "sample_in_path_order_triton", "sample_in_path_order_reference",
      _sample),
     ("deformable_sampling", deformable_sampling, "sample_positions_triton", "sample_positions_reference", _positions),
@@ -187,7 +194,7 @@ def test_selective_scan_auto_resolves_to_torch_when_forced(monkeypatch):
 
 
 def test_bad_names_are_clear_errors(monkeypatch):
-    with pytest.raises(ValueError, match="unknown op 'layernorm'; the ops are 'deformable_sampling'"):
+    with pytest.raises(ValueError, match="unknown op 'layernorm'; the ops are 'channel_attention', 'deformable_sampling'"):
         with reference_only("layernorm"):
             pass
     monkeypatch.setenv(dispatch.ENV_VAR, "off")

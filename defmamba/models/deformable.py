@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.channel_attention import channel_attention
 from ..ops.deformable_sampling import sample_in_path_order, sample_positions
 from ..ops.depthwise_conv import DepthwiseConv2d
 from ..ops.layer_norm import LayerNorm, layer_norm_gelu
@@ -37,6 +38,8 @@ class ConvOffset(nn.Module):
     """Offset network: depthwise conv gated by channel attention → LN → GELU → 1×1 conv to 3 maps.
 
     Output channels: 0 = row (y) offset, 1 = column (x) offset, 2 = path position; all pre-tanh.
+    ``ca`` (Linear, GELU, Linear, Sigmoid) holds the channel attention's layers under the official
+    keys; they run as :func:`~defmamba.ops.channel_attention.channel_attention`.
     """
 
     def __init__(self, channels: int, kernel_size: int) -> None:
@@ -48,7 +51,9 @@ class ConvOffset(nn.Module):
         self.conv2 = nn.Conv2d(channels, 3, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attention = self.ca(x.mean(dim=(2, 3)))  # from the input, not from conv1's output
+        # From the input, not from conv1's output; the layers of ``ca`` as one op (ops/channel_attention/).
+        fc1, fc2 = self.ca[0], self.ca[2]
+        attention = channel_attention(x.mean(dim=(2, 3)), fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         # GELU(LN(conv1(x) · attention)) in one pass, the attention applied as the norm reads its
         # input; it feeds only the 1×1 conv2, so under autocast it comes out in the autocast dtype
         # that conv2 would round it to.
