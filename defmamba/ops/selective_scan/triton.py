@@ -354,7 +354,7 @@ def _row_strides(length: int, a_t: torch.Tensor, *tensors: torch.Tensor) -> tupl
     for i, t in enumerate(tensors):
         *lead, last = t.stride()
         args += [st // align for st in lead] + [last]
-        if i == 1:  # A (transposed copy) comes after u and delta in the kernel signature
+        if i == 1:  # A (read as its (N, C) transpose) comes after u and delta in the kernel signature
             args += [a_t.stride(1), a_t.stride(0)]
     return align, args
 
@@ -384,7 +384,8 @@ def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     np_ = triton.next_power_of_2(n_state)
     y = _new((batch, channels, length), out_dtype or u.dtype, u.device)
     states = _new((batch, channels, n_seg, np_) if save_states else (0,), torch.float32, u.device)
-    a_t = A.to(torch.float32).t().contiguous()  # (N, C): loads along channels, like the state tile
+    # (N, C), A read in place through its strides: each program loads its (N, BLOCK_C) tile once
+    a_t = A.to(torch.float32).t()
     align, strides = _row_strides(length, a_t, u, delta, B, C, y)
     grid = (batch * groups * n_cb,)
     _KERNELS["fwd", _CONFIG["fwd"][1]][grid](
@@ -428,7 +429,7 @@ def _gradients(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     partials = _new((batch, channels * np_ + 2 * channels), torch.float32, dev)
     dBC = torch.zeros((2, batch, groups, n_state, length), dtype=torch.float32, device=dev)
     scratch = torch.empty((batch * groups * n_cb, _SEG // _CL, block_c, np_), dtype=torch.float32, device=dev)
-    a_t = A.to(torch.float32).t().contiguous()
+    a_t = A.to(torch.float32).t()
     # du/ddelta/dB/dC are fresh contiguous buffers: aligned exactly when the inputs' rows are.
     align, strides = _row_strides(length, a_t, u, delta, B, C, dy)
     grid = (batch * groups * n_cb,)
