@@ -14,8 +14,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from triton_helpers import needs_triton_gpu
 
-from defmamba.ops import (channel_attention, deformable_sampling, depthwise_conv, dispatch, gelu_mlp, layer_norm,
-                          reference_only, scan_orders, time_step_projection)
+from defmamba.ops import (channel_attention, deformable_sampling, depthwise_conv, dispatch, drop_path, gelu_mlp,
+                          layer_norm, reference_only, scan_orders, time_step_projection)
 
 scan = importlib.import_module("defmamba.ops.selective_scan")  # the package (its name in defmamba.ops is the function)
 
@@ -37,6 +37,10 @@ def _attention(device):
     return channel_attention.channel_attention(torch.randn(3, 32, device=device), torch.randn(2, 32, device=device),
                                                torch.randn(2, device=device), torch.randn(32, 2, device=device),
                                                torch.randn(32, device=device))
+
+
+def _drop(device):
+    return drop_path.add_dropped_path(torch.randn(4, 3, 5, device=device), torch.randn(4, 3, 5, device=device), 0.5)
 
 
 def _conv(device):
@@ -77,6 +81,7 @@ ROUTES = [
      _sample),
     ("deformable_sampling", deformable_sampling, "sample_positions_triton", "sample_positions_reference", _positions),
     ("depthwise_conv", depthwise_conv, "depthwise_conv2d_triton", "depthwise_conv2d_reference", _conv),
+    ("drop_path", drop_path, "add_dropped_path_triton", "add_dropped_path_reference", _drop),
     ("layer_norm", layer_norm, "layer_norm_triton", "layer_norm_reference", _norm),
     ("scan_orders", scan_orders, "stack_scan_orders_triton", "stack_scan_orders_reference", _stack),
     ("scan_orders", scan_orders, "merge_and_gate_triton", "merge_and_gate_reference", _merge),

@@ -28,8 +28,8 @@ __all__ = ["ENV_VAR", "KERNEL_DTYPES", "OPS", "REFERENCE_OPS_VAR", "reference_fo
 
 ENV_VAR = "DEFMAMBA_KERNELS"
 REFERENCE_OPS_VAR = "DEFMAMBA_REFERENCE_OPS"
-OPS = ("channel_attention", "deformable_sampling", "depthwise_conv", "gelu_mlp", "layer_norm", "scan_orders",
-       "selective_scan", "time_step_projection")
+OPS = ("channel_attention", "deformable_sampling", "depthwise_conv", "drop_path", "gelu_mlp", "layer_norm",
+       "scan_orders", "selective_scan", "time_step_projection")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
