@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..kernel_op import kernel_op
+from ..triton_math import gelu as _gelu, gelu_grad as _gelu_grad
 from ..triton_support import check_launch, tl, triton
 
 __all__ = ["channel_attention_triton"]
@@ -22,15 +23,6 @@ _BLOCK_C = 64  # channels per tile
 
 
 if triton is not None:
-
-    @triton.jit
-    def _gelu(h):
-        return h * 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
-
-    @triton.jit
-    def _gelu_grad(h):
-        """d GELU(h) / dh = Φ(h) + h·φ(h)."""
-        return 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476)) + h * (tl.exp(-0.5 * h * h) * 0.3989422804014327)
 
     @triton.jit
     def _ca_fwd_kernel(p_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, a_ptr, h_ptr, batch, channels, hidden,

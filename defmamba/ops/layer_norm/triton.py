@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from ..kernel_op import kernel_op
+from ..triton_math import gelu as _gelu, gelu_grad as _gelu_grad
 from ..triton_support import check_launch, tl, triton
 
 __all__ = ["MAX_COLUMNS", "layer_norm_triton"]
@@ -23,18 +24,6 @@ _BWD_PROGRAMS = 1024  # programs of the backward, each with its own partial weig
 
 
 if triton is not None:
-
-    @triton.jit
-    def _gelu(y):
-        """Exact (erf) GELU in float32, in the order of PyTorch's CUDA kernel."""
-        return y * 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
-
-    @triton.jit
-    def _gelu_grad(y):
-        """d GELU(y) / dy = Φ(y) + y·φ(y)."""
-        cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * y * y) * 0.3989422804014327
-        return cdf + y * pdf
 
     @triton.jit
     def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, rows_per_image, eps,
