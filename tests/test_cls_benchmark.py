@@ -40,6 +40,22 @@ def test_benchmark_runs_on_cpu_and_writes_json_and_table(bench, tmp_path, capsys
         assert f"| {name} |" in out
 
 
+@pytest.mark.parametrize("calling_thread", [False, True])
+def test_backward_on_calling_thread_switches_autograd_device_threads_off_for_every_model(bench, monkeypatch, calling_thread):
+    seen = []
+
+    def measure_one(name, mode, args, device):
+        seen.append((name, torch._C._is_multithreading_enabled()))
+        return {"images_per_s": 1.0}
+
+    monkeypatch.setattr(bench, "measure_one", measure_one)
+    flag = ["--backward-on-calling-thread"] if calling_thread else []
+    assert bench.main(["--device", "cpu", "--models", "defmamba_tiny", "--peers", "convnext_tiny",
+                       "--modes", "train_fp16", *flag]) == 0
+    assert seen == [("defmamba_tiny", not calling_thread), ("convnext_tiny", not calling_thread)]
+    assert torch._C._is_multithreading_enabled()  # restored after the run
+
+
 def test_benchmark_rejects_unknown_mode(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--modes", "infer_int8"])

@@ -36,3 +36,15 @@ def test_every_case_runs_and_the_json_names_them(tmp_path):
     cases = {r["case"]: r["host_us"] for r in report["results"]}
     assert "DMBlock forward" in cases and "x * 2 forward+backward" in cases
     assert all(us > 0 for us in cases.values())
+
+
+def test_backward_on_calling_thread_is_applied_to_every_case_and_recorded(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(host_costs, "cases", lambda device: [
+        ("primitives", "probe", lambda: seen.append(torch._C._is_multithreading_enabled()))])
+    out = tmp_path / "costs.json"
+    assert host_costs.main(["--device", "cpu", "--dtype", "float32", "--warmup", "0", "--repeats", "1", "--iters", "1",
+                            "--backward-on-calling-thread", "--json", str(out)]) == 0
+    assert seen and not any(seen)
+    assert json.loads(out.read_text())["environment"]["backward_on_calling_thread"] is True
+    assert torch._C._is_multithreading_enabled()

@@ -57,6 +57,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="record each step into one CUDA graph and time its replays (GPU; eager models)")
     parser.add_argument("--host-cost", action="store_true",
                         help="measure each model eager and graphed, with launches, host ms and GPU ms per step (GPU)")
+    parser.add_argument("--backward-on-calling-thread", action="store_true",
+                        help="run every backward on the thread that calls it, not on autograd's device thread "
+                             "(torch.autograd.set_multithreading_enabled(False)), for every model: a probe of what "
+                             "the hand-over to that thread costs the host")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=10, help="untimed iterations")
     parser.add_argument("--repeats", type=int, default=10, help="timed windows (the median is reported)")
@@ -211,15 +215,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"batch {args.batch_size}, {args.image_size}², scan backend {args.backend}, compile {args.compile}, "
           f"CUDA graphs {'eager and graphed' if args.host_cost else 'on' if args.cuda_graphs else 'off'}, "
           f"median of {args.repeats} windows × {args.iters} iterations after {args.warmup} warm-up", flush=True)
+    if args.backward_on_calling_thread:
+        print("every backward runs on the calling thread (autograd's device threads off)", flush=True)
     results: dict = {}
-    for name in list(args.models) + list(args.peers):
-        results[name] = {}
-        for mode in args.modes:
-            result = measure_one(name, mode, args, device)
-            results[name][mode] = result
-            shown = result.get("error") or f"{result['images_per_s']:.1f} img/s" + (
-                f", peak {result['peak_memory_gib']:.2f} GiB" if result.get("peak_memory_gib") else "")
-            print(f"  {name:32s} {mode:11s} {shown}", flush=True)
+    with torch.autograd.set_multithreading_enabled(not args.backward_on_calling_thread):
+        for name in list(args.models) + list(args.peers):
+            results[name] = {}
+            for mode in args.modes:
+                result = measure_one(name, mode, args, device)
+                results[name][mode] = result
+                shown = result.get("error") or f"{result['images_per_s']:.1f} img/s" + (
+                    f", peak {result['peak_memory_gib']:.2f} GiB" if result.get("peak_memory_gib") else "")
+                print(f"  {name:32s} {mode:11s} {shown}", flush=True)
     print()
     print(table(results, args.modes))
     if args.host_cost:

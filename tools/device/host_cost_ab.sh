@@ -11,26 +11,30 @@
 #                               forced to their PyTorch formulations (DEFMAMBA_REFERENCE_OPS)
 #            cores=LIST         this checkout with the process pinned to the CPU cores LIST (taskset -c LIST;
 #                               one core: autograd's device thread runs on the main thread's core)
+#            backward=caller    this checkout with every backward run on the calling thread, not on
+#                               autograd's device thread (tools/benchmark.py --backward-on-calling-thread)
 #   e.g. before/after a change:  bash tools/device/host_cost_ab.sh out 2 tree=.ab_before kernels
 #        routes:                 bash tools/device/host_cost_ab.sh out 1 kernels reference=layer_norm \
 #                                  reference=depthwise_conv reference=layer_norm,depthwise_conv
+#        autograd's threads:     bash tools/device/host_cost_ab.sh out 2 kernels backward=caller cores=5
 # Environment: MODELS (defmamba_tiny defmamba_small), PEERS (swin_tiny_patch4_window7_224), MODES
 #   (train_fp16), BENCH_ARGS (--warmup 3 --repeats 5 --iters 3).
 # Writes OUT_DIR/<round>_<variant>.{json,log} and OUT_DIR/ab.md: launches, host ms, GPU ms, eager
 # images/s, peak GiB and graphed images/s per run, model and mode.
 set -euo pipefail
-if [[ $# -lt 3 ]]; then sed -n '2,20p' "$0" >&2; exit 2; fi
+if [[ $# -lt 3 ]]; then sed -n '2,23p' "$0" >&2; exit 2; fi
 out=$1
 rounds=$2
 shift 2
 variants=("$@")
 for variant in "${variants[@]}"; do
   case $variant in
-    kernels | reference=?* | cores=?*) ;;
+    kernels | reference=?* | cores=?* | backward=caller) ;;
     tree=?*) [[ -f ${variant#tree=}/tools/benchmark.py && -d ${variant#tree=}/defmamba ]] || {
       echo "host_cost_ab.sh: ${variant#tree=} holds no defmamba/ and tools/benchmark.py (make it with" \
            "git archive REV defmamba tools | tar -x -C DIR)" >&2; exit 2; } ;;
-    *) echo "host_cost_ab.sh: variant '$variant' is not kernels, tree=DIR, reference=OPS or cores=LIST" >&2; exit 2 ;;
+    *) echo "host_cost_ab.sh: variant '$variant' is not kernels, tree=DIR, reference=OPS, cores=LIST or" \
+            "backward=caller" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out"
@@ -42,14 +46,16 @@ read -r -a bench_args <<< "${BENCH_ARGS:---warmup 3 --repeats 5 --iters 3}"
 export PYTHONUNBUFFERED=1
 
 measure() {  # RUN_NAME VARIANT PEERS...
-  local name=$1 variant=$2 tree=$PWD ops="" pin=(); shift 2
+  local name=$1 variant=$2 tree=$PWD ops="" pin=() thread=(); shift 2
   case $variant in
     tree=*) tree=$(cd "${variant#tree=}" && pwd) ;;
     reference=*) ops=${variant#reference=} ;;
     cores=*) pin=(taskset -c "${variant#cores=}") ;;
+    backward=caller) thread=(--backward-on-calling-thread) ;;
   esac
   (cd "$tree" && DEFMAMBA_REFERENCE_OPS=$ops PYTHONPATH="$tree" ${pin[@]+"${pin[@]}"} python3 tools/benchmark.py --host-cost \
-     "${bench_args[@]}" --modes "${modes[@]}" --models "${models[@]}" --peers "$@" --json "$out/$name.json") \
+     ${thread[@]+"${thread[@]}"} "${bench_args[@]}" --modes "${modes[@]}" --models "${models[@]}" --peers "$@" \
+     --json "$out/$name.json") \
     > "$out/$name.log" 2>&1 || {
     echo "host_cost_ab.sh: $name failed; the end of $out/$name.log:" >&2; tail -n 20 "$out/$name.log" >&2; exit 1; }
 }
