@@ -41,7 +41,7 @@ def test_benchmark_runs_on_cpu_and_writes_json_and_table(bench, tmp_path, capsys
 
 
 @pytest.mark.parametrize("calling_thread", [False, True])
-def test_backward_on_calling_thread_switches_autograd_device_threads_off_for_every_model(bench, monkeypatch, calling_thread):
+def test_backward_runs_on_the_calling_thread_unless_asked_for_every_model(bench, monkeypatch, calling_thread):
     seen = []
 
     def measure_one(name, mode, args, device):
@@ -49,7 +49,7 @@ def test_backward_on_calling_thread_switches_autograd_device_threads_off_for_eve
         return {"images_per_s": 1.0}
 
     monkeypatch.setattr(bench, "measure_one", measure_one)
-    flag = ["--backward-on-calling-thread"] if calling_thread else []
+    flag = [] if calling_thread else ["--autograd-device-thread"]
     assert bench.main(["--device", "cpu", "--models", "defmamba_tiny", "--peers", "convnext_tiny",
                        "--modes", "train_fp16", *flag]) == 0
     assert seen == [("defmamba_tiny", not calling_thread), ("convnext_tiny", not calling_thread)]

@@ -791,7 +791,8 @@ def test_experiment_keys_are_those_that_change_what_is_trained():
                "MODEL_EMA_DECAY", "SEED"]
     ignored = ["PRINT_FREQ", "OUTPUT", "TAG", "DATA.NUM_WORKERS", "DATA.PIN_MEMORY", "DATA.VERIFY_IMAGES",
                "SAVE_FREQ", "SAVE_KEEP", "AMP_ENABLE", "AMP_DTYPE", "COMPILE", "EVAL_MODE", "THROUGHPUT_MODE",
-               "MODEL.RESUME", "TRAIN.AUTO_RESUME", "TRAIN.START_EPOCH", "TRAIN.USE_CHECKPOINT", "TRAIN.CUDA_GRAPHS"]
+               "MODEL.RESUME", "TRAIN.AUTO_RESUME", "TRAIN.START_EPOCH", "TRAIN.USE_CHECKPOINT", "TRAIN.CUDA_GRAPHS",
+               "TRAIN.BACKWARD_ON_CALLING_THREAD"]
     assert all(is_experiment_key(k) for k in counted) and not any(is_experiment_key(k) for k in ignored)
     stored = app_config.get_config(opts=["TRAIN.BASE_LR", "0.02", "DATA.DATA_PATH", "/data/a", "PRINT_FREQ", "5"])
     new = app_config.get_config(opts=["TRAIN.BASE_LR", "0.01", "DATA.DATA_PATH", "/data/a/", "PRINT_FREQ", "50",
@@ -930,3 +931,38 @@ def test_images_per_second_leave_out_a_graph_warm_up(caplog):
                                           torch.amp.GradScaler("cpu", enabled=False),
                                           app_engine.AmpSettings(False, torch.float32))
     assert app_train_step.CudaGraphTrainStep(capturable, warmup=3).steps_before_replay == 4
+
+
+class _RecordBackwardThreading(torch.autograd.Function):
+    """Identity whose backward records whether autograd's device threads were on for it."""
+    seen: list[bool] = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        _RecordBackwardThreading.seen.append(torch._C._is_multithreading_enabled())
+        return grad
+
+
+class _ProbedLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(_RecordBackwardThreading.apply(x.requires_grad_()))
+
+
+@pytest.mark.parametrize("on_calling_thread", [True, False])
+def test_train_step_runs_its_backward_on_the_calling_thread_as_configured(on_calling_thread):
+    config = app_config.get_config(opts=["TRAIN.BACKWARD_ON_CALLING_THREAD", str(on_calling_thread)])
+    assert app_config.get_config().TRAIN.BACKWARD_ON_CALLING_THREAD  # the default
+    model = _ProbedLinear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    amp = app_engine.AmpSettings(False, torch.float32)
+    step = app_main._build_train_step(config, model, model, None, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                      nn.CrossEntropyLoss(), amp, None, None)
+    _RecordBackwardThreading.seen = []
+    step(torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    step(torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    assert _RecordBackwardThreading.seen == [not on_calling_thread] * 2
+    assert torch._C._is_multithreading_enabled()  # the caller's setting is restored after each backward

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -38,13 +39,14 @@ def test_every_case_runs_and_the_json_names_them(tmp_path):
     assert all(us > 0 for us in cases.values())
 
 
-def test_backward_on_calling_thread_is_applied_to_every_case_and_recorded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device_thread", [False, True])
+def test_the_backward_thread_is_applied_to_every_case_and_recorded(tmp_path, monkeypatch, device_thread):
     seen = []
     monkeypatch.setattr(host_costs, "cases", lambda device: [
         ("primitives", "probe", lambda: seen.append(torch._C._is_multithreading_enabled()))])
     out = tmp_path / "costs.json"
     assert host_costs.main(["--device", "cpu", "--dtype", "float32", "--warmup", "0", "--repeats", "1", "--iters", "1",
-                            "--backward-on-calling-thread", "--json", str(out)]) == 0
-    assert seen and not any(seen)
-    assert json.loads(out.read_text())["environment"]["backward_on_calling_thread"] is True
+                            *(["--autograd-device-thread"] if device_thread else []), "--json", str(out)]) == 0
+    assert seen and all(on == device_thread for on in seen)
+    assert json.loads(out.read_text())["environment"]["autograd_device_thread"] is device_thread
     assert torch._C._is_multithreading_enabled()

@@ -10,7 +10,8 @@
 
 Modes: infer_fp32, infer_fp16, infer_bf16 (forward under inference_mode, autocast for the half
 types) and train_fp16, train_bf16, train_fp32 (forward + cross-entropy + backward + AdamW step,
-fused on the GPU as classification/main.py builds it; fp16 with a GradScaler). Every number is the median of --repeats timed windows of --iters
+fused on the GPU as classification/main.py builds it; fp16 with a GradScaler; the backward on the
+loop's own thread, as classification/main.py runs it, unless --autograd-device-thread). Every number is the median of --repeats timed windows of --iters
 iterations after --warmup iterations (defmamba.benchmark.measure_throughput, the same function
 as `classification/main.py --throughput`). With --cuda-graphs each step (in training: forward,
 loss, backward and a fused, capturable AdamW step) is recorded once into a CUDA graph and
@@ -57,10 +58,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="record each step into one CUDA graph and time its replays (GPU; eager models)")
     parser.add_argument("--host-cost", action="store_true",
                         help="measure each model eager and graphed, with launches, host ms and GPU ms per step (GPU)")
-    parser.add_argument("--backward-on-calling-thread", action="store_true",
-                        help="run every backward on the thread that calls it, not on autograd's device thread "
-                             "(torch.autograd.set_multithreading_enabled(False)), for every model: a probe of what "
-                             "the hand-over to that thread costs the host")
+    parser.add_argument("--autograd-device-thread", action="store_true",
+                        help="run every backward on autograd's per-device thread, PyTorch's default; without it the "
+                             "loop runs each backward on its own thread (torch.autograd.set_multithreading_enabled("
+                             "False)), as classification/main.py and the mm entry points train, for every model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=10, help="untimed iterations")
     parser.add_argument("--repeats", type=int, default=10, help="timed windows (the median is reported)")
@@ -215,10 +216,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"batch {args.batch_size}, {args.image_size}², scan backend {args.backend}, compile {args.compile}, "
           f"CUDA graphs {'eager and graphed' if args.host_cost else 'on' if args.cuda_graphs else 'off'}, "
           f"median of {args.repeats} windows × {args.iters} iterations after {args.warmup} warm-up", flush=True)
-    if args.backward_on_calling_thread:
-        print("every backward runs on the calling thread (autograd's device threads off)", flush=True)
+    print("every backward runs on " + ("autograd's device thread" if args.autograd_device_thread
+                                       else "the calling thread (autograd's device threads off)"), flush=True)
     results: dict = {}
-    with torch.autograd.set_multithreading_enabled(not args.backward_on_calling_thread):
+    with torch.autograd.set_multithreading_enabled(args.autograd_device_thread):
         for name in list(args.models) + list(args.peers):
             results[name] = {}
             for mode in args.modes:

@@ -9,10 +9,11 @@ same autocast, next to the PyTorch module it replaces. Wall time per call is the
 timed windows, each ended by a device synchronisation.
 
     python tools/host_costs.py [--device cuda] [--dtype float16] [--json FILE] [--profile-block FILE]
-                               [--backward-on-calling-thread]
+                               [--autograd-device-thread]
 
-``--backward-on-calling-thread`` runs every backward on the main thread instead of autograd's
-device thread: run once with and once without, it shows what the hand-over to that thread costs.
+Every backward runs on the main thread, as the training loops of this project run it;
+``--autograd-device-thread`` runs it on autograd's device thread instead (PyTorch's default): run
+once with and once without, it shows what the hand-over to that thread costs.
 
 ``--profile-block`` also writes cProfile's table (by own time) of DM-block forwards: where the
 Python time of the forward goes (the backward runs in autograd's device thread, which cProfile
@@ -222,9 +223,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
-    parser.add_argument("--backward-on-calling-thread", action="store_true",
-                        help="run every backward on the calling thread, not on autograd's device thread "
-                             "(torch.autograd.set_multithreading_enabled(False))")
+    parser.add_argument("--autograd-device-thread", action="store_true",
+                        help="run every backward on autograd's device thread (PyTorch's default), not on the "
+                             "calling thread (torch.autograd.set_multithreading_enabled(False))")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--profile-block", default=None, help="write cProfile's table of DM-block forwards here")
     return parser.parse_args(argv)
@@ -235,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device(args.device)
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     results = []
-    with _autocast(device, dtype), torch.autograd.set_multithreading_enabled(not args.backward_on_calling_thread):
+    with _autocast(device, dtype), torch.autograd.set_multithreading_enabled(args.autograd_device_thread):
         for group, name, fn in cases(device):
             if args.only not in name:
                 continue
@@ -245,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         environment = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                        "torch": torch.__version__, "triton": getattr(triton, "__version__", None),
-                       "autocast": args.dtype, "backward_on_calling_thread": args.backward_on_calling_thread}
+                       "autocast": args.dtype, "autograd_device_thread": args.autograd_device_thread}
         Path(args.json).write_text(json.dumps({"environment": environment, "results": results}, indent=1))
     if args.profile_block:
         Path(args.profile_block).write_text(profile_block(device, dtype, calls=200))

@@ -191,6 +191,9 @@ def _train_parser(task: str) -> argparse.ArgumentParser:
     parser.add_argument("--auto-scale-lr", action="store_true", help="scale the learning rate with the total batch size")
     parser.add_argument("--resume", nargs="?", type=str, const="auto",
                         help="resume from the latest checkpoint in the work dir, or from the given checkpoint")
+    parser.add_argument("--autograd-device-thread", action="store_true",
+                        help="run each backward on autograd's per-GPU thread (PyTorch's default) instead of the "
+                             "training loop's own thread; the hand-over to that thread costs DefMamba much host time")
     _common_args(parser)
     return parser
 
@@ -252,7 +255,9 @@ def train(task: str, argv: Optional[Sequence[str]] = None) -> None:
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
-    _run(cfg, "train")
+    # The loop runs on this thread, so every backward of the run follows this (thread-local) setting.
+    with torch.autograd.set_multithreading_enabled(args.autograd_device_thread):
+        _run(cfg, "train")
 
 
 def _enable_drawing(task: str, cfg: Any, show_dir: str) -> None:

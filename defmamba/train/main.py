@@ -274,7 +274,8 @@ def _build_train_step(config, model: nn.Module, run_model: nn.Module, model_ema,
                 run_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
                 broadcast_buffers=False)
     train_step = TrainStep(train_model, criterion, optimizer, scaler, amp, clip_grad=config.TRAIN.CLIP_GRAD,
-                           accumulation=config.TRAIN.ACCUMULATION_STEPS, model_ema=model_ema, ema_source=model)
+                           accumulation=config.TRAIN.ACCUMULATION_STEPS, model_ema=model_ema, ema_source=model,
+                           backward_on_calling_thread=config.TRAIN.BACKWARD_ON_CALLING_THREAD)
     if config.TRAIN.CUDA_GRAPHS:
         train_step = CudaGraphTrainStep(train_step, stream=graph_stream)
         logger.info(f"training steps are replayed from a CUDA graph after {train_step.warmup} eager warm-up steps")

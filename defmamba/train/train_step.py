@@ -34,17 +34,22 @@ class TrainStep:
         clip_grad: largest global gradient norm; 0 disables clipping (the norm is still returned).
         accumulation: micro-batches per optimizer step (the loss is divided by it).
         model_ema, ema_source: an EMA updated from ``ema_source`` (default: ``model``) after each update.
+        backward_on_calling_thread: run the backward on this thread, not on autograd's per-device
+            worker thread (``torch.autograd.set_multithreading_enabled(False)`` around it); the
+            hand-over to that thread costs an eager DefMamba step much host time.
     """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, amp, clip_grad: float = 0.0, accumulation: int = 1,
-                 model_ema=None, ema_source: Optional[nn.Module] = None) -> None:
+                 model_ema=None, ema_source: Optional[nn.Module] = None,
+                 backward_on_calling_thread: bool = True) -> None:
         self.model, self.criterion, self.optimizer, self.scaler, self.amp = model, criterion, optimizer, scaler, amp
         self.max_norm = clip_grad if clip_grad > 0 else math.inf
         self.accumulation = accumulation
         self.model_ema, self.ema_source = model_ema, ema_source if ema_source is not None else model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast_cache = True  # off while a CUDA graph is recorded (cached casts would not outlive it)
+        self.backward_on_calling_thread = backward_on_calling_thread
 
     def backward(self, samples: torch.Tensor, targets: torch.Tensor, sync_grads: bool = True) -> torch.Tensor:
         """Forward and backward of one micro-batch; gradients add up until :meth:`update`. Returns the
@@ -55,7 +60,8 @@ class TrainStep:
             with self.amp.autocast(device, cache_enabled=self.autocast_cache):
                 outputs = self.model(samples)
             loss = self.criterion(outputs.float(), targets)
-            self.scaler.scale(loss / self.accumulation).backward()
+            with torch.autograd.set_multithreading_enabled(not self.backward_on_calling_thread):
+                self.scaler.scale(loss / self.accumulation).backward()
         return loss.detach()
 
     def update(self) -> torch.Tensor:

@@ -11,30 +11,31 @@
 #                               forced to their PyTorch formulations (DEFMAMBA_REFERENCE_OPS)
 #            cores=LIST         this checkout with the process pinned to the CPU cores LIST (taskset -c LIST;
 #                               one core: autograd's device thread runs on the main thread's core)
-#            backward=caller    this checkout with every backward run on the calling thread, not on
-#                               autograd's device thread (tools/benchmark.py --backward-on-calling-thread)
+#            backward=device    this checkout with every backward run on autograd's device thread (PyTorch's
+#                               default; tools/benchmark.py --autograd-device-thread), not on the calling thread
+#            (a tree=DIR variant runs DIR's own tools/benchmark.py, with that tree's default backward thread)
 #   e.g. before/after a change:  bash tools/device/host_cost_ab.sh out 2 tree=.ab_before kernels
 #        routes:                 bash tools/device/host_cost_ab.sh out 1 kernels reference=layer_norm \
 #                                  reference=depthwise_conv reference=layer_norm,depthwise_conv
-#        autograd's threads:     bash tools/device/host_cost_ab.sh out 2 kernels backward=caller cores=5
+#        autograd's threads:     bash tools/device/host_cost_ab.sh out 2 kernels backward=device cores=5
 # Environment: MODELS (defmamba_tiny defmamba_small), PEERS (swin_tiny_patch4_window7_224), MODES
 #   (train_fp16), BENCH_ARGS (--warmup 3 --repeats 5 --iters 3).
 # Writes OUT_DIR/<round>_<variant>.{json,log} and OUT_DIR/ab.md: launches, host ms, GPU ms, eager
 # images/s, peak GiB and graphed images/s per run, model and mode.
 set -euo pipefail
-if [[ $# -lt 3 ]]; then sed -n '2,23p' "$0" >&2; exit 2; fi
+if [[ $# -lt 3 ]]; then sed -n '2,24p' "$0" >&2; exit 2; fi
 out=$1
 rounds=$2
 shift 2
 variants=("$@")
 for variant in "${variants[@]}"; do
   case $variant in
-    kernels | reference=?* | cores=?* | backward=caller) ;;
+    kernels | reference=?* | cores=?* | backward=device) ;;
     tree=?*) [[ -f ${variant#tree=}/tools/benchmark.py && -d ${variant#tree=}/defmamba ]] || {
       echo "host_cost_ab.sh: ${variant#tree=} holds no defmamba/ and tools/benchmark.py (make it with" \
            "git archive REV defmamba tools | tar -x -C DIR)" >&2; exit 2; } ;;
     *) echo "host_cost_ab.sh: variant '$variant' is not kernels, tree=DIR, reference=OPS, cores=LIST or" \
-            "backward=caller" >&2; exit 2 ;;
+            "backward=device" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out"
@@ -51,7 +52,7 @@ measure() {  # RUN_NAME VARIANT PEERS...
     tree=*) tree=$(cd "${variant#tree=}" && pwd) ;;
     reference=*) ops=${variant#reference=} ;;
     cores=*) pin=(taskset -c "${variant#cores=}") ;;
-    backward=caller) thread=(--backward-on-calling-thread) ;;
+    backward=device) thread=(--autograd-device-thread) ;;
   esac
   (cd "$tree" && DEFMAMBA_REFERENCE_OPS=$ops PYTHONPATH="$tree" ${pin[@]+"${pin[@]}"} python3 tools/benchmark.py --host-cost \
      ${thread[@]+"${thread[@]}"} "${bench_args[@]}" --modes "${modes[@]}" --models "${models[@]}" --peers "$@" \
