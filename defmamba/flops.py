@@ -119,7 +119,8 @@ def countable_selective_scan() -> Iterator[None]:
 
     original = dssm.selective_scan
 
-    def stand_in(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, out_dtype=None, backend="auto"):
+    def stand_in(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, out_dtype=None, backend="auto",
+                 A_is_log=False):
         if u.dim() != 3 or A.dim() != 2 or A.shape[0] != u.shape[1]:
             raise ValueError(f"selective scan needs u (batch, channels, L) and A (channels, N); got {tuple(u.shape)}, {tuple(A.shape)}")
         return SelectiveScan.apply(u, delta, A, B, C, D, delta_bias, u.dtype if out_dtype is None else out_dtype)

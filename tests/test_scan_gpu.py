@@ -67,16 +67,18 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _run_and_compare(backend, xs, softplus, out_dtype, fwd_tol, grad_tol, autocast=False):
-    """Forward + backward of ``backend`` vs the float64 reference on the same (rounded) inputs."""
+def _run_and_compare(backend, xs, softplus, out_dtype, fwd_tol, grad_tol, autocast=False, A_is_log=False):
+    """Forward + backward of ``backend`` vs the float64 reference on the same (rounded) inputs
+    (with ``A_is_log``, xs[2] holds the logs and the reference takes −exp of them in float64)."""
     leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in xs]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with _poisoned(backend), amp:
-        y = selective_scan(*leaves, delta_softplus=softplus, out_dtype=out_dtype, backend=backend)
+        y = selective_scan(*leaves, delta_softplus=softplus, out_dtype=out_dtype, backend=backend, A_is_log=A_is_log)
     expect_dtype = out_dtype or xs[0].dtype
     assert y.dtype == expect_dtype and y.shape == xs[0].shape
     ref_leaves = [x.detach().double().requires_grad_() if x is not None else None for x in xs]
-    y_ref = selective_scan_torch(*ref_leaves, delta_softplus=softplus)
+    A_ref = -torch.exp(ref_leaves[2]) if A_is_log else ref_leaves[2]
+    y_ref = selective_scan_torch(*ref_leaves[:2], A_ref, *ref_leaves[3:], delta_softplus=softplus)
     err = _rel(y, y_ref)
     tol = fwd_tol if y.dtype == torch.float32 else TOL[y.dtype]
     assert err <= tol, f"{backend} forward rel err {err:.2e} > {tol:.0e}"
@@ -240,6 +242,20 @@ def test_autocast_inputs(backend):
     torch.manual_seed(17)
     xs = _inputs(2, 96, 100, dtype=torch.bfloat16)
     _run_and_compare(backend, xs, True, torch.float32, fwd_tol=1e-4, grad_tol=1e-4, autocast=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,out_dtype,autocast,n_state", [
+    (torch.float32, None, False, 16), (torch.float16, None, False, 5), (torch.bfloat16, torch.float32, True, 16),
+    (torch.bfloat16, None, False, 7),
+])
+def test_A_as_logs(backend, dtype, out_dtype, autocast, n_state):
+    """A_is_log, as the model calls the scan: A = −exp(A_logs) (float32 A_logs), the logs' gradient."""
+    torch.manual_seed(19 + n_state)
+    xs = _inputs(2, 96, 197, n_state=n_state, dtype=dtype)
+    xs[2] = torch.log(-xs[2])
+    _run_and_compare(backend, xs, True, out_dtype, fwd_tol=1e-4, grad_tol=1e-4, autocast=autocast, A_is_log=True)
 
 
 @pytest.mark.cuda

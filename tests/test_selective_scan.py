@@ -1,6 +1,7 @@
 """The reference selective scan against a naive sequential float64 loop, autograd checks, the
 backend dispatcher, and the triton backend under Triton's interpreter (CPU, in a subprocess):
 against float64, eager route against the custom-op route."""
+import importlib
 import json
 import math
 
@@ -173,6 +174,45 @@ def test_single_step_keeps_every_input_in_the_graph():
     assert all(t.grad is not None for t in (u, delta, B, C, D, bias))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_A_as_logs_is_the_scan_of_minus_exp(dtype):
+    """A_is_log: the same output and gradients, bit for bit, as passing A = −exp(A_logs) (the
+    model's formula, in A's precision); the logs get the gradient."""
+    g = torch.Generator().manual_seed(13)
+    u, delta, A, B, C, D, bias = random_inputs(2, 3, 2, 5, 19, dtype, g)
+    A_logs = torch.log(-A)
+    dy = torch.randn(u.shape, generator=g, dtype=dtype)
+    results = []
+    for log_form in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (u, delta, A_logs, B, C, D, bias)]
+        A_in = leaves[2] if log_form else -torch.exp(leaves[2])
+        y = selective_scan(*leaves[:2], A_in, *leaves[3:], delta_softplus=True, backend="torch", A_is_log=log_form)
+        y.backward(dy)
+        results.append([y] + [t.grad for t in leaves])
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+
+
+def test_A_as_logs_reaches_each_backend_in_its_form(monkeypatch):
+    """The triton backend gets the logs and the flag; the others get −exp(logs)."""
+    scan_module = importlib.import_module("defmamba.ops.selective_scan")  # the package, not its function
+    u, delta, A, B, C, D, bias = random_inputs(1, 3, 2, 4, 5)
+    A_logs = torch.log(-A)
+    seen = {}
+
+    def backend(name):
+        def fn(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype, **flags):
+            seen[name] = (A, flags)
+            return u
+        return fn
+
+    for name in ("triton", "cuda"):
+        monkeypatch.setattr(scan_module, "resolve_backend", lambda requested, device, name=name: (name, backend(name)))
+        selective_scan(u, delta, A_logs, B, C, D, bias, A_is_log=True)
+    assert seen["triton"][0] is A_logs and seen["triton"][1] == {"A_is_log": True}
+    assert torch.equal(seen["cuda"][0], -torch.exp(A_logs)) and seen["cuda"][1] == {}
+
+
 def triton_backend_errors(seed: int) -> dict:
     """Relative L2 errors of the triton backend's output and gradients against float64 on L = 66
     (two stored segments, L not a multiple of the 4-position tile), N = 6 (padded to 8), batch 2
@@ -202,24 +242,65 @@ def triton_backend_errors(seed: int) -> dict:
     return errors
 
 
-def triton_compiled_matches_eager() -> float:
+def triton_log_A_errors(seed: int) -> dict:
+    """Relative L2 errors of the triton backend with A_is_log against float64 with A = −exp(A_logs)
+    taken in float64, output and gradients (that of the logs included): batch 2, 3 groups of 3
+    channels, N = 5 (padded to 8), L = 67 (two stored segments, L odd); float32 and float16 u,
+    delta, B, C, float32 A_logs, D, delta_bias."""
+    from defmamba.ops.selective_scan.triton import selective_scan_triton
+
+    errors = {}
+    u, delta, A, B, C, D, bias = random_inputs(2, 3, 3, 5, 67, torch.float32, torch.Generator().manual_seed(seed))
+    leaves32 = [u, delta, torch.log(-A), B, C, D, bias]
+    dy = torch.randn(u.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    for dtype in (torch.float32, torch.float16):
+        kernel_in = [t.detach().to(dtype if i in (0, 1, 3, 4) else torch.float32).requires_grad_()
+                     for i, t in enumerate(leaves32)]
+        exact_in = [t.detach().double().requires_grad_() for t in kernel_in]
+        y = selective_scan_triton(*kernel_in, delta_softplus=True, A_is_log=True)
+        y.backward(dy.to(y.dtype))
+        y_ref = selective_scan_torch(*exact_in[:2], -torch.exp(exact_in[2]), *exact_in[3:], delta_softplus=True)
+        y_ref.backward(dy)
+        names = ("y", "u", "delta", "A_logs", "B", "C", "D", "delta_bias")
+        got = [y] + [t.grad for t in kernel_in]
+        ref = [y_ref] + [t.grad for t in exact_in]
+        errors.update({f"{str(dtype)[6:]}: {name}": rel_err(a, b) for name, a, b in zip(names, got, ref)})
+    return errors
+
+
+def triton_compiled_matches_eager(A_is_log: bool = False) -> float:
     """The custom-op route (taken under torch.compile) against the eager route, outputs and grads."""
     from defmamba.ops.selective_scan.triton import selective_scan_triton
 
     def scan(u, delta, A, B, C, D, bias):
-        return selective_scan_triton(u, delta, A, B, C, D, bias, True)
+        return selective_scan_triton(u, delta, A, B, C, D, bias, True, A_is_log=A_is_log)
 
-    return compiled_vs_eager(scan, *random_inputs(1, 2, 2, 4, 9))
+    u, delta, A, B, C, D, bias = random_inputs(1, 2, 2, 4, 9)
+    return compiled_vs_eager(scan, u, delta, torch.log(-A) if A_is_log else A, B, C, D, bias)
 
 
-def test_triton_backend_in_interpreter():
-    results = run_under_interpreter(__file__)
-    assert results["compiled vs eager"] == 0.0  # the same kernels, through the custom op
-    assert len(results["errors"]) == 8 + 6 + 8
-    for name, err in results["errors"].items():
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    return run_under_interpreter(__file__)
+
+
+def test_triton_backend_in_interpreter(interpreter_results):
+    assert interpreter_results["compiled vs eager"] == 0.0  # the same kernels, through the custom op
+    assert len(interpreter_results["errors"]) == 8 + 6 + 8
+    for name, err in interpreter_results["errors"].items():
         tolerance = 1e-3 if name.startswith("float16") else 1e-5  # float16 outputs and gradients: 11-bit mantissa
         assert err <= tolerance, f"{name}: relative error {err:.2e}"
 
 
-if __name__ == "__main__":  # the interpreter check (run by the test above in a subprocess)
-    print(json.dumps({"errors": triton_backend_errors(seed=3), "compiled vs eager": triton_compiled_matches_eager()}))
+def test_triton_backend_with_A_as_logs_in_interpreter(interpreter_results):
+    assert interpreter_results["compiled vs eager, A_is_log"] == 0.0
+    assert len(interpreter_results["A_is_log errors"]) == 2 * 8
+    for name, err in interpreter_results["A_is_log errors"].items():
+        tolerance = 1e-3 if name.startswith("float16") else 1e-5
+        assert err <= tolerance, f"A_is_log, {name}: relative error {err:.2e}"
+
+
+if __name__ == "__main__":  # the interpreter checks (run by the tests above in a subprocess)
+    print(json.dumps({"errors": triton_backend_errors(seed=3), "compiled vs eager": triton_compiled_matches_eager(),
+                      "A_is_log errors": triton_log_A_errors(seed=4),
+                      "compiled vs eager, A_is_log": triton_compiled_matches_eager(A_is_log=True)}))

@@ -36,7 +36,10 @@ class _ScanThatSavesLikeTheGpuOps(torch.autograd.Function):
         raise RuntimeError("the stand-in scan only counts saved tensors")
 
 
-def _stand_in_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, out_dtype=None, backend="auto"):
+def _stand_in_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, out_dtype=None, backend="auto",
+                   A_is_log=False):
+    if A_is_log:  # as selective_scan does for the cuda backend
+        A = -torch.exp(A.float())
     return _ScanThatSavesLikeTheGpuOps.apply(u.contiguous(), delta.contiguous(), A, B, C, D, delta_bias,
                                             out_dtype or u.dtype)
 

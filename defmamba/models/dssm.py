@@ -93,6 +93,7 @@ class DSSM(nn.Module):
         delta = project_time_steps(self.dt_projs_weight, dt.contiguous())  # (K, D, R) @ (B, K, R, L) → (B, K, D, L)
         return selective_scan(
             xs.reshape(batch, -1, length), delta.reshape(batch, -1, length),
-            -torch.exp(self.A_logs.float()), B, C, self.Ds.float(), self.dt_projs_bias.float().flatten(),
+            self.A_logs.float(), B, C, self.Ds.float(), self.dt_projs_bias.float().flatten(),
             delta_softplus=True, out_dtype=torch.promote_types(xs.dtype, torch.float32), backend=self.scan_backend,
+            A_is_log=True,
         )

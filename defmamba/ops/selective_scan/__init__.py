@@ -146,21 +146,29 @@ def selective_scan(
     delta_softplus: bool = False,
     out_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """Mamba selective scan with B/C shared per group of channels.
 
     Args:
         u, delta: (batch, K·Dg, L) inputs and time steps (float32, float16, bfloat16 or float64).
-        A: (K·Dg, N) state matrix (diagonal per channel; A ≤ 0 in the model).
+        A: (K·Dg, N) state matrix (diagonal per channel; A ≤ 0 in the model), or its logs (A_is_log).
         B, C: (batch, K, N, L) input and output projections; channel c uses group c // Dg.
         D: optional (K·Dg,) skip coefficient; delta_bias: optional (K·Dg,) added to delta.
         delta_softplus: apply softplus to delta + delta_bias.
         out_dtype: dtype of y (default: u's dtype). The state is always float32 or wider.
         backend: "auto", "cuda", "triton" or "torch".
+        A_is_log: A holds log(−A) (the model's A_logs, (K·Dg, N)); the scan uses A = −exp(A), and
+            the gradient is taken with respect to the logs. The exponential is taken in float32
+            (float64 for float64 A): inside the triton kernels, before the call for the others.
 
     Returns:
         y: (batch, K·Dg, L).
     """
     _check_inputs(u, delta, A, B, C, D, delta_bias)
-    _, fn = resolve_backend(backend, u.device)
+    name, fn = resolve_backend(backend, u.device)
+    if name == "triton":
+        return fn(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype, A_is_log=A_is_log)
+    if A_is_log:
+        A = -torch.exp(A if A.dtype == torch.float64 else A.float())
     return fn(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype)

@@ -1,9 +1,10 @@
 """Triton backend of the selective scan: forward and backward kernels, no build step.
 
 Same contract as :func:`defmamba.ops.selective_scan` for CUDA tensors in float32/float16/bfloat16,
-any strides; the state is float32. The forward keeps the state every 64 positions when a gradient
-is needed; the backward recomputes the forward segment by segment and runs the reverse recurrence
-one position at a time (:func:`_step_back`). Design and tile choices: docs/ops.md.
+any strides; the state is float32. With ``A_is_log`` the kernels take the logs log(−A), compute A
+from them and return the logs' gradient. The forward keeps the state every 64 positions when a
+gradient is needed; the backward recomputes the forward segment by segment and runs the reverse
+recurrence one position at a time (:func:`_step_back`). Design and tile choices: docs/ops.md.
 """
 from __future__ import annotations
 
@@ -89,6 +90,14 @@ if triton is not None:
         return uu, raw, bb, cc
 
     @triton.jit
+    def _load_A(A_ptr, n, c, m_nc, sA_n, sA_c, A_LOG: tl.constexpr):
+        """A ([NP, BLOCK_C] float32, 0 outside the states and channels), or −exp of the logs stored there."""
+        a = tl.load(A_ptr + n[:, None] * sA_n + c[None, :] * sA_c, mask=m_nc, other=0.0).to(tl.float32)
+        if A_LOG:
+            a = tl.where(m_nc, -tl.exp(a), 0.0)
+        return a
+
+    @triton.jit
     def _advance(h, a2, dt, du, b_col):
         """One step for all channels: h <- exp(Δ·A)·h + Δ·u·B; h, a2: [N, BLOCK_C]; dt, du: [BLOCK_C]; b_col: [N]."""
         return tl.exp2(dt[None, :] * a2) * h + du[None, :] * b_col[:, None]
@@ -117,6 +126,7 @@ if triton is not None:
         sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sy_b, sy_c, sy_l,
         N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, SEG: tl.constexpr,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, ALIGN: tl.constexpr,
+        A_LOG: tl.constexpr,
     ):
         CL: tl.constexpr = 4
         prog = tl.program_id(0).to(tl.int64)  # one flat grid axis: any batch size fits
@@ -131,7 +141,7 @@ if triton is not None:
         lc = tl.arange(0, CL)
 
         m_nc = mn[:, None] & mc[None, :]
-        a2 = tl.load(A_ptr + n[:, None] * sA_n + c[None, :] * sA_c, mask=m_nc, other=0.0).to(tl.float32) * 1.4426950408889634
+        a2 = _load_A(A_ptr, n, c, m_nc, sA_n, sA_c, A_LOG) * 1.4426950408889634
         if HAS_BIAS:
             bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)
         else:
@@ -191,6 +201,7 @@ if triton is not None:
         sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sy_b, sy_c, sy_l,
         N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, SEG: tl.constexpr,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ALIGN: tl.constexpr,
+        A_LOG: tl.constexpr,
     ):
         CL: tl.constexpr = 4
         prog = tl.program_id(0).to(tl.int64)  # one flat grid axis: any batch size fits
@@ -206,7 +217,7 @@ if triton is not None:
         lc = tl.arange(0, CL)
 
         m_nc = mn[:, None] & mc[None, :]
-        a2 = tl.load(A_ptr + n[:, None] * sA_n + c[None, :] * sA_c, mask=m_nc, other=0.0).to(tl.float32) * 1.4426950408889634
+        a2 = _load_A(A_ptr, n, c, m_nc, sA_n, sA_c, A_LOG) * 1.4426950408889634
         if HAS_BIAS:
             bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)
         else:
@@ -312,6 +323,8 @@ if triton is not None:
                 tl.atomic_add(dB_ptr + bc_off, tl.trans(_stack4(gB0, gB1, gB2, gB3)), mask=m_nl)
                 tl.atomic_add(dC_ptr + bc_off, tl.trans(_stack4(gC0, gC1, gC2, gC3)), mask=m_nl)
 
+        if A_LOG:  # the logs' gradient: dL/dlog = dL/dA · A
+            dA_acc *= _load_A(A_ptr, n, c, m_nc, sA_n, sA_c, A_LOG)
         # This batch element's partial sums, in its row of the wrapper's (batch, C·NP + 2C) buffer:
         # [dA (C, NP) | dD (C) | dbias (C)], reduced over the batch by one sum.
         row = b * (C_tot * NP + 2 * C_tot)
@@ -374,7 +387,7 @@ def _check_dtypes(u, delta, A, B, C, D, delta_bias) -> None:
 
 def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
              delta_bias: Optional[Tensor], delta_softplus: bool, out_dtype: Optional[torch.dtype],
-             save_states: bool) -> tuple[Tensor, Tensor]:
+             save_states: bool, A_is_log: bool) -> tuple[Tensor, Tensor]:
     batch, channels, length = u.shape
     groups, n_state = B.shape[1], A.shape[1]
     dg = channels // groups
@@ -393,13 +406,13 @@ def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
         length, length // align, dg, channels, n_cb, n_seg, groups, np_, 1, *strides,
         N=n_state, NP=np_, BLOCK_C=block_c, SEG=_SEG,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), SAVE=bool(save_states),
-        ALIGN=align,
+        ALIGN=align, A_LOG=bool(A_is_log),
         num_warps=1,
     )
     return y, states
 
 
-def _forward_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype, save_states):
+def _forward_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype, save_states, A_is_log):
     batch, channels, length = u.shape
     np_ = 1 << max(A.shape[1] - 1, 0).bit_length()
     y = u.new_empty((batch, channels, length), dtype=out_dtype or u.dtype)
@@ -408,11 +421,12 @@ def _forward_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype, s
 
 
 def _gradients(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-               delta_bias: Optional[Tensor], states: Tensor, delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               delta_bias: Optional[Tensor], states: Tensor, delta_softplus: bool,
+               A_is_log: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The backward kernel's raw outputs (du, ddelta, dBC, partials); :func:`_unpack_gradients`
     turns them into the seven gradients. dBC (2, batch, K, N, L) float32 holds dB and dC, which the
     kernel accumulates atomically (one zero fill for both); partials (batch, C·NP + 2C) float32
-    holds each batch element's dA, dD and dbias, reduced by one sum."""
+    holds each batch element's dA (of the logs with ``A_is_log``), dD and dbias, reduced by one sum."""
     batch, channels, length = u.shape
     groups, n_state = B.shape[1], A.shape[1]
     dg = channels // groups
@@ -439,12 +453,13 @@ def _gradients(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
         length, length // align, dg, channels, n_cb, n_seg, groups, np_, 1, *strides,
         N=n_state, NP=np_, BLOCK_C=block_c, SEG=_SEG,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ALIGN=align,
+        A_LOG=bool(A_is_log),
         num_warps=1,
     )
     return du, ddelta, dBC, partials
 
 
-def _gradients_fake(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus):
+def _gradients_fake(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus, A_is_log):
     # The real backward returns fresh contiguous buffers; the fake must promise the same strides
     # (empty_like would copy the strides of non-contiguous inputs such as sliced B/C views).
     batch, channels, length = u.shape
@@ -487,16 +502,18 @@ def selective_scan_triton(
     delta_bias: Optional[torch.Tensor] = None,
     delta_softplus: bool = False,
     out_dtype: Optional[torch.dtype] = None,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """Selective scan on the GPU through Triton; same contract as :func:`defmamba.ops.selective_scan`.
 
     u, delta, B, C may be float32, float16 or bfloat16 and non-contiguous; A, D, delta_bias are
-    read as float32; the state is float32. Differentiable in all tensor inputs.
+    read as float32; the state is float32. With ``A_is_log``, A holds log(−A) and the kernels
+    compute −exp of it in float32. Differentiable in all tensor inputs.
     """
     if triton is None:
         raise RuntimeError(f"the triton selective-scan backend is not available: {IMPORT_ERROR}")
     _check_dtypes(u, delta, A, B, C, D, delta_bias)
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, delta_bias))
-    y, _ = _scan(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), out_dtype, need_grad)
+    y, _ = _scan(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), out_dtype, need_grad, bool(A_is_log))
     return y
