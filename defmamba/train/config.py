@@ -78,8 +78,8 @@ _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False   # activation checkpointing in the model
 _C.TRAIN.CUDA_GRAPHS = False      # replay each training step from a CUDA graph (GPU, DDP too; no accumulation)
 # Run each backward on the training loop's own thread, not on autograd's per-GPU worker thread
-# (torch.autograd.set_multithreading_enabled(False)). The hand-over to that thread costs an eager
-# DefMamba step much host time (docs/benchmarks.md); False restores PyTorch's default.
+# (torch.autograd.set_multithreading_enabled(False)). On some hosts the hand-over to that thread
+# costs an eager DefMamba step much host time (docs/benchmarks.md); False restores PyTorch's default.
 _C.TRAIN.BACKWARD_ON_CALLING_THREAD = True
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = "cosine"
