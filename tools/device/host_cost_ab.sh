@@ -2,7 +2,8 @@
 # Host and GPU cost of a training step in several variants, side by side on one GPU machine:
 # tools/benchmark.py --host-cost once per variant, the variants alternated ROUNDS times in one
 # session (eager figures of host-bound models drift between runs by ±15 %, so only runs side by
-# side compare). The peers run once per round, with the first variant.
+# side compare). The peers run once per round, with the first variant, and again with a backward=device
+# variant (the backward's thread changes their host cost too).
 # Usage (repository root): bash tools/device/host_cost_ab.sh OUT_DIR ROUNDS VARIANT...
 #   VARIANT  kernels            this checkout as it is
 #            tree=DIR           the library and tools in DIR, e.g. a baseline made here by
@@ -23,7 +24,7 @@
 # Writes OUT_DIR/<round>_<variant>.{json,log} and OUT_DIR/ab.md: launches, host ms, GPU ms, eager
 # images/s, peak GiB and graphed images/s per run, model and mode.
 set -euo pipefail
-if [[ $# -lt 3 ]]; then sed -n '2,24p' "$0" >&2; exit 2; fi
+if [[ $# -lt 3 ]]; then sed -n '2,25p' "$0" >&2; exit 2; fi
 out=$1
 rounds=$2
 shift 2
@@ -66,7 +67,7 @@ for round in $(seq 1 "$rounds"); do
     variant=${variants[$i]}
     name=${round}_$(tr -c 'A-Za-z0-9_+\n' '_' <<< "${variant//,/+}")
     echo "== round $round: $variant"
-    if [[ $i -eq 0 ]]; then measure "$name" "$variant" "${peers[@]}"; else measure "$name" "$variant"; fi
+    if [[ $i -eq 0 || $variant == backward=device ]]; then measure "$name" "$variant" "${peers[@]}"; else measure "$name" "$variant"; fi
   done
 done
 python3 - "$out" "${variants[@]}" <<'PY'
