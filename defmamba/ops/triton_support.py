@@ -10,7 +10,7 @@ import os
 
 import torch
 
-__all__ = ["IMPORT_ERROR", "check_launch", "interpreting", "is_available", "tl", "triton"]
+__all__ = ["IMPORT_ERROR", "cdiv", "check_launch", "interpreting", "is_available", "next_power_of_2", "tl", "triton"]
 
 try:
     import triton
@@ -21,6 +21,19 @@ except Exception as err:  # noqa: BLE001  (ImportError, or a broken install rais
     triton = None
     tl = None
     IMPORT_ERROR = f"triton could not be imported ({type(err).__name__}: {err})"
+
+
+def cdiv(numerator: int, denominator: int) -> int:
+    """⌈numerator / denominator⌉ for launch grids and block sizes, as ``triton.cdiv``.
+
+    Plain integer arithmetic: Triton's own helpers are constexpr functions that cost a few µs per
+    host call (several hundred per eager training step)."""
+    return -(-numerator // denominator)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n (1 for n ≤ 1), as ``triton.next_power_of_2``, in plain Python."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def interpreting() -> bool:

@@ -13,7 +13,7 @@ import torch
 
 from ..kernel_op import kernel_op
 from ..triton_math import gelu as _gelu, gelu_grad as _gelu_grad
-from ..triton_support import check_launch, tl, triton
+from ..triton_support import cdiv, check_launch, next_power_of_2, tl, triton
 
 __all__ = ["channel_attention_triton"]
 
@@ -127,7 +127,7 @@ if triton is not None:
 
 
 def _block_h(hidden: int) -> int:
-    return max(16, triton.next_power_of_2(hidden))
+    return max(16, next_power_of_2(hidden))
 
 
 def _forward(pooled: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
@@ -137,7 +137,7 @@ def _forward(pooled: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Ten
     hidden = fc1_weight.shape[0]
     attention = torch.empty((batch, channels), dtype=out_dtype, device=pooled.device)
     h = torch.empty((batch, hidden), dtype=torch.float32, device=pooled.device)
-    _ca_fwd_kernel[(triton.cdiv(batch, _BLOCK_B),)](pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, attention, h,
+    _ca_fwd_kernel[(cdiv(batch, _BLOCK_B),)](pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, attention, h,
                                                     batch, channels, hidden, BLOCK_B=_BLOCK_B, BLOCK_C=_BLOCK_C,
                                                     BLOCK_H=_block_h(hidden), num_warps=4)
     return attention, h
@@ -158,11 +158,11 @@ def _gradients(grad: torch.Tensor, pooled: torch.Tensor, fc1_weight: torch.Tenso
     dz2, dz1 = scratch[:batch * channels].view(batch, channels), scratch[batch * channels:].view(batch, hidden)
     grad_pooled = torch.empty_like(pooled)
     block_h = _block_h(hidden)
-    _ca_bwd_input_kernel[(triton.cdiv(batch, _BLOCK_B),)](grad, attention, h, fc1_weight, fc2_weight, dz2, dz1,
+    _ca_bwd_input_kernel[(cdiv(batch, _BLOCK_B),)](grad, attention, h, fc1_weight, fc2_weight, dz2, dz1,
                                                           grad_pooled, batch, channels, hidden, BLOCK_B=_BLOCK_B,
                                                           BLOCK_C=_BLOCK_C, BLOCK_H=block_h, num_warps=4)
     grads = [torch.empty_like(t) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
-    _ca_bwd_weights_kernel[(triton.cdiv(channels, _BLOCK_C),)](dz2, dz1, h, pooled, *grads, batch, channels, hidden,
+    _ca_bwd_weights_kernel[(cdiv(channels, _BLOCK_C),)](dz2, dz1, h, pooled, *grads, batch, channels, hidden,
                                                                BLOCK_B=_WEIGHTS_BLOCK_B, BLOCK_C=_BLOCK_C,
                                                                BLOCK_H=block_h, num_warps=4)
     return grad_pooled, *grads

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from ..kernel_op import kernel_op
-from ..triton_support import check_launch, interpreting, tl, triton
+from ..triton_support import cdiv, check_launch, interpreting, tl, triton
 
 __all__ = ["sample_positions_triton"]
 
@@ -81,7 +81,7 @@ if triton is not None:
 
 
 def _launch_grid(offsets: torch.Tensor) -> tuple[int]:
-    return (triton.cdiv(offsets.shape[0] * offsets.shape[2] * offsets.shape[3], _BLOCK),)
+    return (cdiv(offsets.shape[0] * offsets.shape[2] * offsets.shape[3], _BLOCK),)
 
 
 def _forward(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, reference_xy: torch.Tensor,

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..kernel_op import kernel_op
-from ..triton_support import check_launch, tl, triton
+from ..triton_support import cdiv, check_launch, tl, triton
 
 __all__ = ["add_dropped_path_triton"]
 
@@ -62,7 +62,7 @@ def _inverse(keep_prob: float) -> float:
 def _forward(x: torch.Tensor, branch: torch.Tensor, kept: torch.Tensor, keep_prob: float) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
     numel = x.numel()
-    _add_dropped_path_kernel[(triton.cdiv(numel, _BLOCK),)](x, branch, kept, out, numel, numel // x.shape[0],
+    _add_dropped_path_kernel[(cdiv(numel, _BLOCK),)](x, branch, kept, out, numel, numel // x.shape[0],
                                                             _inverse(keep_prob), BLOCK=_BLOCK, num_warps=4)
     return out
 
@@ -75,7 +75,7 @@ def _branch_gradient(grad: torch.Tensor, kept: torch.Tensor, keep_prob: float,
                      branch_dtype: torch.dtype) -> torch.Tensor:
     grad_branch = torch.empty(grad.shape, dtype=branch_dtype, device=grad.device)
     numel = grad.numel()
-    _dropped_path_grad_kernel[(triton.cdiv(numel, _BLOCK),)](grad, kept, grad_branch, numel, numel // grad.shape[0],
+    _dropped_path_grad_kernel[(cdiv(numel, _BLOCK),)](grad, kept, grad_branch, numel, numel // grad.shape[0],
                                                              _inverse(keep_prob), BLOCK=_BLOCK, num_warps=4)
     return grad_branch
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..kernel_op import kernel_op
-from ..triton_support import check_launch, tl, triton
+from ..triton_support import cdiv, check_launch, tl, triton
 
 __all__ = ["gelu_grad_and_column_sums_triton"]
 
@@ -50,9 +50,9 @@ def _forward(h: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.T
     h2, grad2 = h.reshape(-1, cols), grad.reshape(-1, cols)
     rows = h2.shape[0]
     activation, grad_h = torch.empty_like(h2), torch.empty_like(h2)
-    blocks = triton.cdiv(rows, _ROWS_PER_PROGRAM)
+    blocks = cdiv(rows, _ROWS_PER_PROGRAM)
     sums = torch.empty((blocks, cols), dtype=torch.float32, device=h.device)
-    grid = (blocks, triton.cdiv(cols, _BLOCK_COLS))
+    grid = (blocks, cdiv(cols, _BLOCK_COLS))
     _gelu_grad_kernel[grid](h2, grad2, activation, grad_h, sums, rows, cols, ROWS_PER_PROGRAM=_ROWS_PER_PROGRAM,
                             BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS, num_warps=4)
     return activation.view(h.shape), grad_h.view(h.shape), sums.sum(0)

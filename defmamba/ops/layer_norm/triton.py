@@ -14,7 +14,7 @@ import torch
 
 from ..kernel_op import kernel_op
 from ..triton_math import gelu as _gelu, gelu_grad as _gelu_grad
-from ..triton_support import check_launch, tl, triton
+from ..triton_support import cdiv, check_launch, next_power_of_2, tl, triton
 
 __all__ = ["MAX_COLUMNS", "layer_norm_triton"]
 
@@ -103,7 +103,7 @@ if triton is not None:
 
 
 def _tile(cols: int) -> tuple[int, int, int]:
-    block_n = triton.next_power_of_2(cols)
+    block_n = next_power_of_2(cols)
     rows_per_tile = max(1, _TILE // block_n)
     num_warps = 4 if block_n * rows_per_tile <= 4096 else 8
     return rows_per_tile, block_n, num_warps
@@ -122,7 +122,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: O
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     rows_per_tile, block_n, num_warps = _tile(cols)
-    _ln_fwd_kernel[(triton.cdiv(rows, rows_per_tile),)](x, weight, bias, scale if scale is not None else weight, y,
+    _ln_fwd_kernel[(cdiv(rows, rows_per_tile),)](x, weight, bias, scale if scale is not None else weight, y,
                                                           mean, rstd, rows, cols, _rows_per_image(x), eps,
                                                           ROWS=rows_per_tile, BLOCK_N=block_n, GELU=gelu,
                                                           SCALED=scale is not None, num_warps=num_warps)
@@ -148,7 +148,7 @@ def _gradients(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: to
     # segments: all rows, or with a channel scale each image's rows (its gradient is a sum per image)
     segments = x.shape[0] if scale is not None else 1
     segment_rows = rows // segments
-    programs = max(1, min(max(1, _BWD_PROGRAMS // segments), triton.cdiv(segment_rows, rows_per_tile)))
+    programs = max(1, min(max(1, _BWD_PROGRAMS // segments), cdiv(segment_rows, rows_per_tile)))
     f32 = dict(dtype=torch.float32, device=x.device)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     # The weight and bias partial sums side by side, so that one reduction finishes both.

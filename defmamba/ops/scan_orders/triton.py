@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..kernel_op import kernel_op
-from ..triton_support import check_launch, interpreting, tl, triton
+from ..triton_support import cdiv, check_launch, interpreting, tl, triton
 from .reference import NUM_ORDERS
 
 __all__ = ["merge_and_gate_triton", "stack_scan_orders_triton"]
@@ -138,7 +138,7 @@ if triton is not None:
 
 
 def _launch_grid(batch: int, length: int, channels: int) -> tuple[int, int, int]:
-    return triton.cdiv(length, _BLOCK_L), batch, triton.cdiv(channels, _BLOCK_D)
+    return cdiv(length, _BLOCK_L), batch, cdiv(channels, _BLOCK_D)
 
 
 def _token_stride(z: torch.Tensor) -> int:

@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from ..triton_support import IMPORT_ERROR, interpreting, is_available, tl, triton
+from ..triton_support import IMPORT_ERROR, interpreting, is_available, next_power_of_2, tl, triton
 from .backend_op import scan_kernel_op
 
 __all__ = ["is_available", "selective_scan_triton"]
@@ -354,7 +354,7 @@ _CONFIG = {"fwd": (32, False), "bwd": (16, True)}  # measured best on an H100 (d
 
 def _block_c(group_channels: int, direction: str) -> int:
     """Channels per program: a power of two, at most one warp's worth, inside one group."""
-    return max(8, min(_CONFIG[direction][0], triton.next_power_of_2(group_channels)))
+    return max(8, min(_CONFIG[direction][0], next_power_of_2(group_channels)))
 
 
 def _row_strides(length: int, a_t: torch.Tensor, *tensors: torch.Tensor) -> tuple[int, list[int]]:
@@ -394,7 +394,7 @@ def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     block_c = _block_c(dg, "fwd")
     n_cb = -(-dg // block_c)
     n_seg = _n_seg(length)
-    np_ = triton.next_power_of_2(n_state)
+    np_ = next_power_of_2(n_state)
     y = _new((batch, channels, length), out_dtype or u.dtype, u.device)
     states = _new((batch, channels, n_seg, np_) if save_states else (0,), torch.float32, u.device)
     # (N, C), A read in place through its strides: each program loads its (N, BLOCK_C) tile once
@@ -433,7 +433,7 @@ def _gradients(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     block_c = _block_c(dg, "bwd")
     n_cb = -(-dg // block_c)
     n_seg = _n_seg(length)
-    np_ = triton.next_power_of_2(n_state)
+    np_ = next_power_of_2(n_state)
     if states.shape != (batch, channels, n_seg, np_):
         raise RuntimeError("selective scan backward: the forward did not keep its states; "
                            "run the forward with gradients enabled")

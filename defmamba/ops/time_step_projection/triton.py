@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from ..kernel_op import kernel_op
-from ..triton_support import check_launch, tl, triton
+from ..triton_support import cdiv, check_launch, next_power_of_2, tl, triton
 
 __all__ = ["project_time_steps_triton"]
 
@@ -48,11 +48,11 @@ def _forward(weight: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     channels = weight.shape[1]
     out = torch.empty((batch, scans, channels, length), dtype=dt.dtype, device=dt.device)
     align = min(8, length & -length)  # largest power of two dividing L, at most 8
-    block_l = min(128, max(16, triton.next_power_of_2(length)))
+    block_l = min(128, max(16, next_power_of_2(length)))
     block_d = 32 if rank <= 16 else 64
-    grid = (triton.cdiv(length, block_l), triton.cdiv(channels, block_d), batch * scans)
+    grid = (cdiv(length, block_l), cdiv(channels, block_d), batch * scans)
     _projection_kernel[grid](weight, dt, out, channels, rank, length // align, scans,
-                             ALIGN=align, RANK_POW2=max(16, triton.next_power_of_2(rank)), BLOCK_D=block_d,
+                             ALIGN=align, RANK_POW2=max(16, next_power_of_2(rank)), BLOCK_D=block_d,
                              BLOCK_L=block_l, IEEE=dt.dtype == torch.float32, num_warps=4)
     return out
 
