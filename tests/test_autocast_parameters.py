@@ -54,7 +54,7 @@ def test_training_step_is_bitwise_the_per_layer_one(per_layer_casts, height, wid
         out, grads = _step(model, x, target)
     finally:
         autocast_parameters.cast_parameters = real
-    assert len(calls) == 4, "every stage casts its blocks' parameters once"
+    assert len(calls) == 5, "every stage casts its blocks' parameters once, the model the layers around them once"
     per_layer_casts(True)
     out_ref, grads_ref = _step(model, x, target)
     _assert_identical(out, out_ref, "logits")
@@ -170,6 +170,12 @@ def test_cuda_autocast_casts_per_stage_not_per_layer(monkeypatch, per_layer_cast
     names = {id(p): n for n, p in model.named_parameters()}
     grouped = {f"layers.{i}.blocks.{j}.{name}" for i, stage in enumerate(model.layers) for j in range(len(stage.blocks))
                for name in DMBlock.AUTOCAST_PARAMETERS}
+    # the stem's two convolutions, the three downsamples' and the classifier's linear layer
+    around = {f"patch_embed.{i}.{leaf}" for i in (0, 5) for leaf in ("weight", "bias")}
+    around |= {f"layers.{i}.downsample.1.{leaf}" for i in range(3) for leaf in ("weight", "bias")}
+    around |= {"classifier.head.weight", "classifier.head.bias"}
+    assert around <= set(names.values())
+    grouped |= around
     scan = importlib.import_module("defmamba.ops.selective_scan")
     monkeypatch.setattr(dispatch, "_kernels_ready", False)  # the PyTorch routes: no Triton on fake tensors
     for backend in ("cuda", "triton"):
@@ -185,7 +191,7 @@ def test_cuda_autocast_casts_per_stage_not_per_layer(monkeypatch, per_layer_cast
         return counter
 
     grouped_casts = forward()
-    assert grouped_casts.multi_tensor_copies == len(model.layers)
+    assert grouped_casts.multi_tensor_copies == len(model.layers) + 1
     assert not grouped & set(grouped_casts.cast)
     per_layer_casts(True)
     per_layer = forward()
@@ -211,3 +217,30 @@ def test_a_copy_of_the_model_casts_its_own_parameters():
         expected = replica(x)  # rebuilds its groups: runs its own blocks
         assert replica.layers[0]._autocast_group.root is replica.layers[0].blocks
         assert not torch.equal(expected, model(x))
+
+
+def test_a_new_head_is_cast_with_the_layers_around_the_stages(per_layer_casts):
+    """After reset_classifier the group names the new head, and none after a reset to no head; the
+    backbone (no head) groups its stem and downsamples; outputs stay bitwise autocast's own."""
+    torch.manual_seed(0)
+    model = defmamba.build_model("defmamba_tiny", dims=16, depths=(1, 1, 1, 1)).eval()
+    backbone = defmamba.models.DefMambaBackbone(dims=16, depths=(1, 1, 1, 1)).eval()
+    x = torch.randn(1, 3, 36, 44)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        old_head = model.classifier.head
+        model.reset_classifier(7)
+        logits = model(x)
+        holders = [module for module, _ in model._autocast_group.holders]
+        assert model.classifier.head in holders and old_head not in holders
+        maps = backbone(x)
+        assert backbone._autocast_group.names == [n for n in model._autocast_group.names if "classifier" not in n]
+        model.reset_classifier(0)
+        model(x)
+        assert not any("classifier" in n for n in model._autocast_group.names)
+        model.reset_classifier(7)
+        model.classifier.head.load_state_dict(holders[-1].state_dict())
+        per_layer_casts(True)
+        _assert_identical(logits, model(x), "logits after reset_classifier")
+        for got, want in zip(maps, backbone(x)):
+            _assert_identical(got, want, "backbone map")

@@ -1,13 +1,14 @@
-"""Autocast's parameter casts, for a stage's blocks at once.
+"""Autocast's parameter casts, for a stage's blocks at once (and for the layers around the stages).
 
 Under autocast every linear layer and convolution casts its float32 weight (and bias) to the
 autocast dtype when it runs, and its backward casts the gradient back: a kernel launch per
 parameter each way, 12 of the 27 parameters of a DM block, about 300 launches per training step of
-DefMamba-T. In eager mode each launch costs the host more than the cast costs the GPU.
+DefMamba-T, and another 30 for the stem's, downsamples' and head's layers. In eager mode each launch
+costs the host more than the cast costs the GPU.
 
 :class:`ParameterCastGroup` casts named parameters of a module in one multi-tensor copy
-(``torch._foreach_copy_``), runs the module with the cast tensors in their place, and casts their
-gradients back in one multi-tensor copy too. A cast is a cast: outputs and
+(``torch._foreach_copy_``), runs the module (or a function of it) with the cast tensors in their
+place, and casts their gradients back in one multi-tensor copy too. A cast is a cast: outputs and
 gradients are the same, bit for bit, as with autocast's own per-layer casts, which then find the
 tensors already in the autocast dtype.
 
@@ -17,7 +18,7 @@ compiled submodules, whose guards are set on the parameters they were compiled w
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -122,16 +123,21 @@ class ParameterCastGroup:
 
     def run(self, *args: Any) -> Any:
         """``root(*args)``, under autocast with the group's parameters cast in one go (module docstring)."""
+        return self.call(self.root, *args)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` with the group's parameters cast in one go under autocast; ``fn`` runs (part
+        of) ``root``, e.g. one of its methods."""
         params = [module._parameters.get(leaf) for module, leaf in self.holders]
         # a wrapper that moved the parameters elsewhere (FSDP's flat parameters): leave it to them
         dtype = None if any(p is None for p in params) else autocast_dtype_for(params, self.ancestors)
         if dtype is None:
-            return self.root(*args)
+            return fn(*args)
         cast = cast_parameters(dtype, params)
         try:
             for (module, leaf), tensor in zip(self.holders, cast):
                 module._parameters[leaf] = tensor
-            return self.root(*args)
+            return fn(*args)
         finally:
             for (module, leaf), param in zip(self.holders, params):
                 module._parameters[leaf] = param

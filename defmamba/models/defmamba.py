@@ -6,7 +6,7 @@ Parameter names match the official checkpoints, which load with ``strict=True``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -97,6 +97,31 @@ class _DefMambaTrunk(nn.Module):
         self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** i, module=f"layers.{i}") for i, dim in enumerate(self.dims)]
         self.set_grad_checkpointing(use_checkpoint)
 
+    def _autocast_parameter_names(self) -> list[str]:
+        """The matmul parameters outside the blocks, which :meth:`_with_cast_parameters` casts in one
+        go under autocast: the stem's and the downsamples' convolutions."""
+        names = [f"patch_embed.{i}.{leaf}" for i in (0, 5) for leaf in ("weight", "bias")]
+        names += [f"layers.{i}.downsample.1.{leaf}" for i, stage in enumerate(self.layers)
+                  if isinstance(stage.downsample, nn.Sequential) for leaf in ("weight", "bias")]
+        return names
+
+    def _with_cast_parameters(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` with :meth:`_autocast_parameter_names` cast in one multi-tensor copy under
+        autocast (models/autocast_parameters.py; the blocks' own parameters are cast per stage).
+        The group is built on first use and again after the model's layout changed (a new head, a
+        replica of nn.DataParallel)."""
+        if torch.compiler.is_compiling():  # a compiled model casts as autocast does
+            return fn(*args)
+        group = self.__dict__.get("_autocast_group")
+        if group is None or group.root is not self:
+            group = ParameterCastGroup(self, self._autocast_parameter_names())
+            self.__dict__["_autocast_group"] = group
+        return group.call(fn, *args)
+
+    def _forget_cast_parameters(self) -> None:
+        """Drop the group of :meth:`_with_cast_parameters` after the layers it names were replaced."""
+        self.__dict__.pop("_autocast_group", None)
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations."""
@@ -149,6 +174,12 @@ class DefMamba(_DefMambaTrunk):
         self.num_classes = num_classes
         self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.classifier.head.apply(_init_weights)
+        self._forget_cast_parameters()
+
+    def _autocast_parameter_names(self) -> list[str]:
+        """The trunk's, and the classifier's linear layer."""
+        head = ["classifier.head.weight", "classifier.head.bias"] if isinstance(self.classifier.head, nn.Linear) else []
+        return super()._autocast_parameter_names() + head
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) → channels-last (B, h, w, C) after the last stage."""
@@ -163,6 +194,9 @@ class DefMamba(_DefMambaTrunk):
         return x if pre_logits else self.classifier.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._with_cast_parameters(self._forward_cast, x)
+
+    def _forward_cast(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None, norm: bool = False,
@@ -192,6 +226,7 @@ class DefMamba(_DefMambaTrunk):
 
         take, max_index = feature_take_indices(len(self.layers), indices)
         self.layers = self.layers[:max_index + 1]
+        self._forget_cast_parameters()
         if prune_head:
             self.reset_classifier(0)
         if prune_norm:
@@ -219,6 +254,9 @@ class DefMambaBackbone(_DefMambaTrunk):
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> Union[list[torch.Tensor], torch.Tensor]:
+        return self._with_cast_parameters(self._forward_cast, x)
+
+    def _forward_cast(self, x: torch.Tensor) -> Union[list[torch.Tensor], torch.Tensor]:
         x = self._embed(x)
         outputs = []
         for i, stage in enumerate(self.layers):
