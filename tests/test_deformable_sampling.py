@@ -15,10 +15,14 @@ from triton_helpers import assert_cases_within, needs_triton_gpu, run_under_inte
 
 from defmamba.ops import deformable_sampling as ds
 from defmamba.ops.deformable_sampling.reference import sample_in_path_order_reference, sort_path
+from defmamba.ops.permute import invert_permutation
 
 # (batch, channels, h, w): channels below, at and above one channel block; a 1-pixel-wide map;
 # 10 images (> 8 partial copies of the table gradient).
 CASES = [(2, 5, 5, 7), (3, 70, 6, 1), (10, 3, 4, 9), (1, 64, 1, 1)]
+# For the exact path gradient: power-of-two channel counts (see path_gradient_is_exact), one and two
+# channel blocks, odd and non-square maps of one and several blocks of slots.
+PATH_CASES = [(3, 1, 5, 7), (2, 8, 6, 1), (4, 128, 9, 4)]
 INPUTS = ("x", "grid", "table", "disp", "path")
 
 
@@ -47,7 +51,7 @@ def triton_fn(x, grid, table, disp, path):
     from defmamba.ops.deformable_sampling.triton import sample_in_path_order_triton
 
     order, inverse = sort_path(path)
-    return sample_in_path_order_triton(x, grid, table, disp, path, order, inverse), order, inverse
+    return sample_in_path_order_triton(x, grid, table, disp, path, order), order, inverse
 
 
 def max_errors(inputs: dict, dtype: torch.dtype, device: str, seed: int) -> dict:
@@ -65,10 +69,37 @@ def max_errors(inputs: dict, dtype: torch.dtype, device: str, seed: int) -> dict
     return {"seq": rel(seq, ref_seq), **{k: rel(grads[k], ref_grads[k]) for k in INPUTS}}
 
 
+def path_gradient_is_exact(batch: int, channels: int, h: int, w: int, seed: int, device: str) -> bool:
+    """The path gradient the backward kernel adds up with atomics is, bit for bit, the formula
+    ``mean - gather(mean, 1, inverse)`` of the channel means at the sequence slots.
+
+    The incoming gradient is non-zero in one channel only and ``channels`` a power of two, so the
+    kernel's means are exactly t / channels whatever its summation order; t has full mantissas over
+    several binades, so that the differences round."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = {k: v.to(device=device, dtype=torch.float32).requires_grad_()
+              for k, v in make_inputs(batch, channels, h, w, seed).items()}
+    t = torch.randn(batch, h * w, generator=g) * 2.0 ** torch.randint(-6, 7, (batch, h * w), generator=g)
+    grad = torch.zeros(batch, h * w, channels)
+    grad[..., channels // 2] = t
+    seq, order, _ = triton_fn(**inputs)
+    seq.backward(grad.to(device))
+    mean = (t / channels).to(device)
+    return torch.equal(inputs["path"].grad, mean - torch.gather(mean, 1, invert_permutation(order)))
+
+
+def exact_checks(device: str) -> dict[str, bool]:
+    """Every exact check of the kernels, by name."""
+    return {f"path gradient {case}": path_gradient_is_exact(*case, seed=i, device=device)
+            for i, case in enumerate(PATH_CASES)}
+
+
 def test_triton_kernels_match_float64_reference_in_interpreter():
     errors = run_under_interpreter(__file__)
     # The same kernels through the custom op; only the atomics' summation order may differ.
     assert errors.pop("compiled vs eager")["max abs difference"] <= 1e-6
+    exact = errors.pop("exact")
+    assert len(exact) == len(PATH_CASES) and all(exact.values()), exact
     assert_cases_within(errors, 1e-5, cases=2 * len(CASES))
 
 
@@ -80,6 +111,13 @@ def test_triton_kernels_match_float64_reference_gpu(case, channels_last):
     inputs = make_inputs(*case, seed=sum(case), channels_last=channels_last)
     for name, err in max_errors(inputs, torch.float32, "cuda", seed=sum(case)).items():
         assert err <= 1e-5, f"{name} off by {err:.2e} of its largest entry"
+
+
+@pytest.mark.cuda
+@needs_triton_gpu
+def test_exact_checks_gpu():
+    failed = [name for name, ok in exact_checks("cuda").items() if not ok]
+    assert not failed, failed
 
 
 @pytest.mark.cuda
@@ -135,7 +173,7 @@ def compiled_matches_eager() -> float:
 
 
 if __name__ == "__main__":  # the interpreter check (run by the test above in a subprocess)
-    results = {"compiled vs eager": {"max abs difference": compiled_matches_eager()}}
+    results = {"compiled vs eager": {"max abs difference": compiled_matches_eager()}, "exact": exact_checks("cpu")}
     for i, case in enumerate(CASES):
         for channels_last in (True, False):
             inputs = make_inputs(*case, seed=i, channels_last=channels_last)

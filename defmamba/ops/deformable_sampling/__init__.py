@@ -54,7 +54,7 @@ def sample_in_path_order(x: torch.Tensor, grid: torch.Tensor, table: torch.Tenso
     if not use_kernels("deformable_sampling", x) or torch.are_deterministic_algorithms_enabled():
         return sample_in_path_order_reference(x, grid, table, disp, path)
     order, inverse = sort_path(path)
-    return sample_in_path_order_triton(x, grid, table, disp, path, order, inverse), order, inverse
+    return sample_in_path_order_triton(x, grid, table, disp, path, order), order, inverse
 
 
 def sample_positions(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, reference_xy: torch.Tensor,

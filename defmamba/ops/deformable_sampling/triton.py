@@ -3,10 +3,10 @@ float32/float16/bfloat16).
 
 The forward writes the sequence (B, L, C) in path order in x's dtype, both samples summed in
 float32. The backward gives float32 gradients of x, the sample points, the table and its points
-(summed with atomics, so in no fixed order) and the per-slot channel mean of the incoming gradient
-for the path positions' surrogate gradient. Coordinates follow ``grid_sample(mode="bilinear",
-padding_mode="zeros", align_corners=True)``: pixel = (g + 1) / 2 · (size − 1), corners outside the
-map read 0 and receive nothing. Design: docs/ops.md.
+(summed with atomics, so in no fixed order) and the path positions' surrogate gradient (two atomic
+terms per entry onto zero: the same sum in either order). Coordinates follow
+``grid_sample(mode="bilinear", padding_mode="zeros", align_corners=True)``: pixel = (g + 1) / 2 ·
+(size − 1), corners outside the map read 0 and receive nothing. Design: docs/ops.md.
 """
 from __future__ import annotations
 
@@ -42,10 +42,9 @@ if triton is not None:
         return ix0, iy0, wx0, wx1, wy0, wy1
 
     @triton.jit
-    def _slot_corners(order_ptr, grid_ptr, disp_ptr, b, slots, slot_ok, length, size_w, size_h):
-        """For each sequence slot: the offset of its token's point in grid/disp, and _corners of the
-        map point and of the table point."""
-        tok = tl.load(order_ptr + b * length + slots, mask=slot_ok, other=0)
+    def _token_corners(grid_ptr, disp_ptr, b, tok, slot_ok, length, size_w, size_h):
+        """For each sequence slot's token ``tok``: the offset of its point in grid/disp, and _corners
+        of the map point and of the table point."""
         point = b * length * 2 + tok * 2
         px = tl.load(grid_ptr + point, mask=slot_ok, other=0.0).to(tl.float32)
         py = tl.load(grid_ptr + point + 1, mask=slot_ok, other=0.0).to(tl.float32)
@@ -80,9 +79,10 @@ if triton is not None:
         x_img = x_ptr + b * sx_b + (chans * sx_c)[None, :]
         table_ch = table_ptr + chans[None, :]
         acc = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
+        tok = tl.load(order_ptr + b * length + slots, mask=slot_ok, other=0)
         # Map sample and table sample: the same bilinear rule on two (h, w) grids.
-        _point, ix0, iy0, wx0, wx1, wy0, wy1, jx0, jy0, vx0, vx1, vy0, vy1 = _slot_corners(
-            order_ptr, grid_ptr, disp_ptr, b, slots, slot_ok, length, size_w, size_h)
+        _point, ix0, iy0, wx0, wx1, wy0, wy1, jx0, jy0, vx0, vx1, vy0, vy1 = _token_corners(
+            grid_ptr, disp_ptr, b, tok, slot_ok, length, size_w, size_h)
         for dy in tl.static_range(2):
             for dx in tl.static_range(2):
                 cx = ix0 + dx
@@ -104,7 +104,7 @@ if triton is not None:
 
     @triton.jit
     def _sampling_bwd_kernel(grad_ptr, x_ptr, grid_ptr, table_ptr, disp_ptr, order_ptr,
-                    gx_ptr, ggrid_ptr, gtable_ptr, gdisp_ptr, slot_mean_ptr,
+                    gx_ptr, ggrid_ptr, gtable_ptr, gdisp_ptr, gpath_ptr,
                     length, channels, size_h, size_w, n_partials,
                     sg_b, sg_l, sg_c, sx_b, sx_c, sx_h, sx_w,
                     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -112,8 +112,9 @@ if triton is not None:
         b = tl.program_id(1).to(tl.int64)
         slots = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
         slot_ok = slots < length
-        point, ix0, iy0, wx0, wx1, wy0, wy1, jx0, jy0, vx0, vx1, vy0, vy1 = _slot_corners(
-            order_ptr, grid_ptr, disp_ptr, b, slots, slot_ok, length, size_w, size_h)
+        tok = tl.load(order_ptr + b * length + slots, mask=slot_ok, other=0)
+        point, ix0, iy0, wx0, wx1, wy0, wy1, jx0, jy0, vx0, vx1, vy0, vy1 = _token_corners(
+            grid_ptr, disp_ptr, b, tok, slot_ok, length, size_w, size_h)
         # Offsets (without the channel) of the four corners in x, in the channels-last x gradient
         # and in the (h, w, C) table and its gradient; validity of each corner.
         ok_x0 = (ix0 >= 0) & (ix0 < size_w)
@@ -169,12 +170,17 @@ if triton is not None:
         tl.store(ggrid_ptr + point + 1, grad_py * scale_y, mask=slot_ok)
         tl.store(gdisp_ptr + point, grad_qx * scale_x, mask=slot_ok)
         tl.store(gdisp_ptr + point + 1, grad_qy * scale_y, mask=slot_ok)
-        tl.store(slot_mean_ptr + b * length + slots, slot_sum / channels, mask=slot_ok)
+        # Path surrogate: gpath[m] = mean[m] - mean[inverse[m]] (channel means at sequence slots),
+        # so slot j adds its mean at j and subtracts it at its token order[j]. Each entry gets
+        # exactly these two terms onto zero; (0 + a) - b and (0 - b) + a are both a - b rounded once.
+        slot_mean = slot_sum / channels
+        tl.atomic_add(gpath_ptr + b * length + slots, slot_mean, mask=slot_ok, sem="relaxed")
+        tl.atomic_add(gpath_ptr + b * length + tok, -slot_mean, mask=slot_ok, sem="relaxed")
 
 
 def _forward(x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor, path: torch.Tensor,
-             order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """The sequence (B, L, C) in x's dtype (path and inverse are inputs for the backward only)."""
+             order: torch.Tensor) -> torch.Tensor:
+    """The sequence (B, L, C) in x's dtype (path is an input for the backward only)."""
     batch, channels, h, w = x.shape
     length = h * w
     out = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
@@ -184,55 +190,64 @@ def _forward(x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp:
     return out
 
 
-def _forward_fake(x, grid, table_hwc, disp, path, order, inverse):
+def _forward_fake(x, grid, table_hwc, disp, path, order):
     batch, channels, h, w = x.shape
     return x.new_empty((batch, h * w, channels))
 
 
+def _accumulated_size(batch: int, length: int, channels: int) -> int:
+    """Size of the one zero-filled float32 buffer the backward's atomics add into: the x gradient
+    (B, h, w, C) at its start, the table's partial copies, then the path gradient (B, L) at its end,
+    from a 16-byte boundary (where an allocation of its own would start)."""
+    maps = (batch + min(batch, _TABLE_PARTIALS)) * length * channels
+    return -(-maps // 4) * 4 + batch * length
+
+
 def _gradients(grad: torch.Tensor, x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor,
-               order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 gradients of x (channels-last (B, h, w, C)), grid, the table ((h, w, C)) and disp,
-    and the channel mean of ``grad`` at each sequence slot (B, L)."""
+               order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 gradients: the buffer of :func:`_accumulated_size` (those of x, channels-last, and of
+    the path positions; one output, as a custom op's outputs may not share memory), then those of
+    grid, the table ((h, w, C)) and disp."""
     batch, channels, h, w = x.shape
     length = h * w
     partials = min(batch, _TABLE_PARTIALS)
     f32 = dict(dtype=torch.float32, device=x.device)
-    # grad_x (channels-last) and the table's partial sums, both accumulated atomically: one zero fill
-    accumulated = torch.zeros((batch + partials, h, w, channels), **f32)
-    grad_x, grad_table = accumulated[:batch], accumulated[batch:]
+    x_size, table_size = batch * length * channels, partials * length * channels
+    accumulated = torch.zeros(_accumulated_size(batch, length, channels), **f32)
+    grad_x, grad_path = accumulated[:x_size], accumulated[-batch * length:]
+    grad_table = accumulated[x_size:x_size + table_size].view(partials, h, w, channels)
     grad_grid = torch.empty((batch, h, w, 2), **f32)
     grad_disp = torch.empty((batch, h, w, 2), **f32)
-    slot_mean = torch.empty((batch, length), **f32)
     launch = (triton.cdiv(length, _BLOCK_L_BWD), batch)
     _sampling_bwd_kernel[launch](grad, x, grid, table_hwc, disp, order,
-                                 grad_x, grad_grid, grad_table, grad_disp, slot_mean,
+                                 grad_x, grad_grid, grad_table, grad_disp, grad_path,
                                  length, channels, h, w, partials, *grad.stride(), *x.stride(),
                                  BLOCK_L=_BLOCK_L_BWD, BLOCK_C=_BLOCK_C_BWD, num_warps=4)
-    return grad_x, grad_grid, grad_table.sum(0), grad_disp, slot_mean
+    return accumulated, grad_grid, grad_table.sum(0), grad_disp
 
 
 def _gradients_fake(grad, x, grid, table_hwc, disp, order):
     batch, channels, h, w = x.shape
     f32 = dict(dtype=torch.float32)
-    return (x.new_empty((batch, h, w, channels), **f32), x.new_empty((batch, h, w, 2), **f32),
-            x.new_empty((h, w, channels), **f32), x.new_empty((batch, h, w, 2), **f32),
-            x.new_empty((batch, h * w), **f32))
+    return (x.new_empty((_accumulated_size(batch, h * w, channels),), **f32), x.new_empty((batch, h, w, 2), **f32),
+            x.new_empty((h, w, channels), **f32), x.new_empty((batch, h, w, 2), **f32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, grid, table_hwc, disp, path, order, inverse = inputs
-    ctx.save_for_backward(x, grid, table_hwc, disp, order, inverse)
+    x, grid, table_hwc, disp, path, order = inputs
+    ctx.save_for_backward(x, grid, table_hwc, disp, order)
     ctx.dtypes = (x.dtype, grid.dtype, table_hwc.dtype, disp.dtype, path.dtype)
 
 
 def _backward(ctx, gradients: Callable, grad: torch.Tensor):
-    x, grid, table_hwc, disp, order, inverse = ctx.saved_tensors
-    grad_x, grad_grid, grad_table, grad_disp, slot_mean = gradients(grad, x, grid, table_hwc, disp, order)
+    x, grid, table_hwc, disp, order = ctx.saved_tensors
+    accumulated, grad_grid, grad_table, grad_disp = gradients(grad, x, grid, table_hwc, disp, order)
+    batch, channels, h, w = x.shape  # the x gradient at the buffer's start, the path gradient at its end
+    grad_x = accumulated[:batch * h * w * channels].view(batch, h, w, channels)
+    grad_path = accumulated[-batch * h * w:].view(batch, h * w)
     x_dtype, grid_dtype, table_dtype, disp_dtype, path_dtype = ctx.dtypes
-    # Surrogate for the sort: gradient mean at slot m minus that at token m (whose slot is inverse[m]).
-    grad_path = slot_mean - torch.gather(slot_mean, 1, inverse)
     return (grad_x.permute(0, 3, 1, 2).to(x_dtype), grad_grid.to(grid_dtype), grad_table.to(table_dtype),
-            grad_disp.to(disp_dtype), grad_path.to(path_dtype), None, None)
+            grad_disp.to(disp_dtype), grad_path.to(path_dtype), None)
 
 
 _sample = kernel_op("deformable_sampling", _forward, _forward_fake, setup_context=_setup_context, backward=_backward,
@@ -240,13 +255,13 @@ _sample = kernel_op("deformable_sampling", _forward, _forward_fake, setup_contex
 
 
 def sample_in_path_order_triton(x: torch.Tensor, grid: torch.Tensor, table: torch.Tensor, disp: torch.Tensor,
-                                path: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+                                path: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """The deformable sequence (B, L, C) in x's dtype (float32, float16 or bfloat16) through the
-    Triton kernels; ``order`` and ``inverse`` are the path's stable argsort and its inverse. Shapes
-    as in :func:`defmamba.ops.deformable_sampling.sample_in_path_order` (checked there)."""
+    Triton kernels; ``order`` is the path's stable argsort. Shapes as in
+    :func:`defmamba.ops.deformable_sampling.sample_in_path_order` (checked there)."""
     check_launch("deformable-sampling", x)
     if x.dtype == torch.float64:
         raise TypeError("the Triton deformable-sampling kernels take float32/float16/bfloat16; use the PyTorch "
                         "formulation for float64")
     table_hwc = table.permute(1, 2, 0).contiguous()  # channels contiguous, like a channels-last map
-    return _sample(x, grid.contiguous(), table_hwc, disp.contiguous(), path, order.contiguous(), inverse)
+    return _sample(x, grid.contiguous(), table_hwc, disp.contiguous(), path, order.contiguous())
