@@ -14,7 +14,7 @@ import torch
 from triton_helpers import assert_cases_within, needs_triton_gpu, run_under_interpreter
 
 from defmamba.ops import deformable_sampling as ds
-from defmamba.ops.deformable_sampling.reference import sample_in_path_order_reference, sort_path
+from defmamba.ops.deformable_sampling.reference import sample_in_path_order_reference
 from defmamba.ops.permute import invert_permutation
 
 # (batch, channels, h, w): channels below, at and above one channel block; a 1-pixel-wide map;
@@ -50,8 +50,7 @@ def run_op(fn, inputs: dict, dtype: torch.dtype, device: str, weight: torch.Tens
 def triton_fn(x, grid, table, disp, path):
     from defmamba.ops.deformable_sampling.triton import sample_in_path_order_triton
 
-    order, inverse = sort_path(path)
-    return sample_in_path_order_triton(x, grid, table, disp, path, order), order, inverse
+    return sample_in_path_order_triton(x, grid, table, disp, path)
 
 
 def max_errors(inputs: dict, dtype: torch.dtype, device: str, seed: int) -> dict:
@@ -88,10 +87,17 @@ def path_gradient_is_exact(batch: int, channels: int, h: int, w: int, seed: int,
     return torch.equal(inputs["path"].grad, mean - torch.gather(mean, 1, invert_permutation(order)))
 
 
+def inverse_is_exact(inputs: dict, device: str) -> bool:
+    """The inverse the forward kernel writes is ``invert_permutation(order)``, dtype and values."""
+    _, order, inverse = triton_fn(**{k: v.to(device=device, dtype=torch.float32) for k, v in inputs.items()})
+    return inverse.dtype == order.dtype and torch.equal(inverse, invert_permutation(order))
+
+
 def exact_checks(device: str) -> dict[str, bool]:
     """Every exact check of the kernels, by name."""
-    return {f"path gradient {case}": path_gradient_is_exact(*case, seed=i, device=device)
-            for i, case in enumerate(PATH_CASES)}
+    return {**{f"inverse {case}": inverse_is_exact(make_inputs(*case, seed=i), device) for i, case in enumerate(CASES)},
+            **{f"path gradient {case}": path_gradient_is_exact(*case, seed=i, device=device)
+               for i, case in enumerate(PATH_CASES)}}
 
 
 def test_triton_kernels_match_float64_reference_in_interpreter():
@@ -99,7 +105,7 @@ def test_triton_kernels_match_float64_reference_in_interpreter():
     # The same kernels through the custom op; only the atomics' summation order may differ.
     assert errors.pop("compiled vs eager")["max abs difference"] <= 1e-6
     exact = errors.pop("exact")
-    assert len(exact) == len(PATH_CASES) and all(exact.values()), exact
+    assert len(exact) == len(CASES) + len(PATH_CASES) and all(exact.values()), exact
     assert_cases_within(errors, 1e-5, cases=2 * len(CASES))
 
 

@@ -10,7 +10,9 @@ For a map x (B, C, h, w), sample points ``grid`` and bias-table points ``disp`` 
     seq[b, j, c] = z[b, c, order[b, j]]
 
 The sort has no derivative; the path positions get the original code's surrogate gradient,
-the mean over channels of (gradient at sequence slot m − gradient at token m).
+the mean over channels of (gradient at sequence slot m − gradient at token m). The op also returns
+``inverse`` (inverse[b, order[b, j]] = j, the sequence slot of each token), which the Triton
+forward kernel writes as it reads the order.
 
 CUDA tensors run the Triton kernels (``triton.py``), anything else the PyTorch formulation
 (``reference.py``), which also runs under ``torch.use_deterministic_algorithms(True)`` (the
@@ -22,7 +24,7 @@ import torch
 
 from ..dispatch import use_kernels
 from .positions_triton import sample_positions_triton
-from .reference import sample_in_path_order_reference, sample_positions_reference, sort_path
+from .reference import sample_in_path_order_reference, sample_positions_reference
 from .triton import sample_in_path_order_triton
 
 __all__ = ["sample_in_path_order", "sample_positions"]
@@ -53,8 +55,7 @@ def sample_in_path_order(x: torch.Tensor, grid: torch.Tensor, table: torch.Tenso
     _check_shapes(x, grid, table, disp, path)
     if not use_kernels("deformable_sampling", x) or torch.are_deterministic_algorithms_enabled():
         return sample_in_path_order_reference(x, grid, table, disp, path)
-    order, inverse = sort_path(path)
-    return sample_in_path_order_triton(x, grid, table, disp, path, order), order, inverse
+    return sample_in_path_order_triton(x, grid, table, disp, path)
 
 
 def sample_positions(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, reference_xy: torch.Tensor,

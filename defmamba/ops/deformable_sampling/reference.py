@@ -36,10 +36,11 @@ class _PathOrder(torch.autograd.Function):
         return grad_z, grad_path, None, None
 
 
-def sort_path(path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, inverse) of the path positions (B, L): the stable argsort and its inverse permutation."""
-    order = torch.argsort(path.detach(), dim=1, stable=True)
-    return order, invert_permutation(order)
+def sort_path(path: torch.Tensor) -> torch.Tensor:
+    """The order of the path positions (B, L), their stable argsort: the token at each sequence slot.
+    Both routes sort with it; the reference inverts it with :func:`invert_permutation`, the Triton
+    route's forward kernel writes the inverse as it reads the order."""
+    return torch.argsort(path.detach(), dim=1, stable=True)
 
 
 def path_order(z: torch.Tensor, path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,7 +49,8 @@ def path_order(z: torch.Tensor, path: torch.Tensor) -> tuple[torch.Tensor, torch
     Returns (seq, order, inverse): seq (B, L, D) with seq[:, j] = token order[:, j], the (B, L)
     order and its inverse permutation (the sequence slot of each token).
     """
-    order, inverse = sort_path(path)
+    order = sort_path(path)
+    inverse = invert_permutation(order)
     if torch.is_grad_enabled() and (z.requires_grad or path.requires_grad):
         return _PathOrder.apply(z, path, order, inverse), order, inverse
     # Inference: the same gather without the autograd wrapper (simpler graphs for export).

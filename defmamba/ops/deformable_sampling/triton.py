@@ -2,7 +2,8 @@
 float32/float16/bfloat16).
 
 The forward writes the sequence (B, L, C) in path order in x's dtype, both samples summed in
-float32. The backward gives float32 gradients of x, the sample points, the table and its points
+float32, and the inverse of the token order (the sequence slot of each token) as it reads the
+order. The backward gives float32 gradients of x, the sample points, the table and its points
 (summed with atomics, so in no fixed order) and the path positions' surrogate gradient (two atomic
 terms per entry onto zero: the same sum in either order). Coordinates follow
 ``grid_sample(mode="bilinear", padding_mode="zeros", align_corners=True)``: pixel = (g + 1) / 2 ·
@@ -10,12 +11,13 @@ terms per entry onto zero: the same sum in either order). Coordinates follow
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from ..kernel_op import kernel_op
 from ..triton_support import check_launch, tl, triton
+from .reference import sort_path
 
 __all__ = ["sample_in_path_order_triton"]
 
@@ -65,7 +67,7 @@ if triton is not None:
         return gv * wy * sign_x, gv * wx * sign_y
 
     @triton.jit
-    def _sampling_fwd_kernel(x_ptr, grid_ptr, table_ptr, disp_ptr, order_ptr, out_ptr,
+    def _sampling_fwd_kernel(x_ptr, grid_ptr, table_ptr, disp_ptr, order_ptr, out_ptr, inverse_ptr,
                     length, channels, size_h, size_w,
                     sx_b, sx_c, sx_h, sx_w,
                     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -80,6 +82,8 @@ if triton is not None:
         table_ch = table_ptr + chans[None, :]
         acc = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
         tok = tl.load(order_ptr + b * length + slots, mask=slot_ok, other=0)
+        # The inverse permutation, inverse[b, order[b, j]] = j: written by the first channel block.
+        tl.store(inverse_ptr + b * length + tok, slots.to(inverse_ptr.dtype.element_ty), mask=slot_ok & (pid_c == 0))
         # Map sample and table sample: the same bilinear rule on two (h, w) grids.
         _point, ix0, iy0, wx0, wx1, wy0, wy1, jx0, jy0, vx0, vx1, vy0, vy1 = _token_corners(
             grid_ptr, disp_ptr, b, tok, slot_ok, length, size_w, size_h)
@@ -179,20 +183,22 @@ if triton is not None:
 
 
 def _forward(x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp: torch.Tensor, path: torch.Tensor,
-             order: torch.Tensor) -> torch.Tensor:
-    """The sequence (B, L, C) in x's dtype (path is an input for the backward only)."""
+             order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the sequence (B, L, C) in x's dtype, the inverse of ``order``); path is an input for the
+    backward only."""
     batch, channels, h, w = x.shape
     length = h * w
     out = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
+    inverse = torch.empty((batch, length), dtype=order.dtype, device=order.device)
     launch = (triton.cdiv(length, _BLOCK_L_FWD), batch, triton.cdiv(channels, _BLOCK_C_FWD))
-    _sampling_fwd_kernel[launch](x, grid, table_hwc, disp, order, out, length, channels, h, w, *x.stride(),
+    _sampling_fwd_kernel[launch](x, grid, table_hwc, disp, order, out, inverse, length, channels, h, w, *x.stride(),
                                  BLOCK_L=_BLOCK_L_FWD, BLOCK_C=_BLOCK_C_FWD, num_warps=4)
-    return out
+    return out, inverse
 
 
 def _forward_fake(x, grid, table_hwc, disp, path, order):
     batch, channels, h, w = x.shape
-    return x.new_empty((batch, h * w, channels))
+    return x.new_empty((batch, h * w, channels)), order.new_empty((batch, h * w))
 
 
 def _accumulated_size(batch: int, length: int, channels: int) -> int:
@@ -235,11 +241,13 @@ def _gradients_fake(grad, x, grid, table_hwc, disp, order):
 
 def _setup_context(ctx, inputs, output) -> None:
     x, grid, table_hwc, disp, path, order = inputs
+    _seq, inverse = output
     ctx.save_for_backward(x, grid, table_hwc, disp, order)
     ctx.dtypes = (x.dtype, grid.dtype, table_hwc.dtype, disp.dtype, path.dtype)
+    ctx.mark_non_differentiable(inverse)
 
 
-def _backward(ctx, gradients: Callable, grad: torch.Tensor):
+def _backward(ctx, gradients: Callable, grad: torch.Tensor, _dinverse: Optional[torch.Tensor]):
     x, grid, table_hwc, disp, order = ctx.saved_tensors
     accumulated, grad_grid, grad_table, grad_disp = gradients(grad, x, grid, table_hwc, disp, order)
     batch, channels, h, w = x.shape  # the x gradient at the buffer's start, the path gradient at its end
@@ -255,13 +263,16 @@ _sample = kernel_op("deformable_sampling", _forward, _forward_fake, setup_contex
 
 
 def sample_in_path_order_triton(x: torch.Tensor, grid: torch.Tensor, table: torch.Tensor, disp: torch.Tensor,
-                                path: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """The deformable sequence (B, L, C) in x's dtype (float32, float16 or bfloat16) through the
-    Triton kernels; ``order`` is the path's stable argsort. Shapes as in
-    :func:`defmamba.ops.deformable_sampling.sample_in_path_order` (checked there)."""
+                                path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(seq, order, inverse) as :func:`defmamba.ops.deformable_sampling.sample_in_path_order` returns
+    them (shapes checked there), through the Triton kernels: seq (B, L, C) in x's dtype (float32,
+    float16 or bfloat16); ``order`` is the path's stable argsort (:func:`sort_path`), ``inverse``
+    written by the forward kernel."""
     check_launch("deformable-sampling", x)
     if x.dtype == torch.float64:
         raise TypeError("the Triton deformable-sampling kernels take float32/float16/bfloat16; use the PyTorch "
                         "formulation for float64")
+    order = sort_path(path)
     table_hwc = table.permute(1, 2, 0).contiguous()  # channels contiguous, like a channels-last map
-    return _sample(x, grid.contiguous(), table_hwc, disp.contiguous(), path, order.contiguous())
+    seq, inverse = _sample(x, grid.contiguous(), table_hwc, disp.contiguous(), path, order)
+    return seq, order, inverse
