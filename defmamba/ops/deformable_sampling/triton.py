@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from ..kernel_op import kernel_op
-from ..triton_support import check_launch, tl, triton
+from ..triton_support import cdiv, check_launch, tl, triton
 from .reference import sort_path
 
 __all__ = ["sample_in_path_order_triton"]
@@ -190,7 +190,7 @@ def _forward(x: torch.Tensor, grid: torch.Tensor, table_hwc: torch.Tensor, disp:
     length = h * w
     out = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
     inverse = torch.empty((batch, length), dtype=order.dtype, device=order.device)
-    launch = (triton.cdiv(length, _BLOCK_L_FWD), batch, triton.cdiv(channels, _BLOCK_C_FWD))
+    launch = (cdiv(length, _BLOCK_L_FWD), batch, cdiv(channels, _BLOCK_C_FWD))
     _sampling_fwd_kernel[launch](x, grid, table_hwc, disp, order, out, inverse, length, channels, h, w, *x.stride(),
                                  BLOCK_L=_BLOCK_L_FWD, BLOCK_C=_BLOCK_C_FWD, num_warps=4)
     return out, inverse
@@ -224,7 +224,7 @@ def _gradients(grad: torch.Tensor, x: torch.Tensor, grid: torch.Tensor, table_hw
     grad_table = accumulated[x_size:x_size + table_size].view(partials, h, w, channels)
     grad_grid = torch.empty((batch, h, w, 2), **f32)
     grad_disp = torch.empty((batch, h, w, 2), **f32)
-    launch = (triton.cdiv(length, _BLOCK_L_BWD), batch)
+    launch = (cdiv(length, _BLOCK_L_BWD), batch)
     _sampling_bwd_kernel[launch](grad, x, grid, table_hwc, disp, order,
                                  grad_x, grad_grid, grad_table, grad_disp, grad_path,
                                  length, channels, h, w, partials, *grad.stride(), *x.stride(),
