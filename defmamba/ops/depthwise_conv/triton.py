@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from ..kernel_op import kernel_op
-from ..triton_support import check_launch, tl, triton
+from ..triton_support import cdiv, check_launch, next_power_of_2, tl, triton
 
 __all__ = ["depthwise_conv2d_triton", "pixel_stride"]
 
@@ -131,7 +131,7 @@ def _channel_block(channels: int, largest: int) -> int:
 
 def _tiles(width: int, channels: int) -> tuple[int, int, int]:
     """(BLOCK_W, BLOCK_C, num_warps): a row tile of up to 64 pixels × 16 to 64 channels."""
-    block_w = min(64, triton.next_power_of_2(width))
+    block_w = min(64, next_power_of_2(width))
     block_c = _channel_block(channels, 32 if channels <= 96 else 64)
     num_warps = max(1, min(4, block_w * block_c // 256))
     return block_w, block_c, num_warps
@@ -142,7 +142,7 @@ def _wgrad_taps(kernel_size: int) -> tuple[int, bool]:
     a tile of its own when that avoids padding (9 = 8 + 1, 5 = 4 + 1, 3 = 2 + 1; 7 is padded to 8)."""
     if kernel_size > 1 and (kernel_size - 1) & (kernel_size - 2) == 0:
         return kernel_size - 1, True
-    return triton.next_power_of_2(kernel_size), False
+    return next_power_of_2(kernel_size), False
 
 
 def _conv(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
@@ -150,7 +150,7 @@ def _conv(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], out
     batch, channels, height, width = x.shape
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
     block_w, block_c, num_warps = _tiles(width, channels)
-    grid = (batch * height, triton.cdiv(width, block_w), triton.cdiv(channels, block_c))
+    grid = (batch * height, cdiv(width, block_w), cdiv(channels, block_c))
     _dwconv_fwd_kernel[grid](x, taps, bias if bias is not None else taps, y, height, width, channels, pixel_stride(x),
                              K=kernel_size, FLIP=flip, HAS_BIAS=bias is not None,
                              ROUND_BIAS=bias is not None and bias.dtype != x.dtype,
@@ -191,15 +191,15 @@ def _gradients(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, taps: 
     grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
     dx = _conv(grad, taps, None, x.dtype, k, True)
     k_tile, last_apart = _wgrad_taps(k)
-    block_w = min(triton.next_power_of_2(width), max(1, _WGRAD_TILE // k_tile))
+    block_w = min(next_power_of_2(width), max(1, _WGRAD_TILE // k_tile))
     block_c = _channel_block(channels, _WGRAD_BLOCK_C)
     rows = batch * height
-    bands = triton.cdiv(rows, _BAND_ROWS)
+    bands = cdiv(rows, _BAND_ROWS)
     # Per band, the partial weight sums (C·K·K) and then the bias's (C) in one row: one reduction
     # finishes both.
     taps = channels * k * k
     parts = torch.empty((bands, taps + (channels if has_bias else 0)), dtype=torch.float32, device=x.device)
-    grid = (bands, k, triton.cdiv(channels, block_c))
+    grid = (bands, k, cdiv(channels, block_c))
     _dwconv_wgrad_kernel[grid](grad, x, parts, parts[:, taps:] if has_bias else parts, parts.stride(0), rows,
                                height, width, channels, pixel_stride(x),
                                K=k, K_TILE=k_tile, LAST_APART=last_apart, BAND=_BAND_ROWS, HAS_BIAS=has_bias,
