@@ -21,9 +21,10 @@ CASES = [(2, 5, 7, 9, 3), (1, 3, 5, 4, 9), (3, 20, 6, 5, 7), (1, 70, 3, 67, 5), 
 
 
 def max_errors(case: tuple, dtype: torch.dtype, device: str, seed: int, bias: bool = True,
-               sliced: bool = False) -> dict:
+               sliced: bool = False, silu: bool = False) -> dict:
     """Largest relative errors against float64. ``sliced``: x is read in place as the first C
-    channels of a wider channels-last tensor (as DefMamba's DSSM reads one half of in_proj's output)."""
+    channels of a wider channels-last tensor (as DefMamba's DSSM reads one half of in_proj's output).
+    ``silu``: the convolution's SiLU, applied by the kernel (as the DSSM runs it)."""
     from defmamba.ops.depthwise_conv import triton as kernels
 
     batch, channels, height, width, k = case
@@ -33,8 +34,9 @@ def max_errors(case: tuple, dtype: torch.dtype, device: str, seed: int, bias: bo
     b = torch.randn(channels, generator=g, dtype=torch.float64).to(dtype).double() if bias else None
     dy = torch.randn(batch, channels, height, width, generator=g, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
-    F.conv2d(leaves[0], leaves[1], leaves[2] if bias else None, padding=k // 2, groups=channels).backward(dy)
-    ref = [F.conv2d(x, w, b, padding=k // 2, groups=channels)] + [t.grad for t in leaves]
+    act = F.silu if silu else (lambda t: t)
+    act(F.conv2d(leaves[0], leaves[1], leaves[2] if bias else None, padding=k // 2, groups=channels)).backward(dy)
+    ref = [act(F.conv2d(x, w, b, padding=k // 2, groups=channels))] + [t.grad for t in leaves]
     mine = [t.to(device=device, dtype=dtype).requires_grad_() for t in (x, w, b) if t is not None]
     if sliced:
         wide = torch.cat([mine[0].permute(0, 2, 3, 1), torch.full_like(mine[0].permute(0, 2, 3, 1)[..., :3], 1e4)], -1)
@@ -42,8 +44,11 @@ def max_errors(case: tuple, dtype: torch.dtype, device: str, seed: int, bias: bo
         assert kernels.pixel_stride(x_in) == channels + 3
     else:
         x_in = mine[0].contiguous(memory_format=torch.channels_last)
-    y = kernels.depthwise_conv2d_triton(x_in, mine[1], mine[2] if bias else None, dtype)
+    with torch.no_grad():  # without a gradient to compute, the same output (no pre-SiLU copy is kept)
+        y_inference = kernels.depthwise_conv2d_triton(x_in, mine[1], mine[2] if bias else None, dtype, silu)
+    y = kernels.depthwise_conv2d_triton(x_in, mine[1], mine[2] if bias else None, dtype, silu)
     assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y_inference, y)
     y.backward(dy.to(device=device, dtype=dtype))
     got = [y] + [t.grad for t in mine]
 
@@ -57,6 +62,9 @@ def test_triton_depthwise_conv_matches_float64_in_interpreter():
     assert set(no_bias) == {"y", "x", "weight"} and max(no_bias.values()) <= 1e-5, no_bias
     sliced = errors.pop("sliced input")
     assert max(sliced.values()) <= 1e-5, sliced
+    for name in ("silu", "silu, sliced input, no bias"):
+        silu = errors.pop(name)
+        assert len(silu) >= 3 and max(silu.values()) <= 1e-5, (name, silu)
     assert all(set(errs) == {"y", "x", "weight", "bias"} for errs in errors.values())
     assert_cases_within(errors, 1e-5, cases=len(CASES))
 
@@ -81,6 +89,41 @@ def test_triton_depthwise_conv_reads_a_channel_slice_in_place_gpu(dtype):
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
     for name, err in max_errors((2, 96, 20, 23, 3), dtype, "cuda", seed=5, sliced=True).items():
         assert err <= tolerance, f"{name} off by {err:.2e}"
+
+
+@pytest.mark.cuda
+@needs_triton_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_depthwise_conv_with_silu_matches_float64_gpu(dtype):
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for sliced in (False, True):
+        for name, err in max_errors((2, 96, 20, 23, 3), dtype, "cuda", seed=11, sliced=sliced, silu=True).items():
+            assert err <= tolerance, f"{name} (sliced={sliced}) off by {err:.2e}"
+
+
+@pytest.mark.cuda
+@needs_triton_gpu
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
+def test_silu_follows_autocast_like_conv_then_silu_gpu(amp):
+    """Under autocast: F.silu of autocast's own convolution, the SiLU of the same rounded values,
+    up to the summation order of float32 accumulations; gradients of the parameters in float32."""
+    torch.manual_seed(0)
+    module = dw.DepthwiseConv2d(48, 3).cuda()
+    x = torch.randn(2, 48, 13, 10, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=amp):
+        got = dw.depthwise_conv2d_silu(x, module.weight, module.bias)
+        expected = F.silu(nn.Conv2d.forward(module, x))
+    assert got.dtype == expected.dtype == amp
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    got.float().sum().backward()
+    assert module.weight.grad.dtype == module.bias.grad.dtype == torch.float32
+
+
+def test_silu_off_gpu_is_conv_then_silu():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 6, 7, 5, dtype=torch.float64), torch.randn(6, 1, 3, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(dw.depthwise_conv2d_silu(x, w, b), F.silu(F.conv2d(x, w, b, padding=1, groups=6)),
+                               rtol=0, atol=0)
 
 
 @pytest.mark.cuda
@@ -134,5 +177,8 @@ if __name__ == "__main__":  # the interpreter check (run by the test above in a 
     results = {"x".join(map(str, case)): max_errors(case, torch.float32, "cpu", seed=i) for i, case in enumerate(CASES)}
     results["no bias"] = max_errors(CASES[0], torch.float32, "cpu", seed=99, bias=False)
     results["sliced input"] = max_errors((2, 20, 6, 9, 5), torch.float32, "cpu", seed=7, sliced=True)
+    results["silu"] = max_errors((2, 20, 7, 9, 3), torch.float32, "cpu", seed=8, silu=True)
+    results["silu, sliced input, no bias"] = max_errors((1, 9, 5, 6, 5), torch.float32, "cpu", seed=9, bias=False,
+                                                        sliced=True, silu=True)
     results["compiled vs eager"] = compiled_matches_eager()
     print(json.dumps(results))

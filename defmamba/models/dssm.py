@@ -10,9 +10,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..ops.depthwise_conv import DepthwiseConv2d
+from ..ops.depthwise_conv import DepthwiseConv2d, depthwise_conv2d_silu
 from ..ops.scan_orders import merge_and_gate, stack_scan_orders
 from ..ops.selective_scan import selective_scan
 from ..ops.time_step_projection import project_time_steps
@@ -67,7 +66,8 @@ class DSSM(nn.Module):
         # so does the gate at the end, which applies SiLU(z) itself. The two keep in_proj's output
         # for their backward, as many bytes as dense copies of both halves would be, without the
         # copies, and no SiLU(z) tensor is written or kept.
-        x_in = F.silu(self.conv2d(x_in.permute(0, 3, 1, 2)))  # (B, D, h, w), dense channels-last
+        # The conv's SiLU is applied as the conv writes its output (ops/depthwise_conv/).
+        x_in = depthwise_conv2d_silu(x_in.permute(0, 3, 1, 2), self.conv2d.weight, self.conv2d.bias)  # (B, D, h, w)
 
         deformable = self.DS(x_in)
         # Raster, reversed raster and deformable order as one (B, 3, D, L) scan input, all three in

@@ -5,7 +5,8 @@ result. Channels-last CUDA inputs in float32/float16/bfloat16 (also the channel 
 channels-last tensor, read in place) run the Triton kernels (``triton.py``), anything else
 ``F.conv2d`` (``reference.py``). Under autocast it follows autocast's rule for convolutions: the
 input and parameters in the autocast dtype (products exact in float32, accumulated in float32),
-the output in that dtype.
+the output in that dtype. :func:`depthwise_conv2d_silu` is ``F.silu`` of it, the SiLU applied as the
+kernel writes the output.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..dispatch import use_kernels
 from .reference import depthwise_conv2d_reference
 from .triton import depthwise_conv2d_triton, pixel_stride
 
-__all__ = ["DepthwiseConv2d", "depthwise_conv2d"]
+__all__ = ["DepthwiseConv2d", "depthwise_conv2d", "depthwise_conv2d_silu"]
 
 
 def _check_shapes(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -32,16 +34,27 @@ def _check_shapes(x: torch.Tensor, weight: torch.Tensor) -> None:
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=K // 2, groups=C)`` for x (B, C, H, W) and a (C, 1, K, K)
     weight with K odd (module docstring for the routes)."""
+    return _convolve(x, weight, bias, silu=False)
+
+
+def depthwise_conv2d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.silu(depthwise_conv2d(x, weight, bias))``; on the kernel route the SiLU is applied as the
+    convolution is written (one pass instead of two), its backward as autograd's SiLU computes it."""
+    return _convolve(x, weight, bias, silu=True)
+
+
+def _convolve(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
     _check_shapes(x, weight)
     if (use_kernels("depthwise_conv", x) and pixel_stride(x) is not None and weight.device == x.device
             and (bias is None or bias.device == x.device)):
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
-            return depthwise_conv2d_triton(x.to(dtype), weight, bias, dtype)
+            return depthwise_conv2d_triton(x.to(dtype), weight, bias, dtype, silu)
         if weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
-            return depthwise_conv2d_triton(x, weight, bias, x.dtype)
+            return depthwise_conv2d_triton(x, weight, bias, x.dtype, silu)
         # Mixed dtypes outside autocast: F.conv2d names the mismatch (and that of mixed devices).
-    return depthwise_conv2d_reference(x, weight, bias)
+    y = depthwise_conv2d_reference(x, weight, bias)
+    return F.silu(y) if silu else y
 
 
 class DepthwiseConv2d(nn.Conv2d):

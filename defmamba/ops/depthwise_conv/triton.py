@@ -24,9 +24,10 @@ _WGRAD_BLOCK_C = 32  # channels per weight-gradient tile
 if triton is not None:
 
     @triton.jit
-    def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, height, width, channels, x_pixel_stride,
+    def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, pre_ptr, height, width, channels, x_pixel_stride,
                            K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BIAS: tl.constexpr,
-                           BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                           SILU: tl.constexpr, SAVE_PRE: tl.constexpr, BLOCK_W: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # b * height + h
         h = row % height
         w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -53,8 +54,15 @@ if triton is not None:
             if ROUND_BIAS:  # autocast: the bias as the input's dtype would hold it
                 bv = bv.to(x_ptr.dtype.element_ty).to(tl.float32)
             acc += bv[None, :]
-        tl.store(y_ptr + row * width * channels + pixel_offsets, acc.to(y_ptr.dtype.element_ty),
-                 mask=(w < width)[:, None] & c_ok[None, :])
+        out = acc.to(y_ptr.dtype.element_ty)
+        out_offsets = row * width * channels + pixel_offsets
+        out_ok = (w < width)[:, None] & c_ok[None, :]
+        if SILU:  # SiLU of the rounded convolution, computed in float32 as PyTorch's silu computes it
+            if SAVE_PRE:  # the convolution itself, which the SiLU's backward reads
+                tl.store(pre_ptr + out_offsets, out, mask=out_ok)
+            v = out.to(tl.float32)
+            out = (v / (1.0 + tl.exp(-v))).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + out_offsets, out, mask=out_ok)
 
     @triton.jit
     def _dwconv_wgrad_kernel(g_ptr, x_ptr, wpart_ptr, bpart_ptr, part_stride, rows, height, width, channels,
@@ -146,15 +154,18 @@ def _wgrad_taps(kernel_size: int) -> tuple[int, bool]:
 
 
 def _conv(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
-          kernel_size: int, flip: bool) -> torch.Tensor:
+          kernel_size: int, flip: bool, silu: bool = False, pre: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The convolution (dense channels-last, ``out_dtype``); with ``silu`` its SiLU, and the
+    convolution itself written to ``pre`` too when given."""
     batch, channels, height, width = x.shape
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
     block_w, block_c, num_warps = _tiles(width, channels)
     grid = (batch * height, cdiv(width, block_w), cdiv(channels, block_c))
-    _dwconv_fwd_kernel[grid](x, taps, bias if bias is not None else taps, y, height, width, channels, pixel_stride(x),
+    _dwconv_fwd_kernel[grid](x, taps, bias if bias is not None else taps, y, pre if pre is not None else y,
+                             height, width, channels, pixel_stride(x),
                              K=kernel_size, FLIP=flip, HAS_BIAS=bias is not None,
-                             ROUND_BIAS=bias is not None and bias.dtype != x.dtype,
-                             BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
+                             ROUND_BIAS=bias is not None and bias.dtype != x.dtype, SILU=silu,
+                             SAVE_PRE=pre is not None, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
     return y
 
 
@@ -168,17 +179,23 @@ def _taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return taps.copy_(weight.detach().reshape(channels, k * k).t())
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output and the taps (kept for the backward, which reads the same taps flipped)."""
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+             silu: bool, save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output (with ``silu``, the SiLU of the convolution), the taps (kept for the backward,
+    which reads the same taps flipped) and, with ``silu`` and ``save_pre``, the convolution before
+    the SiLU, which the SiLU's backward reads (else an empty tensor)."""
     taps = _taps(weight, x.dtype)
-    return _conv(x, taps, bias, out_dtype, weight.shape[-1], False), taps
+    pre = (torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
+           if silu and save_pre else x.new_empty((0,), dtype=out_dtype))
+    y = _conv(x, taps, bias, out_dtype, weight.shape[-1], False, silu=silu, pre=pre if pre.numel() else None)
+    return y, taps, pre
 
 
-def _forward_fake(x, weight, bias, out_dtype):
+def _forward_fake(x, weight, bias, out_dtype, silu, save_pre):
     channels, _, k, _ = weight.shape
-    return (torch.empty_like(x, dtype=out_dtype, memory_format=torch.channels_last),
-            x.new_empty((k * k, channels)))
+    pre = (torch.empty_like(x, dtype=out_dtype, memory_format=torch.channels_last) if silu and save_pre
+           else x.new_empty((0,), dtype=out_dtype))
+    return torch.empty_like(x, dtype=out_dtype, memory_format=torch.channels_last), x.new_empty((k * k, channels)), pre
 
 
 def _gradients(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, taps: torch.Tensor,
@@ -213,19 +230,25 @@ def _gradients_fake(grad, x, weight, taps, has_bias):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _out_dtype = inputs
-    _y, taps = output
-    ctx.save_for_backward(x, weight, taps)
+    x, weight, bias, _out_dtype, silu, save_pre = inputs
+    _y, taps, pre = output
+    if silu and not save_pre:
+        raise RuntimeError("depthwise_conv2d with SiLU: the convolution before the SiLU was not kept for the "
+                           "backward (save_pre=False while a gradient is needed)")
+    ctx.save_for_backward(x, weight, taps, pre if silu else None)
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.mark_non_differentiable(taps)
+    ctx.mark_non_differentiable(taps, pre)
 
 
-def _backward(ctx, gradients: Callable, grad: torch.Tensor, _dtaps: Optional[torch.Tensor]):
-    x, weight, taps = ctx.saved_tensors
+def _backward(ctx, gradients: Callable, grad: torch.Tensor, _dtaps: Optional[torch.Tensor],
+              _dpre: Optional[torch.Tensor]):
+    x, weight, taps, pre = ctx.saved_tensors
+    if pre is not None:  # through the SiLU first, as autograd's own SiLU node computes it
+        grad = torch.ops.aten.silu_backward(grad.to(pre.dtype), pre)
     has_bias = ctx.bias_dtype is not None
     dx, sums = gradients(grad, x, weight, taps, has_bias)
     dweight, dbias = sums[:weight.numel()].view(weight.shape), sums[weight.numel():]
-    return dx, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype) if has_bias else None, None
+    return dx, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype) if has_bias else None, None, None, None
 
 
 _conv_op = kernel_op("depthwise_conv2d", _forward, _forward_fake, setup_context=_setup_context, backward=_backward,
@@ -233,13 +256,17 @@ _conv_op = kernel_op("depthwise_conv2d", _forward, _forward_fake, setup_context=
 
 
 def depthwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            out_dtype: torch.dtype) -> torch.Tensor:
+                            out_dtype: torch.dtype, silu: bool = False) -> torch.Tensor:
     """Depthwise convolution of a channels-last x (B, C, H, W) with a (C, 1, K, K) weight (odd K,
     padding K//2), accumulated in float32; the output (dense channels-last) in ``out_dtype``. x may
     be the channel slice of a wider channels-last tensor (see :func:`pixel_stride`). A float32
-    weight with a half-precision x and output is rounded to x's dtype first (autocast's rule)."""
+    weight with a half-precision x and output is rounded to x's dtype first (autocast's rule).
+    With ``silu``, ``F.silu`` of that output, applied as the kernel writes it (the convolution is
+    kept for the backward only when a gradient is needed)."""
     check_launch("depthwise convolution", x)
     if pixel_stride(x) is None:
         raise ValueError("the Triton depthwise convolution takes channels-last inputs (channels contiguous, "
                          f"pixels evenly spaced); got strides {x.stride()} for shape {tuple(x.shape)}")
-    return _conv_op(x, weight, bias, out_dtype)[0]
+    save_pre = bool(silu) and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
+    return _conv_op(x, weight, bias, out_dtype, bool(silu), save_pre)[0]
