@@ -103,6 +103,26 @@ def test_triton_depthwise_conv_with_silu_matches_float64_gpu(dtype):
 
 @pytest.mark.cuda
 @needs_triton_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_silu_is_pytorchs_silu_of_the_conv_bit_for_bit_gpu(dtype):
+    """The kernel's SiLU rounds as PyTorch's CUDA silu does: output and all gradients equal those of
+    F.silu after the same kernel's plain convolution, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    x, w, b, dy = (torch.randn(*shape, generator=g).to("cuda", dtype)
+                   for shape in ((2, 96, 19, 23), (96, 1, 3, 3), (96,), (2, 96, 19, 23)))
+    x = x.contiguous(memory_format=torch.channels_last)
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = dw.depthwise_conv2d_silu(*leaves) if fused else F.silu(dw.depthwise_conv2d(*leaves))
+        y.backward(dy)
+        results.append([y] + [t.grad for t in leaves])
+    for name, got, expected in zip(("y", "x", "weight", "bias"), *results):
+        assert torch.equal(got, expected), name
+
+
+@pytest.mark.cuda
+@needs_triton_gpu
 @pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
 def test_silu_follows_autocast_like_conv_then_silu_gpu(amp):
     """Under autocast: F.silu of autocast's own convolution, the SiLU of the same rounded values,

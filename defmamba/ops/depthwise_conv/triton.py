@@ -12,7 +12,8 @@ from typing import Callable, Optional
 import torch
 
 from ..kernel_op import kernel_op
-from ..triton_support import cdiv, check_launch, next_power_of_2, tl, triton
+from ..triton_math import silu as silu_f32
+from ..triton_support import cdiv, check_launch, interpreting, next_power_of_2, tl, triton
 
 __all__ = ["depthwise_conv2d_triton", "pixel_stride"]
 
@@ -26,8 +27,8 @@ if triton is not None:
     @triton.jit
     def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, pre_ptr, height, width, channels, x_pixel_stride,
                            K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BIAS: tl.constexpr,
-                           SILU: tl.constexpr, SAVE_PRE: tl.constexpr, BLOCK_W: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+                           SILU: tl.constexpr, SAVE_PRE: tl.constexpr, INTERPRETED: tl.constexpr,
+                           BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # b * height + h
         h = row % height
         w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -57,11 +58,10 @@ if triton is not None:
         out = acc.to(y_ptr.dtype.element_ty)
         out_offsets = row * width * channels + pixel_offsets
         out_ok = (w < width)[:, None] & c_ok[None, :]
-        if SILU:  # SiLU of the rounded convolution, computed in float32 as PyTorch's silu computes it
+        if SILU:  # SiLU of the rounded convolution, rounding for rounding as PyTorch's CUDA silu
             if SAVE_PRE:  # the convolution itself, which the SiLU's backward reads
                 tl.store(pre_ptr + out_offsets, out, mask=out_ok)
-            v = out.to(tl.float32)
-            out = (v / (1.0 + tl.exp(-v))).to(y_ptr.dtype.element_ty)
+            out = silu_f32(out.to(tl.float32), INTERPRETED).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + out_offsets, out, mask=out_ok)
 
     @triton.jit
@@ -165,7 +165,8 @@ def _conv(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], out
                              height, width, channels, pixel_stride(x),
                              K=kernel_size, FLIP=flip, HAS_BIAS=bias is not None,
                              ROUND_BIAS=bias is not None and bias.dtype != x.dtype, SILU=silu,
-                             SAVE_PRE=pre is not None, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
+                             SAVE_PRE=pre is not None, INTERPRETED=silu and interpreting(), BLOCK_W=block_w,
+                             BLOCK_C=block_c, num_warps=num_warps)
     return y
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..kernel_op import kernel_op
+from ..triton_math import divide_rn, one_plus_exp_neg, silu
 from ..triton_support import cdiv, check_launch, interpreting, tl, triton
 from .reference import NUM_ORDERS
 
@@ -26,26 +27,6 @@ _BLOCK_D = 32  # channels per program tile
 
 
 if triton is not None:
-    from triton.language.extra import libdevice
-
-    @triton.jit
-    def _one_plus_exp(z, INTERPRETED: tl.constexpr):
-        """1 + exp(−z) in float32 (libdevice's exp on the GPU, as PyTorch's CUDA SiLU; the
-        interpreter has no libdevice)."""
-        if INTERPRETED:
-            result = 1.0 + tl.exp(-z)
-        else:
-            result = 1.0 + libdevice.exp(-z)
-        return result
-
-    @triton.jit
-    def _divide(x, y, INTERPRETED: tl.constexpr):
-        """x / y correctly rounded on the GPU (Triton's plain float32 division is approximate)."""
-        if INTERPRETED:
-            result = x / y
-        else:
-            result = libdevice.div_rn(x, y)
-        return result
 
     @triton.jit
     def _merge_gate_fwd_kernel(ys_ptr, inverse_ptr, z_ptr, out_ptr, mean_ptr, length, channels, z_stride,
@@ -66,7 +47,7 @@ if triton is not None:
         tokens = (b * length + l)[:, None] * channels + d[None, :]
         z = tl.load(z_ptr + (b * length + l)[:, None] * z_stride + d[None, :], mask=mask, other=0.0)
         zf = z.to(tl.float32)
-        gate = _divide(zf, _one_plus_exp(zf, INTERPRETED), INTERPRETED).to(z_ptr.dtype.element_ty)
+        gate = silu(zf, INTERPRETED).to(z_ptr.dtype.element_ty)
         out = mean.to(tl.float32) * gate.to(tl.float32)
         tl.store(out_ptr + tokens, out.to(out_ptr.dtype.element_ty), mask=mask)
         if SAVE_MEAN:
@@ -87,11 +68,11 @@ if triton is not None:
         # The gate's gradient in its dtype (the product's backward), then through SiLU:
         # d SiLU(z) / dz = s · (1 + z · (1 − s)) with s = sigmoid(z), PyTorch's formula.
         d_gate = (grad * mean).to(dz_ptr.dtype.element_ty).to(tl.float32)
-        denominator = _one_plus_exp(z, INTERPRETED)
-        s = _divide(1.0, denominator, INTERPRETED)
+        denominator = one_plus_exp_neg(z, INTERPRETED)
+        s = divide_rn(1.0, denominator, INTERPRETED)
         tl.store(dz_ptr + tokens, (d_gate * s * (1.0 + z * (1.0 - s))).to(dz_ptr.dtype.element_ty), mask=mask)
         # The mean's gradient in the gate's dtype (the product's backward), then float32 / 3.
-        gate = _divide(z, denominator, INTERPRETED).to(z_ptr.dtype.element_ty).to(tl.float32)
+        gate = divide_rn(z, denominator, INTERPRETED).to(z_ptr.dtype.element_ty).to(tl.float32)
         g = (grad * gate).to(z_ptr.dtype.element_ty).to(tl.float32) / 3.0
         g = g.to(dys_ptr.dtype.element_ty)
         rows = dys_ptr + ((b * 3 * channels + d) * length)[None, :]
