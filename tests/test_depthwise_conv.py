@@ -141,7 +141,7 @@ def test_silu_follows_autocast_like_conv_then_silu_gpu(amp):
 
 def test_silu_off_gpu_is_conv_then_silu():
     torch.manual_seed(0)
-    x, w, b = torch.randn(2, 6, 7, 5, dtype=torch.float64), torch.randn(6, 1, 3, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    x, w, b = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 6, 7, 5), (6, 1, 3, 3), (6,)))
     torch.testing.assert_close(dw.depthwise_conv2d_silu(x, w, b), F.silu(F.conv2d(x, w, b, padding=1, groups=6)),
                                rtol=0, atol=0)
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..ops.drop_path import add_dropped_path
 from ..ops.gelu_mlp import gelu_mlp
-from ..ops.layer_norm import LayerNorm, LayerNormGELU
+from ..ops.layer_norm import LayerNorm, LayerNormGELU, residual_layer_norm
 from .dssm import DSSM
 
 __all__ = ["Permute", "PatchEmbed", "Downsample", "Mlp", "ResidualDropPath", "DMBlock"]
@@ -88,6 +88,12 @@ class ResidualDropPath(nn.Module):
             return x + branch
         return add_dropped_path(x, branch, 1.0 - self.drop_prob)
 
+    def add_and_norm(self, x: torch.Tensor, branch: torch.Tensor, norm: LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, norm(s))`` for s = ``self(x, branch)``, in one pass each way on the kernel route
+        (``ops/layer_norm``'s residual_layer_norm)."""
+        keep_prob = None if not self.training or self.drop_prob == 0.0 else 1.0 - self.drop_prob
+        return residual_layer_norm(x, branch, norm, keep_prob)
+
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"
 
@@ -117,5 +123,6 @@ class DMBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop_path(x, self.op(self.norm(x)))
-        return self.drop_path(x, self.mlp(self.norm2(x)))
+        # x + DropPath(DSSM) and norm2 of that sum as one op (one kernel each way on CUDA)
+        x, normed = self.drop_path.add_and_norm(x, self.op(self.norm(x)), self.norm2)
+        return self.drop_path(x, self.mlp(normed))

@@ -12,11 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..dispatch import use_kernels
-from .reference import layer_norm_reference
-from .triton import MAX_COLUMNS, layer_norm_triton
+from typing import Optional
 
-__all__ = ["LayerNorm", "LayerNormGELU", "layer_norm", "layer_norm_gelu"]
+from ..dispatch import use_kernels
+from ..drop_path import add_with_mask, draw_kept
+from .reference import layer_norm_reference
+from .triton import MAX_COLUMNS, layer_norm_triton, residual_layer_norm_triton
+
+__all__ = ["LayerNorm", "LayerNormGELU", "layer_norm", "layer_norm_gelu", "residual_layer_norm"]
 
 
 def layer_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None = None,
@@ -65,6 +68,31 @@ def _normalize(x: torch.Tensor, normalized_shape: tuple[int, ...], weight, bias,
         return layer_norm_reference(x, normalized_shape, weight, bias, eps, gelu, channel_scale)
     # PyTorch's rule: the output has x's dtype
     return layer_norm_triton(x, weight, bias, eps, x.dtype, gelu, channel_scale)
+
+
+def residual_layer_norm(x: torch.Tensor, branch: torch.Tensor, norm: "LayerNorm",
+                        keep_prob: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, norm(s))`` for the residual sum s = x + branch, or with stochastic depth (``keep_prob``)
+    s = x + branch · kept[b] / keep_prob, the mask drawn as ``ops/drop_path`` draws it.
+
+    On the kernel route (contiguous CUDA x and branch of one shape, an affine norm over the last
+    dim) the sum and its norm are one kernel forward and one backward, which also adds the sum's
+    gradient from elsewhere and forms the branch's: the same values as the sum and ``norm`` one after
+    the other, in the norm's dtype rules (its ``feeds_matmul`` included)."""
+    kept = draw_kept(branch, keep_prob) if keep_prob is not None else None
+    weight, bias = norm.weight, norm.bias
+    if (use_kernels("layer_norm", x, branch) and use_kernels("drop_path", x, branch) and x.shape == branch.shape
+            and x.is_contiguous() and branch.is_contiguous() and weight is not None and bias is not None
+            and len(norm.normalized_shape) == 1 and x.shape[-1] == norm.normalized_shape[0] <= MAX_COLUMNS):
+        if torch.is_autocast_enabled("cuda"):
+            out_dtype = torch.get_autocast_dtype("cuda") if getattr(norm, "feeds_matmul", False) else torch.float32
+            return residual_layer_norm_triton(x, branch, kept, keep_prob or 1.0, weight.float(), bias.float(),
+                                              norm.eps, out_dtype)
+        out_dtype = torch.promote_types(x.dtype, branch.dtype)
+        if weight.dtype == bias.dtype and weight.dtype in (out_dtype, torch.float32):
+            return residual_layer_norm_triton(x, branch, kept, keep_prob or 1.0, weight, bias, norm.eps, out_dtype)
+    total = add_with_mask(x, branch, kept, keep_prob) if kept is not None else x + branch
+    return total, norm(total)
 
 
 class LayerNorm(nn.LayerNorm):
