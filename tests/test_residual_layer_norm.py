@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from triton_helpers import max_relative_errors, needs_triton_gpu, run_under_interpreter
 
+import defmamba  # noqa: F401  (registers the timm models)
 from defmamba.models.blocks import DMBlock, ResidualDropPath
 from defmamba.ops import layer_norm as ln
 
@@ -120,6 +122,49 @@ def test_block_forward_and_backward_unchanged_gpu(amp):
         out.float().square().mean().backward()
         results.append([out, leaf.grad] + [p.grad.clone() for p in block.parameters()])
     for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), i
+
+
+def _stage_outputs_and_gradients(model: torch.nn.Module, x: torch.Tensor, per_block: bool, amp=None) -> list:
+    """Output and parameter gradients of a training step, the stages' blocks chained (their fused
+    residual norms) or, with a no-op hook on every block, called one by one; same random draws."""
+    model.zero_grad()
+    blocks = [b for stage in model.layers for b in stage.blocks] if per_block else []
+    hooks = [b.register_forward_hook(lambda *args: None) for b in blocks]
+    try:
+        torch.manual_seed(1)
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            out = model(x)
+        out.float().square().mean().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [out] + [p.grad.clone() for p in model.parameters()]
+
+
+def test_chained_blocks_equal_blocks_called_one_by_one():
+    torch.manual_seed(0)
+    model = timm.create_model("defmamba_tiny", drop_path_rate=0.3).train()
+    x = torch.randn(2, 3, 64, 96)
+    for a, b in zip(_stage_outputs_and_gradients(model, x, False), _stage_outputs_and_gradients(model, x, True)):
+        assert torch.equal(a, b)
+    # with a hook on a block, the blocks run as module calls: the hook sees every call
+    seen = []
+    handle = model.layers[2].blocks[3].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    model(x)
+    handle.remove()
+    assert seen == [(2, 4, 6, model.layers[2].blocks[3].norm.normalized_shape[0])]
+
+
+@pytest.mark.cuda
+@needs_triton_gpu
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
+def test_chained_blocks_equal_blocks_called_one_by_one_gpu(amp):
+    torch.manual_seed(0)
+    model = timm.create_model("defmamba_tiny", drop_path_rate=0.3).cuda().train()
+    x = torch.randn(4, 3, 96, 128, device="cuda")
+    chained = _stage_outputs_and_gradients(model, x, False, amp)
+    for i, (a, b) in enumerate(zip(chained, _stage_outputs_and_gradients(model, x, True, amp))):
         assert torch.equal(a, b), i
 
 

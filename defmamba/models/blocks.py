@@ -5,15 +5,18 @@ indices inside the ``nn.Sequential`` stems match the official checkpoints' keys.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
+from ..ops.dispatch import runs_as_called
 from ..ops.drop_path import add_dropped_path
 from ..ops.gelu_mlp import gelu_mlp
 from ..ops.layer_norm import LayerNorm, LayerNormGELU, residual_layer_norm
 from .dssm import DSSM
 
-__all__ = ["Permute", "PatchEmbed", "Downsample", "Mlp", "ResidualDropPath", "DMBlock"]
+__all__ = ["Permute", "PatchEmbed", "Downsample", "Mlp", "ResidualDropPath", "DMBlock", "DMBlockSequence"]
 
 
 class Permute(nn.Module):
@@ -123,6 +126,38 @@ class DMBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x + DropPath(DSSM) and norm2 of that sum as one op (one kernel each way on CUDA)
-        x, normed = self.drop_path.add_and_norm(x, self.op(self.norm(x)), self.norm2)
-        return self.drop_path(x, self.mlp(normed))
+        return self.forward_chained(x)[0]
+
+    def forward_chained(self, x: torch.Tensor, normed: Optional[torch.Tensor] = None,
+                        next_norm: Optional[LayerNorm] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The block on x, with ``normed`` = ``self.norm(x)`` when the caller has it; with ``next_norm``
+        (the next block's first norm) also ``next_norm`` of the output. Returns (output, that norm or
+        None). Each residual sum and the norm that follows it run as one op (one kernel each way on
+        CUDA, ``ops/layer_norm``'s residual_layer_norm)."""
+        if normed is None:
+            normed = self.norm(x)
+        x, hidden = self.drop_path.add_and_norm(x, self.op(normed), self.norm2)
+        branch = self.mlp(hidden)
+        if next_norm is None:
+            return self.drop_path(x, branch), None
+        return self.drop_path.add_and_norm(x, branch, next_norm)
+
+
+class DMBlockSequence(nn.Sequential):
+    """A stage's DM blocks in order: an ``nn.Sequential`` (same state-dict keys and indexing) whose
+    forward hands each block's output to the next together with the next block's first norm of it,
+    computed in the same pass as the output's last residual sum (:meth:`DMBlock.forward_chained`).
+
+    When a block has hooks or a compiled forward, or a global module hook is set, the blocks run one
+    module call after the other instead, so that hooks see what they always saw (a norm with hooks
+    is called as a module after the sum); the results are the same either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = list(self._modules.values())
+        if not all(isinstance(block, DMBlock) and not runs_as_called(block) for block in blocks):
+            return super().forward(x)
+        normed = None
+        for i, block in enumerate(blocks):
+            next_norm = blocks[i + 1].norm if i + 1 < len(blocks) else None
+            x, normed = block.forward_chained(x, normed, next_norm)
+        return x

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops.layer_norm import LayerNorm
 from .autocast_parameters import ParameterCastGroup
-from .blocks import DMBlock, Downsample, PatchEmbed
+from .blocks import DMBlock, DMBlockSequence, Downsample, PatchEmbed
 
 __all__ = ["DefMamba", "DefMambaBackbone", "DEFORM_KERNEL_SIZES", "MIN_INPUT_SIZE"]
 
@@ -28,7 +28,7 @@ class Stage(nn.Module):
     def __init__(self, dim: int, depth: int, deform_kernel_size: int, drop_paths: Sequence[float],
                  out_dim: Optional[int], **block_kwargs) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(*[
+        self.blocks = DMBlockSequence(*[
             DMBlock(dim, deform_kernel_size, drop_path=drop_paths[i], **block_kwargs) for i in range(depth)])
         self.downsample = Downsample(dim, out_dim) if out_dim is not None else nn.Identity()
         self.grad_checkpointing = False

@@ -24,7 +24,8 @@ import torch
 
 from . import triton_support
 
-__all__ = ["ENV_VAR", "KERNEL_DTYPES", "OPS", "REFERENCE_OPS_VAR", "reference_forced", "reference_only", "use_kernels"]
+__all__ = ["ENV_VAR", "KERNEL_DTYPES", "OPS", "REFERENCE_OPS_VAR", "reference_forced", "reference_only",
+           "runs_as_called", "use_kernels"]
 
 ENV_VAR = "DEFMAMBA_KERNELS"
 REFERENCE_OPS_VAR = "DEFMAMBA_REFERENCE_OPS"
@@ -97,3 +98,14 @@ def use_kernels(op: str, *tensors: Optional[torch.Tensor]) -> bool:
         if t is not None and not t.numel():
             return False
     return True
+
+
+def runs_as_called(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` does more than its ``forward``: hooks of its own or global module
+    hooks, or a compiled forward. An op that would compute the module's result without calling it
+    (fused with a neighbour) calls it instead then, so that hooks see what they always saw."""
+    hooks = torch.nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or getattr(module, "_compiled_call_impl", None) is not None
+                or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)

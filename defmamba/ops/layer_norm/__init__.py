@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from typing import Optional
 
-from ..dispatch import use_kernels
+from ..dispatch import runs_as_called, use_kernels
 from ..drop_path import add_with_mask, draw_kept
 from .reference import layer_norm_reference
 from .triton import MAX_COLUMNS, layer_norm_triton, residual_layer_norm_triton
@@ -78,10 +78,12 @@ def residual_layer_norm(x: torch.Tensor, branch: torch.Tensor, norm: "LayerNorm"
     On the kernel route (contiguous CUDA x and branch of one shape, an affine norm over the last
     dim) the sum and its norm are one kernel forward and one backward, which also adds the sum's
     gradient from elsewhere and forms the branch's: the same values as the sum and ``norm`` one after
-    the other, in the norm's dtype rules (its ``feeds_matmul`` included)."""
+    the other, in the norm's dtype rules (its ``feeds_matmul`` included). A norm with hooks (or a
+    compiled forward) is called as a module instead, after the sum."""
     kept = draw_kept(branch, keep_prob) if keep_prob is not None else None
     weight, bias = norm.weight, norm.bias
-    if (use_kernels("layer_norm", x, branch) and use_kernels("drop_path", x, branch) and x.shape == branch.shape
+    if (use_kernels("layer_norm", x, branch) and use_kernels("drop_path", x, branch) and not runs_as_called(norm)
+            and x.shape == branch.shape
             and x.is_contiguous() and branch.is_contiguous() and weight is not None and bias is not None
             and len(norm.normalized_shape) == 1 and x.shape[-1] == norm.normalized_shape[0] <= MAX_COLUMNS):
         if torch.is_autocast_enabled("cuda"):
