@@ -99,12 +99,22 @@ def test_fused_equals_the_two_ops_gpu(drop, branch_dtype, out_dtype):
                                       out_dtype), tolerance)
 
 
+def _assert_same_step(fused: list, separate: list) -> None:
+    """The output equal bit for bit; the gradients up to the order in which the deformable sampling's
+    backward adds its float32 gradients with atomics (run to run noise, any route), which under
+    autocast can flip the rounding of a half-precision value upstream: within 1 % of each
+    gradient's largest entry, where a wrong or missing term would be off by its own size."""
+    assert torch.equal(fused[0], separate[0])
+    for i, (a, b) in enumerate(zip(fused[1:], separate[1:])):
+        assert (a - b).abs().max() <= 1e-2 * b.abs().max(), i
+
+
 @pytest.mark.cuda
 @needs_triton_gpu
 @pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
 def test_block_forward_and_backward_unchanged_gpu(amp):
-    """A DM block training under autocast, stochastic depth on: the fused op gives the outputs and
-    gradients of the drop-path op and norm2 run one after the other, bit for bit (same mask)."""
+    """A DM block training under autocast, stochastic depth on: the fused op gives the output of the
+    drop-path op and norm2 run one after the other bit for bit (same mask), and their gradients."""
     torch.manual_seed(0)
     block = DMBlock(96, 7, drop_path=0.3).cuda().train()
     x = torch.randn(4, 14, 11, 96, device="cuda")
@@ -121,8 +131,7 @@ def test_block_forward_and_backward_unchanged_gpu(amp):
                 out = block.drop_path(h, block.mlp(block.norm2(h)))
         out.float().square().mean().backward()
         results.append([out, leaf.grad] + [p.grad.clone() for p in block.parameters()])
-    for i, (a, b) in enumerate(zip(*results)):
-        assert torch.equal(a, b), i
+    _assert_same_step(*results)
 
 
 def _stage_outputs_and_gradients(model: torch.nn.Module, x: torch.Tensor, per_block: bool, amp=None) -> list:
@@ -164,8 +173,7 @@ def test_chained_blocks_equal_blocks_called_one_by_one_gpu(amp):
     model = timm.create_model("defmamba_tiny", drop_path_rate=0.3).cuda().train()
     x = torch.randn(4, 3, 96, 128, device="cuda")
     chained = _stage_outputs_and_gradients(model, x, False, amp)
-    for i, (a, b) in enumerate(zip(chained, _stage_outputs_and_gradients(model, x, True, amp))):
-        assert torch.equal(a, b), i
+    _assert_same_step(chained, _stage_outputs_and_gradients(model, x, True, amp))
 
 
 def test_off_gpu_it_is_the_sum_and_the_norm():
