@@ -121,24 +121,6 @@ def test_fused_silu_is_pytorchs_silu_of_the_conv_bit_for_bit_gpu(dtype):
         assert torch.equal(got, expected), name
 
 
-@pytest.mark.cuda
-@needs_triton_gpu
-@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
-def test_silu_follows_autocast_like_conv_then_silu_gpu(amp):
-    """Under autocast: F.silu of autocast's own convolution, the SiLU of the same rounded values,
-    up to the summation order of float32 accumulations; gradients of the parameters in float32."""
-    torch.manual_seed(0)
-    module = dw.DepthwiseConv2d(48, 3).cuda()
-    x = torch.randn(2, 48, 13, 10, device="cuda").contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=amp):
-        got = dw.depthwise_conv2d_silu(x, module.weight, module.bias)
-        expected = F.silu(nn.Conv2d.forward(module, x))
-    assert got.dtype == expected.dtype == amp
-    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
-    got.float().sum().backward()
-    assert module.weight.grad.dtype == module.bias.grad.dtype == torch.float32
-
-
 def test_silu_off_gpu_is_conv_then_silu():
     torch.manual_seed(0)
     x, w, b = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 6, 7, 5), (6, 1, 3, 3), (6,)))
@@ -149,15 +131,17 @@ def test_silu_off_gpu_is_conv_then_silu():
 @pytest.mark.cuda
 @needs_triton_gpu
 @pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
-def test_module_follows_autocast_rule_gpu(amp):
-    """Under autocast: the output in the autocast dtype, equal to autocast's own convolution up to
-    the summation order of float32 accumulations; parameter gradients in float32."""
+@pytest.mark.parametrize("silu", [False, True])
+def test_module_follows_autocast_rule_gpu(amp, silu):
+    """Under autocast: the output in the autocast dtype, equal to autocast's own convolution (and
+    F.silu of it) up to the summation order of float32 accumulations; parameter gradients in float32."""
     torch.manual_seed(0)
     module = dw.DepthwiseConv2d(48, 7).cuda()
     x = torch.randn(2, 48, 13, 10, device="cuda").contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", dtype=amp):
-        got = module(x)
+        got = dw.depthwise_conv2d_silu(x, module.weight, module.bias) if silu else module(x)
         expected = nn.Conv2d.forward(module, x)
+        expected = F.silu(expected) if silu else expected
     assert got.dtype == expected.dtype == amp
     torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
     got.float().sum().backward()
