@@ -87,15 +87,18 @@ class ResidualDropPath(nn.Module):
         self.drop_prob = drop_prob
 
     def forward(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop_prob == 0.0:
-            return x + branch
-        return add_dropped_path(x, branch, 1.0 - self.drop_prob)
+        keep_prob = self._keep_prob()
+        return x + branch if keep_prob is None else add_dropped_path(x, branch, keep_prob)
 
-    def add_and_norm(self, x: torch.Tensor, branch: torch.Tensor, norm: LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_and_norm(self, x: torch.Tensor, branch: torch.Tensor,
+                     norm: LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s, norm(s))`` for s = ``self(x, branch)``, in one pass each way on the kernel route
         (``ops/layer_norm``'s residual_layer_norm)."""
-        keep_prob = None if not self.training or self.drop_prob == 0.0 else 1.0 - self.drop_prob
-        return residual_layer_norm(x, branch, norm, keep_prob)
+        return residual_layer_norm(x, branch, norm, self._keep_prob())
+
+    def _keep_prob(self) -> Optional[float]:
+        """1 − p while training with p > 0; None where the branch is added as it is."""
+        return 1.0 - self.drop_prob if self.training and self.drop_prob > 0.0 else None
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"

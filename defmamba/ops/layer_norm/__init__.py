@@ -9,10 +9,10 @@ input dtype (a half-precision input is read as it is, not copied to float32 firs
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
-
-from typing import Optional
 
 from ..dispatch import runs_as_called, use_kernels
 from ..drop_path import add_with_mask, draw_kept
