@@ -20,6 +20,7 @@ import pytest
 import torch
 
 TARGETS = ((80, 32), (90, 32))  # (compute capability, warp size)
+PARTS = 2
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg")
 # every kernel of a DefMamba-T training step's GPU route
 EXPECTED = {"_ln_fwd_kernel", "_ln_bwd_kernel", "_dwconv_fwd_kernel", "_dwconv_wgrad_kernel", "_ca_fwd_kernel",
@@ -33,12 +34,20 @@ def test_every_launched_kernel_compiles_for_sm80_and_sm90(tmp_path):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compiled here and now, not found in a cache
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert not report["failures"], "\n\n".join(report["failures"])
-    assert EXPECTED <= set(report["kernels"]), sorted(EXPECTED - set(report["kernels"]))
-    assert report["compiled"] >= 2 * len(EXPECTED)
+    # two processes, each compiling every other launch (the compiler runs on one core)
+    workers = [subprocess.Popen([sys.executable, __file__, str(part), str(PARTS)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for part in range(PARTS)]
+    kernels, compiled, failures = set(), 0, []
+    for worker in workers:
+        out, err = worker.communicate(timeout=900)
+        assert worker.returncode == 0, err[-4000:]
+        report = json.loads(out.strip().splitlines()[-1])
+        kernels |= set(report["kernels"])
+        compiled += report["compiled"]
+        failures += report["failures"]
+    assert not failures, "\n\n".join(failures)
+    assert EXPECTED <= kernels, sorted(EXPECTED - kernels)
+    assert compiled >= 2 * len(EXPECTED)
 
 
 def _type_of(value) -> str:
@@ -119,13 +128,14 @@ def _record_launches() -> dict:
     return launches
 
 
-def _compile_all(launches: dict) -> dict:
+def _compile_part(launches: dict, part: int, parts: int) -> dict:
+    """Compile every ``parts``-th launch (in key order) from the ``part``-th, for each target."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     failures, compiled, kernels = [], 0, set()
-    for key, (kernel, signature, constexprs, options) in sorted(launches.items()):
+    for key, (kernel, signature, constexprs, options) in sorted(launches.items())[part::parts]:
         kernels.add(kernel.fn.__name__)
         for capability, warp_size in TARGETS:
             try:
@@ -137,5 +147,6 @@ def _compile_all(launches: dict) -> dict:
     return {"kernels": sorted(kernels), "compiled": compiled, "failures": failures}
 
 
-if __name__ == "__main__":  # the recording and compilation (run by the test above in a subprocess)
-    print(json.dumps(_compile_all(_record_launches())))
+if __name__ == "__main__":  # the recording and compilation (run by the test above in subprocesses)
+    part, parts = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) == 3 else (0, 1)
+    print(json.dumps(_compile_part(_record_launches(), part, parts)))
