@@ -16,7 +16,7 @@ import torch
 from ..kernel_op import kernel_op
 from ..triton_support import cdiv, check_launch, tl, triton
 
-__all__ = ["add_dropped_path_triton"]
+__all__ = ["add_dropped_path_triton", "inverse_keep_prob"]
 
 _BLOCK = 2048  # values per program
 
@@ -53,7 +53,7 @@ def _float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-def _inverse(keep_prob: float) -> float:
+def inverse_keep_prob(keep_prob: float) -> float:
     """1 / keep_prob as float32 arithmetic gives it (the division of a float32 mask by the float32
     scalar): kept · this is then exactly the mask's division, for kept in {0, 1}."""
     return _float32(1.0 / _float32(keep_prob))
@@ -63,7 +63,7 @@ def _forward(x: torch.Tensor, branch: torch.Tensor, kept: torch.Tensor, keep_pro
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
     numel = x.numel()
     _add_dropped_path_kernel[(cdiv(numel, _BLOCK),)](x, branch, kept, out, numel, numel // x.shape[0],
-                                                            _inverse(keep_prob), BLOCK=_BLOCK, num_warps=4)
+                                                            inverse_keep_prob(keep_prob), BLOCK=_BLOCK, num_warps=4)
     return out
 
 
@@ -76,7 +76,7 @@ def _branch_gradient(grad: torch.Tensor, kept: torch.Tensor, keep_prob: float,
     grad_branch = torch.empty(grad.shape, dtype=branch_dtype, device=grad.device)
     numel = grad.numel()
     _dropped_path_grad_kernel[(cdiv(numel, _BLOCK),)](grad, kept, grad_branch, numel, numel // grad.shape[0],
-                                                             _inverse(keep_prob), BLOCK=_BLOCK, num_warps=4)
+                                                             inverse_keep_prob(keep_prob), BLOCK=_BLOCK, num_warps=4)
     return grad_branch
 
 

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..drop_path.triton import inverse_keep_prob  # 1 / keep_prob as the drop-path kernels round it
 from ..kernel_op import kernel_op
 from ..triton_math import gelu as _gelu, gelu_grad as _gelu_grad
 from ..triton_support import cdiv, check_launch, next_power_of_2, tl, triton
@@ -233,11 +234,6 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 # x + branch (· a drop-path scale) and the LayerNorm of that sum in one pass each way.
 
 
-def _inverse_keep(keep_prob: float) -> float:
-    from ..drop_path.triton import _inverse  # 1 / keep_prob as the drop-path kernels round it
-    return _inverse(keep_prob)
-
-
 def _residual_forward(x: torch.Tensor, branch: torch.Tensor, kept: Optional[torch.Tensor], keep_prob: float,
                       weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -252,7 +248,7 @@ def _residual_forward(x: torch.Tensor, branch: torch.Tensor, kept: Optional[torc
     rows_per_tile, block_n, num_warps = _tile(cols)
     _ln_fwd_kernel[(cdiv(rows, rows_per_tile),)](x, weight, bias, weight, y, mean, rstd, branch,
                                                  kept if kept is not None else branch, total, rows, cols,
-                                                 _rows_per_image(x), eps, _inverse_keep(keep_prob),
+                                                 _rows_per_image(x), eps, inverse_keep_prob(keep_prob),
                                                  ROWS=rows_per_tile, BLOCK_N=block_n, GELU=False, SCALED=False,
                                                  RESIDUAL=True, DROP=kept is not None, num_warps=num_warps)
     return total, y, mean, rstd
@@ -283,7 +279,7 @@ def _residual_gradients(dy: torch.Tensor, dtotal: Optional[torch.Tensor], total:
     dw_part, db_part = parts[0], parts[1]
     _ln_bwd_kernel[(1, programs)](dy, total, weight, bias, weight, mean, rstd, dx, dw_part, db_part, dw_part,
                                   dtotal if dtotal is not None else dy, kept if kept is not None else dy, dbranch,
-                                  rows, cols, rows, _rows_per_image(total), _inverse_keep(keep_prob),
+                                  rows, cols, rows, _rows_per_image(total), inverse_keep_prob(keep_prob),
                                   ROWS=rows_per_tile, BLOCK_N=block_n, GELU=False, SCALED=False, RESIDUAL=True,
                                   HAS_DSUM=dtotal is not None, DROP=kept is not None, num_warps=num_warps)
     return dx, dbranch, parts.sum((1, 2))
