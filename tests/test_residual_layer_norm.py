@@ -1,6 +1,7 @@
 """The residual sum and LayerNorm as one op (``residual_layer_norm``, the DM block's x + DropPath(DSSM)
-then norm2) against the two ops it replaces, bit for bit, and against float64: on CPU through
-Triton's interpreter in a subprocess, on the GPU compiled and under autocast; plus its routes."""
+then norm2) against the two ops it replaces and against float64: on CPU through Triton's interpreter
+in a subprocess (bit for bit), on the GPU compiled and under autocast (the sum bit for bit, the rest
+to the last bits: the compiled kernels may sum a row in another order); plus its routes."""
 from __future__ import annotations
 
 import json
@@ -36,7 +37,8 @@ def fused_against_separate(lead: tuple, cols: int, device: str, seed: int, drop:
                            dtype: torch.dtype = torch.float32, branch_dtype: torch.dtype = torch.float32,
                            out_dtype: torch.dtype = torch.float32) -> dict:
     """The fused kernels against the drop-path and LayerNorm kernels one after the other: whether
-    the sum, the norm and the four gradients are equal bit for bit, and the largest relative errors
+    the sum, the norm and the four gradients are equal bit for bit, their largest difference in
+    units of the result's dtype's epsilon times its largest entry, and the largest relative errors
     of the fused results against float64."""
     from defmamba.ops.drop_path import triton as drop_kernels
     from defmamba.ops.layer_norm import triton as kernels
@@ -58,6 +60,8 @@ def fused_against_separate(lead: tuple, cols: int, device: str, seed: int, drop:
         results.append([total, y] + [t.grad for t in leaves])
     names = ("sum", "y", "x", "branch", "weight", "bias")
     equal = {name: bool(torch.equal(a, b)) for name, a, b in zip(names, *results)}
+    epsilons = {name: ((a.double() - b.double()).abs().max() / (b.double().abs().max() * torch.finfo(b.dtype).eps)).item()
+                for name, a, b in zip(names, *results)}
     # float64: the same rounded inputs, the plain formula
     leaves = [t.detach().double().clone().requires_grad_() for t in (x, branch, w, b)]
     scale = (kept.double() / keep_prob).view(-1, *([1] * len(lead))) if drop else 1.0
@@ -65,11 +69,23 @@ def fused_against_separate(lead: tuple, cols: int, device: str, seed: int, drop:
     y = F.layer_norm(total, (cols,), leaves[2], leaves[3], 1e-5)
     torch.autograd.backward([y, total], [dy, dsum])
     errors = max_relative_errors(names, results[0], [total, y] + [t.grad for t in leaves])
-    return {"equal": equal, "errors": errors}
+    return {"equal": equal, "epsilons": epsilons, "errors": errors}
 
 
-def _check(result: dict, tolerance: float) -> None:
-    assert all(result["equal"].values()), result["equal"]
+# On the GPU the compiled kernels may reduce a row in another order than the separate LayerNorm
+# kernel (the register layout follows the extra loads of the fused one) and contract its last
+# multiply-add with the residual gradient: last-bit differences, which a weight gradient's sum over
+# thousands of rows can grow to a few tens of epsilons of its largest entry. A wrong or missing
+# term is off by its own size, 1e5 epsilons and more in float32.
+GPU_EPSILONS = 32
+
+
+def _check(result: dict, tolerance: float, bitwise: bool = True) -> None:
+    if bitwise:
+        assert all(result["equal"].values()), result["equal"]
+    else:
+        assert result["equal"]["sum"], result["equal"]  # one rounded add either way
+        assert max(result["epsilons"].values()) <= GPU_EPSILONS, result["epsilons"]
     assert max(result["errors"].values()) <= tolerance, result["errors"]
 
 
@@ -96,7 +112,7 @@ def test_fused_equals_the_two_ops_gpu(drop, branch_dtype, out_dtype):
     tolerance = 1e-5 if out_dtype == torch.float32 and branch_dtype == torch.float32 else 1e-2
     for lead, cols in [((2, 56, 56), 96), ((3, 7, 9), 384), ((2, 5), 130)]:
         _check(fused_against_separate(lead, cols, "cuda", sum(lead) + cols, drop, torch.float32, branch_dtype,
-                                      out_dtype), tolerance)
+                                      out_dtype), tolerance, bitwise=False)
 
 
 def _assert_same_step(fused: list, separate: list) -> None:
