@@ -27,7 +27,7 @@ EXPECTED = {"_ln_fwd_kernel", "_ln_bwd_kernel", "_dwconv_fwd_kernel", "_dwconv_w
             "_positions_fwd_kernel", "_positions_bwd_kernel", "_sampling_fwd_kernel", "_sampling_bwd_kernel",
             "_stack_orders_fwd_kernel", "_stack_orders_bwd_kernel", "_projection_kernel", "_scan_fwd_kernel",
             "_scan_bwd_kernel", "_merge_gate_fwd_kernel", "_merge_gate_bwd_kernel", "_add_dropped_path_kernel",
-            "_dropped_path_grad_kernel", "_gelu_grad_kernel"}
+            "_dropped_path_grad_kernel", "_gelu_grad_kernel", "_scan_fwd_summary_kernel", "_scan_bwd_summary_kernel"}
 
 
 def test_every_launched_kernel_compiles_for_sm80_and_sm90(tmp_path):
@@ -111,6 +111,9 @@ def _record_launches() -> dict:
             if hasattr(module, "check_launch"):
                 module.check_launch = lambda *args: None
     triton_scan.interpreting = lambda: True  # its CUDA-tensor check only
+    # an H100's multiprocessors: the first stage's scans (batch 2, 1,024 positions) run chunked, the
+    # later ones whole, so both variants of the scan kernels are launched
+    triton_scan._multiprocessors = lambda device: 132
     sys.modules["defmamba.ops.selective_scan"].resolve_backend = lambda backend, device: (
         "triton", triton_scan.selective_scan_triton)
     enabled, autocast_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
@@ -120,7 +123,7 @@ def _record_launches() -> dict:
 
     torch.manual_seed(0)
     model = timm.create_model("defmamba_tiny", drop_path_rate=0.2).to(memory_format=torch.channels_last).train()
-    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 128, 128).contiguous(memory_format=torch.channels_last)
     for dtype in (torch.float16, torch.bfloat16):
         with torch.autocast("cpu", dtype=dtype):
             loss = model(x).float().logsumexp(-1).mean()

@@ -49,7 +49,10 @@ def _convolve(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
             and (bias is None or bias.device == x.device)):
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
-            return depthwise_conv2d_triton(x.to(dtype), weight, bias, dtype, silu)
+            # x as it is when it already has the autocast dtype (the model's case): under
+            # torch.compile a traced .to() of a strided slice can come out with symbolic strides,
+            # which torch 2.11's Dynamo cannot unpack in pixel_stride.
+            return depthwise_conv2d_triton(x if x.dtype == dtype else x.to(dtype), weight, bias, dtype, silu)
         if weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
             return depthwise_conv2d_triton(x, weight, bias, x.dtype, silu)
         # Mixed dtypes outside autocast: F.conv2d names the mismatch (and that of mixed devices).

@@ -4,7 +4,9 @@ Same contract as :func:`defmamba.ops.selective_scan` for CUDA tensors in float32
 any strides; the state is float32. With ``A_is_log`` the kernels take the logs log(−A), compute A
 from them and return the logs' gradient. The forward keeps the state every 64 positions when a
 gradient is needed; the backward recomputes the forward segment by segment and runs the reverse
-recurrence one position at a time (:func:`_step_back`). Design and tile choices: docs/ops.md.
+recurrence one position at a time (:func:`_step_back`). When the batch leaves the GPU mostly idle
+(long sequences of a few images), both directions cut the sequence into chunks run side by side
+(:func:`_chunking`). Design and tile choices: docs/ops.md.
 """
 from __future__ import annotations
 
@@ -119,19 +121,154 @@ if triton is not None:
         g_B = tl.sum(g * du[None, :], axis=1)
         return a * g, dA_acc, g_delta, g_u, g_B, g_C
 
+    @triton.jit
+    def _fold_chunks(state, a2, sdt_ptr, summary_ptr, rows, n, mc, m_nc, n_chunks, first, count, step,
+                     NP: tl.constexpr):
+        """state <- exp(ΣΔ_m·A)·state + summary_m for the ``count`` chunks m = first, first + step, …
+        (the decay across chunk m is the exponential of its summed time steps ΣΔ_m): the state
+        entering a chunk from the summaries of the chunks before it (forward, step 1), or the
+        carry entering its last position from those after it (backward, step −1). rows: b·C + c."""
+        for i in range(0, count):
+            m = first + i * step
+            sdt = tl.load(sdt_ptr + rows * n_chunks + m, mask=mc, other=0.0)
+            part = tl.load(summary_ptr + (rows[None, :] * n_chunks + m) * NP + n[:, None], mask=m_nc, other=0.0)
+            state = tl.exp2(sdt[None, :] * a2) * state + part
+        return state
+
+    @triton.jit
+    def _scan_fwd_summary_kernel(
+        u_ptr, dl_ptr, A_ptr, B_ptr, bias_ptr, sdt_ptr, hl_ptr,
+        L, L_al, Dg, C_tot, n_cb, K, n_chunks, chunk_len,
+        su_b, su_c, su_l, sd_b, sd_c, sd_l, sA_c, sA_n, sB_b, sB_k, sB_n, sB_l,
+        N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        ALIGN: tl.constexpr, A_LOG: tl.constexpr,
+    ):
+        """Per chunk of a chunked forward: the state at the chunk's end when it starts from zero,
+        and the chunk's summed time steps ΣΔ (hl_ptr: (batch, C, chunks, NP), sdt_ptr: (batch, C,
+        chunks), float32), which _fold_chunks combines."""
+        CL: tl.constexpr = 4
+        prog = tl.program_id(0).to(tl.int64)
+        chunk = prog % n_chunks
+        group_prog = prog // n_chunks
+        b = group_prog // (K * n_cb)
+        pid = (group_prog % (K * n_cb)).to(tl.int32)
+        k = pid // n_cb
+        cg = (pid % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mc = cg < Dg
+        c = k * Dg + cg
+        n = tl.arange(0, NP)
+        mn = n < N
+        lc = tl.arange(0, CL)
+        m_nc = mn[:, None] & mc[None, :]
+        a2 = _load_A(A_ptr, n, c, m_nc, sA_n, sA_c, A_LOG) * 1.4426950408889634
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_C], tl.float32)
+        u_rows = u_ptr + (b * su_b + c * su_c) * ALIGN
+        dl_rows = dl_ptr + (b * sd_b + c * sd_c) * ALIGN
+        B_rows = B_ptr + (b * sB_b + k * sB_k + n * sB_n) * ALIGN
+        L_lim = L_al * ALIGN
+        l_begin = chunk * chunk_len
+        h = tl.zeros([NP, BLOCK_C], tl.float32)
+        sdt = tl.zeros([BLOCK_C], tl.float32)
+        for l0 in range(l_begin, tl.minimum(L, l_begin + chunk_len), CL):
+            pos = tl.max_contiguous(tl.multiple_of(l0 + lc, CL), CL)
+            ml = pos < L_lim
+            m_lc = ml[:, None] & mc[None, :]
+            uu = tl.load(u_rows[None, :] + pos[:, None] * su_l, mask=m_lc, other=0.0).to(tl.float32)
+            raw = tl.load(dl_rows[None, :] + pos[:, None] * sd_l, mask=m_lc, other=0.0).to(tl.float32)
+            bb = tl.load(B_rows[:, None] + pos[None, :] * sB_l, mask=mn[:, None] & ml[None, :], other=0.0)
+            dt, _ = _time_step(raw, bias, SOFTPLUS)
+            dt = tl.where(m_lc, dt, 0.0)
+            du = dt * uu
+            dt0, dt1, dt2, dt3 = _rows4(dt)
+            du0, du1, du2, du3 = _rows4(du)
+            b0, b1, b2, b3 = _rows4(tl.trans(bb.to(tl.float32)))
+            h = _advance(h, a2, dt0, du0, b0)
+            h = _advance(h, a2, dt1, du1, b1)
+            h = _advance(h, a2, dt2, du2, b2)
+            h = _advance(h, a2, dt3, du3, b3)
+            sdt += tl.sum(dt, axis=0)
+        rows = b * C_tot + c
+        tl.store(hl_ptr + (rows[None, :] * n_chunks + chunk) * NP + n[:, None], h, mask=mc[None, :])
+        tl.store(sdt_ptr + rows * n_chunks + chunk, sdt, mask=mc)
+
+    @triton.jit
+    def _scan_bwd_summary_kernel(
+        dl_ptr, A_ptr, C_ptr, bias_ptr, dy_ptr, sdt_ptr, cl_ptr,
+        L, L_al, Dg, C_tot, n_cb, K, n_chunks, chunk_len,
+        sd_b, sd_c, sd_l, sA_c, sA_n, sC_b, sC_k, sC_n, sC_l, sy_b, sy_c, sy_l,
+        N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        ALIGN: tl.constexpr, A_LOG: tl.constexpr,
+    ):
+        """Per chunk of a chunked backward: the carry out of the chunk's first position when none
+        enters its last (the reverse recurrence g_l = dy_l·C_l + exp(Δ_{l+1}A)·g_{l+1} over the
+        chunk alone), and the chunk's summed time steps ΣΔ (cl_ptr: (batch, C, chunks, NP), sdt_ptr:
+        (batch, C, chunks), float32), which _fold_chunks combines."""
+        CL: tl.constexpr = 4
+        prog = tl.program_id(0).to(tl.int64)
+        chunk = prog % n_chunks
+        group_prog = prog // n_chunks
+        b = group_prog // (K * n_cb)
+        pid = (group_prog % (K * n_cb)).to(tl.int32)
+        k = pid // n_cb
+        cg = (pid % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mc = cg < Dg
+        c = k * Dg + cg
+        n = tl.arange(0, NP)
+        mn = n < N
+        lc = tl.arange(0, CL)
+        m_nc = mn[:, None] & mc[None, :]
+        a2 = _load_A(A_ptr, n, c, m_nc, sA_n, sA_c, A_LOG) * 1.4426950408889634
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_C], tl.float32)
+        dl_rows = dl_ptr + (b * sd_b + c * sd_c) * ALIGN
+        dy_rows = dy_ptr + (b * sy_b + c * sy_c) * ALIGN
+        C_rows = C_ptr + (b * sC_b + k * sC_k + n * sC_n) * ALIGN
+        L_lim = L_al * ALIGN
+        l_begin = chunk * chunk_len
+        n_tiles = tl.cdiv(tl.minimum(L, l_begin + chunk_len) - l_begin, CL)
+        carry = tl.zeros([NP, BLOCK_C], tl.float32)
+        sdt = tl.zeros([BLOCK_C], tl.float32)
+        for j in range(0, n_tiles):
+            pos = tl.max_contiguous(tl.multiple_of(l_begin + (n_tiles - 1 - j) * CL + lc, CL), CL)
+            ml = pos < L_lim
+            m_lc = ml[:, None] & mc[None, :]
+            raw = tl.load(dl_rows[None, :] + pos[:, None] * sd_l, mask=m_lc, other=0.0).to(tl.float32)
+            dy = tl.load(dy_rows[None, :] + pos[:, None] * sy_l, mask=m_lc, other=0.0).to(tl.float32)
+            cc = tl.load(C_rows[:, None] + pos[None, :] * sC_l, mask=mn[:, None] & ml[None, :], other=0.0)
+            dt, _ = _time_step(raw, bias, SOFTPLUS)
+            dt = tl.where(m_lc, dt, 0.0)
+            dt0, dt1, dt2, dt3 = _rows4(dt)
+            dy0, dy1, dy2, dy3 = _rows4(dy)
+            c0, c1, c2, c3 = _rows4(tl.trans(cc.to(tl.float32)))
+            carry = tl.exp2(dt3[None, :] * a2) * (carry + dy3[None, :] * c3[:, None])
+            carry = tl.exp2(dt2[None, :] * a2) * (carry + dy2[None, :] * c2[:, None])
+            carry = tl.exp2(dt1[None, :] * a2) * (carry + dy1[None, :] * c1[:, None])
+            carry = tl.exp2(dt0[None, :] * a2) * (carry + dy0[None, :] * c0[:, None])
+            sdt += tl.sum(dt, axis=0)
+        rows = b * C_tot + c
+        tl.store(cl_ptr + (rows[None, :] * n_chunks + chunk) * NP + n[:, None], carry, mask=mc[None, :])
+        tl.store(sdt_ptr + rows * n_chunks + chunk, sdt, mask=mc)
+
     def _scan_fwd_kernel(
-        u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, hs_ptr,
-        L, L_al, Dg, C_tot, n_cb, n_seg, K, st_c, st_n,
+        u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, hs_ptr, sdt_ptr, hl_ptr,
+        L, L_al, Dg, C_tot, n_cb, n_seg, K, n_chunks, chunk_len, st_c, st_n,
         su_b, su_c, su_l, sd_b, sd_c, sd_l, sA_c, sA_n,
         sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sy_b, sy_c, sy_l,
         N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, SEG: tl.constexpr,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, ALIGN: tl.constexpr,
-        A_LOG: tl.constexpr,
+        A_LOG: tl.constexpr, CHUNKED: tl.constexpr,
     ):
         CL: tl.constexpr = 4
         prog = tl.program_id(0).to(tl.int64)  # one flat grid axis: any batch size fits
-        b = prog // (K * n_cb)
-        pid = (prog % (K * n_cb)).to(tl.int32)
+        chunk = prog % n_chunks  # with CHUNKED, the positions [chunk·chunk_len, (chunk+1)·chunk_len) only
+        group_prog = prog // n_chunks
+        b = group_prog // (K * n_cb)
+        pid = (group_prog % (K * n_cb)).to(tl.int32)
         k = pid // n_cb
         cg = (pid % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
         mc = cg < Dg
@@ -156,11 +293,17 @@ if triton is not None:
         C_rows = C_ptr + (b * sC_b + k * sC_k + n * sC_n) * ALIGN
 
         h = tl.zeros([NP, BLOCK_C], tl.float32)
+        l_begin = 0
+        l_end = L
+        if CHUNKED:  # the state entering the chunk, from the summaries of the chunks before it
+            l_begin = chunk * chunk_len
+            l_end = tl.minimum(L, l_begin + chunk_len)
+            h = _fold_chunks(h, a2, sdt_ptr, hl_ptr, b * C_tot + c, n, mc, m_nc, n_chunks, 0, chunk, 1, NP)
         L_lim = L_al * ALIGN  # == L; written so that the compiler sees 4-aligned bounds
         # Software pipelining: the tiles of the next 4 positions load while these are computed.
-        nxt = tl.max_contiguous(tl.multiple_of(lc, CL), CL)
+        nxt = tl.max_contiguous(tl.multiple_of(l_begin + lc, CL), CL)
         u_n, raw_n, b_n, c_n = _load_tiles(u_rows, dl_rows, B_rows, C_rows, nxt, mc, mn, L_lim, su_l, sd_l, sB_l, sC_l)
-        for l0 in range(0, L, CL):
+        for l0 in range(l_begin, l_end, CL):
             pos = tl.max_contiguous(tl.multiple_of(l0 + lc, CL), CL)
             m_lc = (pos < L_lim)[:, None] & mc[None, :]
             uu = u_n.to(tl.float32)
@@ -195,18 +338,20 @@ if triton is not None:
 
     def _scan_bwd_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, hs_ptr, sc_ptr,
-        du_ptr, dd_ptr, parts_ptr, dB_ptr, dC_ptr,
-        L, L_al, Dg, C_tot, n_cb, n_seg, K, st_c, st_n,
+        du_ptr, dd_ptr, parts_ptr, dB_ptr, dC_ptr, sdt_ptr, cl_ptr,
+        L, L_al, Dg, C_tot, n_cb, n_seg, K, n_chunks, chunk_len, st_c, st_n,
         su_b, su_c, su_l, sd_b, sd_c, sd_l, sA_c, sA_n,
         sB_b, sB_k, sB_n, sB_l, sC_b, sC_k, sC_n, sC_l, sy_b, sy_c, sy_l,
         N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, SEG: tl.constexpr,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ALIGN: tl.constexpr,
-        A_LOG: tl.constexpr,
+        A_LOG: tl.constexpr, CHUNKED: tl.constexpr,
     ):
         CL: tl.constexpr = 4
         prog = tl.program_id(0).to(tl.int64)  # one flat grid axis: any batch size fits
-        b = prog // (K * n_cb)
-        pid = (prog % (K * n_cb)).to(tl.int32)
+        chunk = prog % n_chunks  # with CHUNKED, the segments of positions [chunk·chunk_len, (chunk+1)·chunk_len) only
+        group_prog = prog // n_chunks
+        b = group_prog // (K * n_cb)
+        pid = (group_prog % (K * n_cb)).to(tl.int32)
         k = pid // n_cb
         cl_local = tl.arange(0, BLOCK_C)
         cg = (pid % n_cb) * BLOCK_C + cl_local
@@ -238,11 +383,18 @@ if triton is not None:
 
         L_lim = L_al * ALIGN  # == L; written so that the compiler sees 4-aligned bounds
         carry = tl.zeros([NP, BLOCK_C], tl.float32)  # exp(Δ_{l+1}A)·g_{l+1}: what flows from l+1 into h_l
+        seg_first = 0
+        seg_end = n_seg
+        if CHUNKED:  # the carry entering the chunk's last position, from the summaries of the chunks after it
+            seg_first = chunk * (chunk_len // SEG)
+            seg_end = tl.minimum(n_seg, seg_first + chunk_len // SEG)
+            carry = _fold_chunks(carry, a2, sdt_ptr, cl_ptr, b * C_tot + c, n, mc, m_nc, n_chunks, n_chunks - 1,
+                                 n_chunks - 1 - chunk, -1, NP)
         dA_acc = tl.zeros([NP, BLOCK_C], tl.float32)
         dD_acc = tl.zeros([BLOCK_C], tl.float32)
         db_acc = tl.zeros([BLOCK_C], tl.float32)
-        for s in range(0, n_seg):
-            seg = n_seg - 1 - s
+        for s in range(0, seg_end - seg_first):
+            seg = seg_end - 1 - s
             l_start = seg * SEG
             n_sub = tl.cdiv(tl.minimum(SEG, L - l_start), CL)
             # State entering the segment (stored by the forward at the end of the previous one).
@@ -325,9 +477,9 @@ if triton is not None:
 
         if A_LOG:  # the logs' gradient: dL/dlog = dL/dA · A
             dA_acc *= _load_A(A_ptr, n, c, m_nc, sA_n, sA_c, A_LOG)
-        # This batch element's partial sums, in its row of the wrapper's (batch, C·NP + 2C) buffer:
-        # [dA (C, NP) | dD (C) | dbias (C)], reduced over the batch by one sum.
-        row = b * (C_tot * NP + 2 * C_tot)
+        # This batch element's (and chunk's) partial sums, in its row of the wrapper's
+        # (batch · chunks, C·NP + 2C) buffer: [dA (C, NP) | dD (C) | dbias (C)], reduced by one sum.
+        row = (b * n_chunks + chunk) * (C_tot * NP + 2 * C_tot)
         tl.store(parts_ptr + row + c[None, :] * NP + n[:, None], dA_acc, mask=mc[None, :])
         tl.store(parts_ptr + row + C_tot * NP + c, dD_acc, mask=mc)
         tl.store(parts_ptr + row + C_tot * NP + C_tot + c, db_acc, mask=mc)
@@ -376,6 +528,43 @@ def _n_seg(length: int) -> int:
     return -(-length // _SEG)
 
 
+# Chunked scans. Each program of the kernels runs its channels through the whole sequence, one
+# warp each: a short batch (detection and segmentation sizes, small-batch inference) leaves most
+# of the GPU idle while a few programs walk tens of thousands of positions. Then the sequence is
+# cut into chunks of whole stored segments, run side by side: a summary pass gives each chunk's
+# end state from a zero start (forward) or its outgoing carry from a zero end (backward) and its
+# summed time steps, and the main kernels start each chunk from the combined summaries of the
+# chunks before (after) it. The result is the same recurrence, rounded differently.
+_CHUNK_BELOW = 2  # chunk when the grid has fewer programs than this per multiprocessor
+_PROGRAMS_PER_SM = 8  # programs per multiprocessor a chunked grid aims for
+_MIN_CHUNK_SEGMENTS = 4  # 256 positions: shorter chunks gain less than their summary pass costs
+_multiprocessor_counts: dict[int, int] = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors (0 off the GPU: Triton's interpreter runs unchunked)."""
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _multiprocessor_counts:
+        _multiprocessor_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _multiprocessor_counts[index]
+
+
+def _chunking(n_seg: int, group_programs: int, device: torch.device) -> tuple[int, int]:
+    """(chunks, positions per chunk) for a scan of ``n_seg`` stored segments whose unchunked grid
+    has ``group_programs`` programs: (1, the whole sequence) unless that grid is short."""
+    sms = _multiprocessors(device)
+    whole = (1, n_seg * _SEG)
+    if group_programs >= _CHUNK_BELOW * sms:
+        return whole
+    chunks = min(-(-_PROGRAMS_PER_SM * sms // group_programs), n_seg // _MIN_CHUNK_SEGMENTS)
+    if chunks <= 1:
+        return whole
+    per_chunk = -(-n_seg // chunks)
+    return -(-n_seg // per_chunk), per_chunk * _SEG
+
+
 def _check_dtypes(u, delta, A, B, C, D, delta_bias) -> None:
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)):
         if t is not None and t.dtype == torch.float64:
@@ -400,13 +589,23 @@ def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     # (N, C), A read in place through its strides: each program loads its (N, BLOCK_C) tile once
     a_t = A.to(torch.float32).t()
     align, strides = _row_strides(length, a_t, u, delta, B, C, y)
-    grid = (batch * groups * n_cb,)
-    _KERNELS["fwd", _CONFIG["fwd"][1]][grid](
-        u, delta, a_t, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A, y, states,
-        length, length // align, dg, channels, n_cb, n_seg, groups, np_, 1, *strides,
-        N=n_state, NP=np_, BLOCK_C=block_c, SEG=_SEG,
-        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), SAVE=bool(save_states),
-        ALIGN=align, A_LOG=bool(A_is_log),
+    group_programs = batch * groups * n_cb
+    n_chunks, chunk_len = _chunking(n_seg, group_programs, u.device)
+    bias = delta_bias if delta_bias is not None else A
+    flags = dict(N=n_state, NP=np_, BLOCK_C=block_c, HAS_BIAS=delta_bias is not None,
+                 SOFTPLUS=bool(delta_softplus), ALIGN=align, A_LOG=bool(A_is_log))
+    summed_dt = end_states = y
+    if n_chunks > 1:
+        summed_dt = torch.empty((batch, channels, n_chunks), dtype=torch.float32, device=u.device)
+        end_states = torch.empty((batch, channels, n_chunks, np_), dtype=torch.float32, device=u.device)
+        _scan_fwd_summary_kernel[(group_programs * n_chunks,)](
+            u, delta, a_t, B, bias, summed_dt, end_states,
+            length, length // align, dg, channels, n_cb, groups, n_chunks, chunk_len, *strides[:12],
+            **flags, num_warps=1)
+    _KERNELS["fwd", _CONFIG["fwd"][1]][(group_programs * n_chunks,)](
+        u, delta, a_t, B, C, D if D is not None else A, bias, y, states, summed_dt, end_states,
+        length, length // align, dg, channels, n_cb, n_seg, groups, n_chunks, chunk_len, np_, 1, *strides,
+        SEG=_SEG, HAS_D=D is not None, SAVE=bool(save_states), CHUNKED=n_chunks > 1, **flags,
         num_warps=1,
     )
     return y, states
@@ -438,24 +637,36 @@ def _gradients(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
         raise RuntimeError("selective scan backward: the forward did not keep its states; "
                            "run the forward with gradients enabled")
     dev = u.device
+    group_programs = batch * groups * n_cb
+    n_chunks, chunk_len = _chunking(n_seg, group_programs, dev)
     du = _new((batch, channels, length), u.dtype, dev)
     ddelta = _new((batch, channels, length), delta.dtype, dev)
-    partials = _new((batch, channels * np_ + 2 * channels), torch.float32, dev)
+    partials = _new((batch * n_chunks, channels * np_ + 2 * channels), torch.float32, dev)
     dBC = torch.zeros((2, batch, groups, n_state, length), dtype=torch.float32, device=dev)
-    scratch = torch.empty((batch * groups * n_cb, _SEG // _CL, block_c, np_), dtype=torch.float32, device=dev)
+    scratch = torch.empty((group_programs * n_chunks, _SEG // _CL, block_c, np_), dtype=torch.float32, device=dev)
     a_t = A.to(torch.float32).t()
     # du/ddelta/dB/dC are fresh contiguous buffers: aligned exactly when the inputs' rows are.
     align, strides = _row_strides(length, a_t, u, delta, B, C, dy)
-    grid = (batch * groups * n_cb,)
-    _KERNELS["bwd", _CONFIG["bwd"][1]][grid](
-        u, delta, a_t, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A, dy, states, scratch,
-        du, ddelta, partials, dBC[0], dBC[1],
-        length, length // align, dg, channels, n_cb, n_seg, groups, np_, 1, *strides,
-        N=n_state, NP=np_, BLOCK_C=block_c, SEG=_SEG,
-        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ALIGN=align,
-        A_LOG=bool(A_is_log),
+    bias = delta_bias if delta_bias is not None else A
+    flags = dict(N=n_state, NP=np_, BLOCK_C=block_c, HAS_BIAS=delta_bias is not None,
+                 SOFTPLUS=bool(delta_softplus), ALIGN=align, A_LOG=bool(A_is_log))
+    summed_dt = carries = partials
+    if n_chunks > 1:
+        summed_dt = torch.empty((batch, channels, n_chunks), dtype=torch.float32, device=dev)
+        carries = torch.empty((batch, channels, n_chunks, np_), dtype=torch.float32, device=dev)
+        _scan_bwd_summary_kernel[(group_programs * n_chunks,)](
+            delta, a_t, C, bias, dy, summed_dt, carries,
+            length, length // align, dg, channels, n_cb, groups, n_chunks, chunk_len,
+            *strides[3:8], *strides[12:19], **flags, num_warps=1)
+    _KERNELS["bwd", _CONFIG["bwd"][1]][(group_programs * n_chunks,)](
+        u, delta, a_t, B, C, D if D is not None else A, bias, dy, states, scratch,
+        du, ddelta, partials, dBC[0], dBC[1], summed_dt, carries,
+        length, length // align, dg, channels, n_cb, n_seg, groups, n_chunks, chunk_len, np_, 1, *strides,
+        SEG=_SEG, HAS_D=D is not None, CHUNKED=n_chunks > 1, **flags,
         num_warps=1,
     )
+    if n_chunks > 1:  # one row per batch element, as the fake (shape-only) implementation promises
+        partials = partials.view(batch, n_chunks, -1).sum(1)
     return du, ddelta, dBC, partials
 
 
