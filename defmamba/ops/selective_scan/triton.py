@@ -136,17 +136,11 @@ if triton is not None:
         return state
 
     @triton.jit
-    def _scan_fwd_summary_kernel(
-        u_ptr, dl_ptr, A_ptr, B_ptr, bias_ptr, sdt_ptr, hl_ptr,
-        L, L_al, Dg, C_tot, n_cb, K, n_chunks, chunk_len,
-        su_b, su_c, su_l, sd_b, sd_c, sd_l, sA_c, sA_n, sB_b, sB_k, sB_n, sB_l,
-        N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        ALIGN: tl.constexpr, A_LOG: tl.constexpr,
-    ):
-        """Per chunk of a chunked forward: the state at the chunk's end when it starts from zero,
-        and the chunk's summed time steps ΣΔ (hl_ptr: (batch, C, chunks, NP), sdt_ptr: (batch, C,
-        chunks), float32), which _fold_chunks combines."""
-        CL: tl.constexpr = 4
+    def _program_tiles(A_ptr, bias_ptr, Dg, n_cb, K, n_chunks, sA_c, sA_n, N: tl.constexpr, NP: tl.constexpr,
+                         BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, A_LOG: tl.constexpr):
+        """A program's place in the flat grid of (image, group, channel block, chunk): its chunk, image
+        b, group k, channels c with their mask, states n with their masks; and its tiles of A·log2(e)
+        and of the time-step bias."""
         prog = tl.program_id(0).to(tl.int64)
         chunk = prog % n_chunks
         group_prog = prog // n_chunks
@@ -158,13 +152,29 @@ if triton is not None:
         c = k * Dg + cg
         n = tl.arange(0, NP)
         mn = n < N
-        lc = tl.arange(0, CL)
         m_nc = mn[:, None] & mc[None, :]
         a2 = _load_A(A_ptr, n, c, m_nc, sA_n, sA_c, A_LOG) * 1.4426950408889634
         if HAS_BIAS:
             bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)
         else:
             bias = tl.zeros([BLOCK_C], tl.float32)
+        return chunk, b, k, c, mc, n, mn, m_nc, a2, bias
+
+    @triton.jit
+    def _scan_fwd_summary_kernel(
+        u_ptr, dl_ptr, A_ptr, B_ptr, bias_ptr, sdt_ptr, hl_ptr,
+        L, L_al, Dg, C_tot, n_cb, K, n_chunks, chunk_len,
+        su_b, su_c, su_l, sd_b, sd_c, sd_l, sA_c, sA_n, sB_b, sB_k, sB_n, sB_l,
+        N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        ALIGN: tl.constexpr, A_LOG: tl.constexpr,
+    ):
+        """Per chunk of a chunked forward: the state at the chunk's end when it starts from zero,
+        and the chunk's summed time steps ΣΔ (hl_ptr: (batch, C, chunks, NP), sdt_ptr: (batch, C,
+        chunks), float32), which _fold_chunks combines."""
+        CL: tl.constexpr = 4
+        chunk, b, k, c, mc, n, mn, m_nc, a2, bias = _program_tiles(
+            A_ptr, bias_ptr, Dg, n_cb, K, n_chunks, sA_c, sA_n, N, NP, BLOCK_C, HAS_BIAS, A_LOG)
+        lc = tl.arange(0, CL)
         u_rows = u_ptr + (b * su_b + c * su_c) * ALIGN
         dl_rows = dl_ptr + (b * sd_b + c * sd_c) * ALIGN
         B_rows = B_ptr + (b * sB_b + k * sB_k + n * sB_n) * ALIGN
@@ -207,24 +217,9 @@ if triton is not None:
         chunk alone), and the chunk's summed time steps ΣΔ (cl_ptr: (batch, C, chunks, NP), sdt_ptr:
         (batch, C, chunks), float32), which _fold_chunks combines."""
         CL: tl.constexpr = 4
-        prog = tl.program_id(0).to(tl.int64)
-        chunk = prog % n_chunks
-        group_prog = prog // n_chunks
-        b = group_prog // (K * n_cb)
-        pid = (group_prog % (K * n_cb)).to(tl.int32)
-        k = pid // n_cb
-        cg = (pid % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mc = cg < Dg
-        c = k * Dg + cg
-        n = tl.arange(0, NP)
-        mn = n < N
+        chunk, b, k, c, mc, n, mn, m_nc, a2, bias = _program_tiles(
+            A_ptr, bias_ptr, Dg, n_cb, K, n_chunks, sA_c, sA_n, N, NP, BLOCK_C, HAS_BIAS, A_LOG)
         lc = tl.arange(0, CL)
-        m_nc = mn[:, None] & mc[None, :]
-        a2 = _load_A(A_ptr, n, c, m_nc, sA_n, sA_c, A_LOG) * 1.4426950408889634
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)
-        else:
-            bias = tl.zeros([BLOCK_C], tl.float32)
         dl_rows = dl_ptr + (b * sd_b + c * sd_c) * ALIGN
         dy_rows = dy_ptr + (b * sy_b + c * sy_c) * ALIGN
         C_rows = C_ptr + (b * sC_b + k * sC_k + n * sC_n) * ALIGN
@@ -265,24 +260,10 @@ if triton is not None:
     ):
         CL: tl.constexpr = 4
         prog = tl.program_id(0).to(tl.int64)  # one flat grid axis: any batch size fits
-        chunk = prog % n_chunks  # with CHUNKED, the positions [chunk·chunk_len, (chunk+1)·chunk_len) only
-        group_prog = prog // n_chunks
-        b = group_prog // (K * n_cb)
-        pid = (group_prog % (K * n_cb)).to(tl.int32)
-        k = pid // n_cb
-        cg = (pid % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mc = cg < Dg
-        c = k * Dg + cg
-        n = tl.arange(0, NP)
-        mn = n < N
+        # with CHUNKED, the positions [chunk·chunk_len, (chunk+1)·chunk_len) only
+        chunk, b, k, c, mc, n, mn, m_nc, a2, bias = _program_tiles(
+            A_ptr, bias_ptr, Dg, n_cb, K, n_chunks, sA_c, sA_n, N, NP, BLOCK_C, HAS_BIAS, A_LOG)
         lc = tl.arange(0, CL)
-
-        m_nc = mn[:, None] & mc[None, :]
-        a2 = _load_A(A_ptr, n, c, m_nc, sA_n, sA_c, A_LOG) * 1.4426950408889634
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)
-        else:
-            bias = tl.zeros([BLOCK_C], tl.float32)
         if HAS_D:
             d_skip = tl.load(D_ptr + c, mask=mc, other=0.0).to(tl.float32)
 
@@ -348,25 +329,11 @@ if triton is not None:
     ):
         CL: tl.constexpr = 4
         prog = tl.program_id(0).to(tl.int64)  # one flat grid axis: any batch size fits
-        chunk = prog % n_chunks  # with CHUNKED, the segments of positions [chunk·chunk_len, (chunk+1)·chunk_len) only
-        group_prog = prog // n_chunks
-        b = group_prog // (K * n_cb)
-        pid = (group_prog % (K * n_cb)).to(tl.int32)
-        k = pid // n_cb
+        # with CHUNKED, the segments of positions [chunk·chunk_len, (chunk+1)·chunk_len) only
+        chunk, b, k, c, mc, n, mn, m_nc, a2, bias = _program_tiles(
+            A_ptr, bias_ptr, Dg, n_cb, K, n_chunks, sA_c, sA_n, N, NP, BLOCK_C, HAS_BIAS, A_LOG)
         cl_local = tl.arange(0, BLOCK_C)
-        cg = (pid % n_cb) * BLOCK_C + cl_local
-        mc = cg < Dg
-        c = k * Dg + cg
-        n = tl.arange(0, NP)
-        mn = n < N
         lc = tl.arange(0, CL)
-
-        m_nc = mn[:, None] & mc[None, :]
-        a2 = _load_A(A_ptr, n, c, m_nc, sA_n, sA_c, A_LOG) * 1.4426950408889634
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)
-        else:
-            bias = tl.zeros([BLOCK_C], tl.float32)
         if HAS_D:
             d_skip = tl.load(D_ptr + c, mask=mc, other=0.0).to(tl.float32)
 
