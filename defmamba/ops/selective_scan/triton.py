@@ -137,7 +137,7 @@ if triton is not None:
 
     @triton.jit
     def _program_tiles(A_ptr, bias_ptr, Dg, n_cb, K, n_chunks, sA_c, sA_n, N: tl.constexpr, NP: tl.constexpr,
-                         BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, A_LOG: tl.constexpr):
+                       BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, A_LOG: tl.constexpr):
         """A program's place in the flat grid of (image, group, channel block, chunk): its chunk, image
         b, group k, channels c with their mask, states n with their masks; and its tiles of A·log2(e)
         and of the time-step bias."""
@@ -259,8 +259,8 @@ if triton is not None:
         A_LOG: tl.constexpr, CHUNKED: tl.constexpr,
     ):
         CL: tl.constexpr = 4
-        prog = tl.program_id(0).to(tl.int64)  # one flat grid axis: any batch size fits
-        # with CHUNKED, the positions [chunk·chunk_len, (chunk+1)·chunk_len) only
+        # one flat grid axis (any batch size fits); with CHUNKED, the positions
+        # [chunk·chunk_len, (chunk+1)·chunk_len) only
         chunk, b, k, c, mc, n, mn, m_nc, a2, bias = _program_tiles(
             A_ptr, bias_ptr, Dg, n_cb, K, n_chunks, sA_c, sA_n, N, NP, BLOCK_C, HAS_BIAS, A_LOG)
         lc = tl.arange(0, CL)
