@@ -46,6 +46,8 @@ def test_run_summary_from_mmengine_logs(tmp_path):
     assert summary["status"] == "ok" and train["iters"] == 110 and train["steady_records"] == 9
     assert train["time_s"] == pytest.approx(_median([r["time"] for r in steady]))
     assert train["data_time_s"] == pytest.approx(_median([r["data_time"] for r in steady]))
+    times = sorted(r["time"] for r in steady)  # 9 values: the quartiles are the 3rd and the 7th
+    assert (train["time_q1_s"], train["time_q3_s"]) == pytest.approx((times[2], times[6]))
     assert train["peak_memory_gib"] == pytest.approx(max(r["memory"] for r in records) / 1024)  # warm-up counts
     assert (train["first_loss"], train["last_loss"]) == (records[0]["loss"], records[-1]["loss"])
     assert summary["metrics"] == {"test": metrics}
@@ -122,3 +124,21 @@ def test_a_run_cut_off_before_its_first_logged_iteration_is_incomplete(tmp_path)
     summary = tool.summarise_run(run, warmup=20)
     assert summary["status"] == "incomplete" and summary["train"] is None
     assert tool.markdown_table([summary]).splitlines()[-1].endswith("| incomplete |")
+
+
+def test_the_table_shows_the_median_and_quartiles_of_single_iterations(tmp_path):
+    """One record per iteration, as dense_tasks.sh logs them: 30 steady iterations of which three
+    are slow; the median and quartiles ignore them, and the table shows all three numbers."""
+    run = tmp_path / "det-swin-s"
+    records = [dict(lr=1e-4, data_time=0.02, loss=1.0, time=0.3 + 0.001 * i, iter=i, memory=2048, step=i)
+               for i in range(1, 51)]
+    for slow in (30, 40, 50):
+        records[slow - 1]["time"] = 2.0
+    _write_log(run / "train", "20260102_000000", records, training=True)
+    train = tool.summarise_run(run, warmup=20)["train"]
+    steady = sorted(r["time"] for r in records[20:])
+    assert train["steady_records"] == 30
+    assert train["time_s"] == pytest.approx((steady[14] + steady[15]) / 2)
+    assert train["time_q1_s"] < train["time_s"] < train["time_q3_s"] < 0.4
+    row = tool.markdown_table([tool.summarise_run(run, warmup=20)]).splitlines()[2]
+    assert f"| {train['time_s']:.3f} ({train['time_q1_s']:.3f}–{train['time_q3_s']:.3f}) |" in row

@@ -8,7 +8,8 @@ A run directory (as tools/device/dense_tasks.sh writes them) holds ``train/``, t
 any number of test work dirs (``test/``, ``test-tta/`` ...), and ``error.txt`` when a step failed.
 mmengine logs one JSON record per logged iteration to ``<timestamp>/vis_data/<timestamp>.json`` of a
 training work dir (``time``/``data_time`` averaged over the logging window, ``memory`` the peak MiB
-since the previous record, on GPU only) and the metrics of a test to ``<timestamp>/<timestamp>.json``;
+since the previous record, on GPU only; dense_tasks.sh logs every iteration, so that the medians
+and quartiles are over single iterations) and the metrics of a test to ``<timestamp>/<timestamp>.json``;
 the newest timestamp is read. Test times come from the text log ``<timestamp>/<timestamp>.log`` of a test
 work dir, one line per image when the test ran with ``default_hooks.logger.interval=1
 log_processor.window_size=1`` (as dense_tasks.sh runs it; the test batch is one image).
@@ -41,18 +42,30 @@ def read_records(work_dir: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """The first and third quartiles (both the value itself for one value)."""
+    if len(values) == 1:
+        return values[0], values[0]
+    first, _, third = statistics.quantiles(values, n=4, method="inclusive")
+    return first, third
+
+
 def train_stats(records: Sequence[dict], warmup: int) -> Optional[dict]:
-    """Medians of time and data_time over the records after ``warmup`` iterations, the peak memory
-    (GiB) over all records, the first and last loss; None without training records."""
+    """Medians of time and data_time over the records after ``warmup`` iterations with the quartiles
+    of time (how much the step time moves), the peak memory (GiB) over all records, the first and
+    last loss; None without training records."""
     train = [r for r in records if "loss" in r and "iter" in r]
     if not train:
         return None
     steady = [r for r in train if r["iter"] > warmup]
     memory = [r["memory"] for r in train if "memory" in r]
+    quartiles = _quartiles([r["time"] for r in steady]) if steady else (None, None)
     return dict(
         iters=train[-1]["iter"],
         steady_records=len(steady),
         time_s=statistics.median(r["time"] for r in steady) if steady else None,
+        time_q1_s=quartiles[0],
+        time_q3_s=quartiles[1],
         data_time_s=statistics.median(r["data_time"] for r in steady) if steady else None,
         peak_memory_gib=max(memory) / 1024 if memory else None,
         first_loss=train[0]["loss"],
@@ -109,9 +122,16 @@ def _number(value: Optional[float], digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _time_cell(train: dict) -> str:
+    """The median iteration time, its quartiles after it in parentheses."""
+    if train.get("time_s") is None:
+        return "—"
+    return f"{train['time_s']:.3f} ({train['time_q1_s']:.3f}–{train['time_q3_s']:.3f})"
+
+
 def markdown_table(runs: Sequence[dict]) -> str:
-    """One row per run: training measurements, then the headline metric of each test and the test
-    time per image."""
+    """One row per run: training measurements (s/iter: the median, its quartiles in parentheses),
+    then the headline metric of each test and the test time per image."""
     columns = sorted({(test, key) for run in runs for test, metrics in run["metrics"].items()
                       for key in metrics if key in TABLE_METRICS})
     timed = sorted({test for run in runs for test in run.get("test_times", {})})
@@ -124,7 +144,7 @@ def markdown_table(runs: Sequence[dict]) -> str:
         loss = (f"{train['first_loss']:.3f} → {train['last_loss']:.3f}" if train else "—")
         status = ("error: " + run["error"].splitlines()[0].replace("|", "\\|") if run["status"] == "error"
                   else run["status"])
-        cells = [run["name"], str(train.get("iters", "—")), _number(train.get("time_s"), 3),
+        cells = [run["name"], str(train.get("iters", "—")), _time_cell(train),
                  _number(train.get("data_time_s"), 3), _number(train.get("peak_memory_gib"), 1), loss,
                  *[_number(run["metrics"].get(test, {}).get(key), 3) for test, key in columns],
                  *[_number(run.get("test_times", {}).get(test, {}).get("time_s"), 4) for test in timed], status]

@@ -7,7 +7,8 @@
 #            (box and mask mAP); UperNet, then dist_test.sh without and with --tta (mIoU)
 #   peers    $PEERS (DefMamba-T, Swin-T, Swin-S), $PEER_ITERS iterations of each task, same data and batch,
 #            then dist_test.sh on the held-out split (detection: every model keeps 100 boxes per image)
-#   summary  iteration time and data time (medians after 20 warm-up iterations), peak memory, losses,
+#   summary  iteration time (median and quartiles of single iterations: training logs each one) and
+#            data time (medians after 20 warm-up iterations), peak memory, losses,
 #            metrics and test time per image (median after 5 images) of every run in
 #            OUT_DIR/summary.{json,md} (tools/mm_log_summary.py)
 # Usage (repository root): bash tools/device/dense_tasks.sh OUT_DIR [STEP...]   (default: every step)
@@ -19,7 +20,7 @@
 # Each run keeps its logs and work dirs in OUT_DIR/runs/<task>-<model>/; a failed step adds to that
 # folder's error.txt and the other runs go on; the exit status is 1 when any run failed.
 set -euo pipefail
-if [[ $# -lt 1 ]]; then sed -n '2,20p' "$0" >&2; exit 2; fi
+if [[ $# -lt 1 ]]; then sed -n '2,21p' "$0" >&2; exit 2; fi
 out=$1
 shift
 steps=("$@")
@@ -119,10 +120,11 @@ run_model() {
   rm -rf "$dir"
   mkdir -p "$dir"
   echo "== $run: $iters training iterations"
-  # no validation inside the training: the held-out split is scored by dist_test.sh below
+  # no validation inside the training: the held-out split is scored by dist_test.sh below; one log
+  # record per iteration, so that the summary's median and quartiles are over single iterations
   step "$run" train bash "$tool/dist_train.sh" "$config" 1 ${amp:+"$amp"} --work-dir "$dir/train" \
-    --cfg-options train_cfg.max_iters="$iters" val_cfg=None val_dataloader=None val_evaluator=None "${options[@]}" \
-    || return 0
+    --cfg-options train_cfg.max_iters="$iters" val_cfg=None val_dataloader=None val_evaluator=None \
+    default_hooks.logger.interval=1 log_processor.window_size=1 "${options[@]}" || return 0
   for test in "$@"; do
     name=${test%%:*}
     option=${test#"$name"}
