@@ -14,13 +14,28 @@ pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_training_step_of_tiny_along_the_gpu_routes(tmp_path):
-    out = tmp_path / "counts.json"
+def _count(out: Path, dtype: str) -> tuple[dict, str]:
+    """The tool's report and its printout for a DefMamba-T training step at 64² (the count does not
+    depend on the size: every stage keeps its blocks)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "count_launches.py"), "--json", str(out), "--top", "5"],
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "count_launches.py"), "--json", str(out), "--top", "5",
+                             "--size", "64", "--dtype", dtype],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_training_step_of_tiny_along_the_gpu_routes(tmp_path):
+    half, printout = _count(tmp_path / "half.json", "float16")
+    _check_tiny(half)
+    assert "launching operators" in printout
+    # bfloat16 autocast takes the same routes: not one launch more or less, op by op
+    brain, _ = _count(tmp_path / "brain.json", "bfloat16")
+    assert (half["dtype"], brain["dtype"]) == ("float16", "bfloat16")
+    assert half["by_op"] == brain["by_op"]
+
+
+def _check_tiny(report: dict) -> None:
     forward, backward = report["by_op"]["forward"], report["by_op"]["backward"]
     blocks = 2 + 2 + 5 + 2  # DefMamba-T
     # one launch of each of the block's kernels per block, each way: the GPU routes were taken
@@ -51,4 +66,3 @@ def test_training_step_of_tiny_along_the_gpu_routes(tmp_path):
     assert any(s.startswith("aten::mm  @ MmBackward0 of models/dssm.py:") for s in sources["backward"])
     for phase in ("forward", "backward"):
         assert sum(report["by_source"][phase].values()) == report["totals"][phase] == sum(report["by_op"][phase].values())
-    assert "launching operators" in result.stdout

@@ -4,13 +4,13 @@ In eager mode every kernel launch costs the host time (about 50 µs each on the 
 docs/benchmarks.md), so a host-bound step is as fast as its launches are few. This tool counts
 them without a GPU: it runs the model on CPU tensors along the GPU routes (the Triton kernels'
 Python wrappers, their kernels replaced by counters, TRITON_INTERPRET set so that their CPU-tensor
-checks pass), under float16 autocast, and records every ATen operator that would launch a kernel
+checks pass), under float16 (or ``--dtype bfloat16``) autocast, and records every ATen operator that would launch a kernel
 (views, allocations and metadata operators launch none) with the model source line that issued it;
 an operator of autograd's own backward formulas is attributed to its node and to the library line
 whose forward made the node ('aten::mm  @ MmBackward0 of models/dssm.py:80 forward').
 
-    python tools/count_launches.py [--model defmamba_tiny] [--mode train|infer] [--size 224] [--top 30]
-                                   [--json FILE]
+    python tools/count_launches.py [--model defmamba_tiny] [--mode train|infer] [--size 224]
+                                   [--dtype float16|bfloat16] [--top 30] [--json FILE]
     python tools/count_launches.py --model swin_tiny_patch4_window7_224     # a timm peer, the same count
 
 The counts are of operators, not of CUDA kernels: an operator may launch more than one kernel
@@ -172,10 +172,11 @@ def _cpu_as_cuda(resolve):
     return resolve_backend
 
 
-def count_step(model_name: str = "defmamba_tiny", mode: str = "train", size: int = 224, batch: int = 2) -> LaunchCounter:
+def count_step(model_name: str = "defmamba_tiny", mode: str = "train", size: int = 224, batch: int = 2,
+               dtype: torch.dtype = torch.float16) -> LaunchCounter:
     """The launches of the second of two steps (the first fills the library's caches): forward and,
-    in training, backward of a cross-entropy loss under float16 autocast. ``model_name``: a DefMamba
-    variant or any timm model (a peer)."""
+    in training, backward of a cross-entropy loss under autocast to ``dtype`` (float16 or bfloat16).
+    ``model_name``: a DefMamba variant or any timm model (a peer)."""
     import timm
 
     torch.manual_seed(0)
@@ -194,7 +195,7 @@ def count_step(model_name: str = "defmamba_tiny", mode: str = "train", size: int
         for step in range(2):
             counter.active = step == 1
             counter.phase = "forward"
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast("cpu", dtype=dtype):
                 loss = torch.nn.functional.cross_entropy(model(x).float(), target)
             if mode == "train":
                 counter.phase = "backward"
@@ -209,15 +210,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         help="a DefMamba variant or a timm peer (default defmamba_tiny)")
     parser.add_argument("--mode", default="train", choices=["train", "infer"])
     parser.add_argument("--size", type=int, default=224, help="image size (default 224; the peers may need theirs)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="the autocast dtype")
     parser.add_argument("--top", type=int, default=30, help="rows per table (default 30)")
     parser.add_argument("--json", type=Path, help="write every count here")
     args = parser.parse_args(argv)
-    counter = count_step(args.model, args.mode, args.size)
-    report = dict(model=args.model, mode=args.mode, totals=counter.totals(),
+    counter = count_step(args.model, args.mode, args.size, dtype=getattr(torch, args.dtype))
+    report = dict(model=args.model, mode=args.mode, dtype=args.dtype, totals=counter.totals(),
                   by_op={p: dict(c.most_common()) for p, c in counter.by_op.items()},
                   by_source={p: dict(c.most_common()) for p, c in counter.by_source.items()})
     for phase, total in report["totals"].items():
-        print(f"== {args.model} {args.mode}, {phase}: {total} launching operators")
+        print(f"== {args.model} {args.mode} {args.dtype}, {phase}: {total} launching operators")
         for name, count in counter.by_op[phase].most_common(args.top):
             print(f"  {count:5d}  {name}")
         print("  by source:")
