@@ -18,8 +18,8 @@ def _count(out: Path, dtype: str) -> tuple[dict, str]:
     """The tool's report and its printout for a DefMamba-T training step at 64² (the count does not
     depend on the size: every stage keeps its blocks)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "count_launches.py"), "--json", str(out), "--top", "5",
-                             "--size", "64", "--dtype", dtype],
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "count_launches.py"), "--json", str(out),
+                             "--top", "5", "--size", "64", "--dtype", dtype],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text()), result.stdout
@@ -65,4 +65,5 @@ def _check_tiny(report: dict) -> None:
     assert sum(unattributed.values()) <= 4, unattributed
     assert any(s.startswith("aten::mm  @ MmBackward0 of models/dssm.py:") for s in sources["backward"])
     for phase in ("forward", "backward"):
-        assert sum(report["by_source"][phase].values()) == report["totals"][phase] == sum(report["by_op"][phase].values())
+        totals = report["totals"][phase]
+        assert sum(report["by_source"][phase].values()) == totals == sum(report["by_op"][phase].values())

@@ -278,36 +278,40 @@ def triton_chunked_errors(seed: int) -> dict:
     L = 80, A as logs."""
     from defmamba.ops.selective_scan import triton as kernels
 
+    saved = kernels._SEG, kernels._multiprocessors, kernels._MIN_CHUNK_SEGMENTS
     kernels._SEG = 16
-    cases = {"L=75 float32": (1, 75, torch.float32, True, False),
-             "L=65 float16 no bias": (2, 65, torch.float16, False, False),
-             "L=80 A_is_log": (1, 80, torch.float32, True, True)}
-    errors, differences = {}, {}
-    for case, (batch, length, dtype, with_bias, log_a) in cases.items():
-        u, delta, A, B, C, D, bias = random_inputs(batch, 3, 2, 6, length, torch.float32,
-                                                   torch.Generator().manual_seed(seed + length))
-        leaves32 = [u, delta, torch.log(-A) if log_a else A, B, C, D, bias if with_bias else None]
-        dy = torch.randn(batch, 6, length, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        runs = []
-        for chunked in (False, True):
-            kernels._multiprocessors = lambda device, chunked=chunked: 64 if chunked else 0
-            kernels._MIN_CHUNK_SEGMENTS = 1
-            assert kernels._chunking(kernels._n_seg(length), batch * 3, u.device)[0] == (5 if chunked else 1)
-            leaves = [None if t is None else t.detach().to(dtype if i in (0, 1, 3, 4) else torch.float32)
-                      .requires_grad_() for i, t in enumerate(leaves32)]
-            y = kernels.selective_scan_triton(*leaves, delta_softplus=True, A_is_log=log_a)
-            y.backward(dy.to(y.dtype))
-            runs.append([y] + [t.grad for t in leaves if t is not None])
-        exact = [None if t is None else t.detach().to(dtype if i in (0, 1, 3, 4) else torch.float32).double()
-                 .requires_grad_() for i, t in enumerate(leaves32)]
-        y_ref = selective_scan_torch(*exact[:2], -torch.exp(exact[2]) if log_a else exact[2], *exact[3:],
-                                     delta_softplus=True)
-        y_ref.backward(dy)
-        names = [name for name, t in zip(("y", "u", "delta", "A", "B", "C", "D", "delta_bias"), [y_ref] + exact)
-                 if t is not None]
-        refs = [y_ref] + [t.grad for t in exact if t is not None]
-        errors.update({f"{case}: {name}": rel_err(got, ref) for name, got, ref in zip(names, runs[1], refs)})
-        differences.update({f"{case}: {name}": rel_err(a, b) for name, a, b in zip(names, runs[1], runs[0])})
+    try:
+        cases = {"L=75 float32": (1, 75, torch.float32, True, False),
+                 "L=65 float16 no bias": (2, 65, torch.float16, False, False),
+                 "L=80 A_is_log": (1, 80, torch.float32, True, True)}
+        errors, differences = {}, {}
+        for case, (batch, length, dtype, with_bias, log_a) in cases.items():
+            u, delta, A, B, C, D, bias = random_inputs(batch, 3, 2, 6, length, torch.float32,
+                                                       torch.Generator().manual_seed(seed + length))
+            leaves32 = [u, delta, torch.log(-A) if log_a else A, B, C, D, bias if with_bias else None]
+            dy = torch.randn(batch, 6, length, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            runs = []
+            for chunked in (False, True):
+                kernels._multiprocessors = lambda device, chunked=chunked: 64 if chunked else 0
+                kernels._MIN_CHUNK_SEGMENTS = 1
+                assert kernels._chunking(kernels._n_seg(length), batch * 3, u.device)[0] == (5 if chunked else 1)
+                leaves = [None if t is None else t.detach().to(dtype if i in (0, 1, 3, 4) else torch.float32)
+                          .requires_grad_() for i, t in enumerate(leaves32)]
+                y = kernels.selective_scan_triton(*leaves, delta_softplus=True, A_is_log=log_a)
+                y.backward(dy.to(y.dtype))
+                runs.append([y] + [t.grad for t in leaves if t is not None])
+            exact = [None if t is None else t.detach().to(dtype if i in (0, 1, 3, 4) else torch.float32).double()
+                     .requires_grad_() for i, t in enumerate(leaves32)]
+            y_ref = selective_scan_torch(*exact[:2], -torch.exp(exact[2]) if log_a else exact[2], *exact[3:],
+                                         delta_softplus=True)
+            y_ref.backward(dy)
+            names = [name for name, t in zip(("y", "u", "delta", "A", "B", "C", "D", "delta_bias"), [y_ref] + exact)
+                     if t is not None]
+            refs = [y_ref] + [t.grad for t in exact if t is not None]
+            errors.update({f"{case}: {name}": rel_err(got, ref) for name, got, ref in zip(names, runs[1], refs)})
+            differences.update({f"{case}: {name}": rel_err(a, b) for name, a, b in zip(names, runs[1], runs[0])})
+    finally:  # the module as it was, for whatever runs after this in the process
+        kernels._SEG, kernels._multiprocessors, kernels._MIN_CHUNK_SEGMENTS = saved
     return {"errors": errors, "differences from unchunked": differences}
 
 

@@ -4,10 +4,10 @@ In eager mode every kernel launch costs the host time (about 50 µs each on the 
 docs/benchmarks.md), so a host-bound step is as fast as its launches are few. This tool counts
 them without a GPU: it runs the model on CPU tensors along the GPU routes (the Triton kernels'
 Python wrappers, their kernels replaced by counters, TRITON_INTERPRET set so that their CPU-tensor
-checks pass), under float16 (or ``--dtype bfloat16``) autocast, and records every ATen operator that would launch a kernel
-(views, allocations and metadata operators launch none) with the model source line that issued it;
-an operator of autograd's own backward formulas is attributed to its node and to the library line
-whose forward made the node ('aten::mm  @ MmBackward0 of models/dssm.py:80 forward').
+checks pass), under float16 (or ``--dtype bfloat16``) autocast, and records every ATen operator
+that would launch a kernel (views, allocations and metadata operators launch none) with the model
+source line that issued it; an operator of autograd's own backward formulas is attributed to its
+node and to the library line whose forward made the node ('aten::mm  @ MmBackward0 of models/dssm.py:80 forward').
 
     python tools/count_launches.py [--model defmamba_tiny] [--mode train|infer] [--size 224]
                                    [--dtype float16|bfloat16] [--top 30] [--json FILE]
