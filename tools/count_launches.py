@@ -7,7 +7,8 @@ Python wrappers, their kernels replaced by counters, TRITON_INTERPRET set so tha
 checks pass), under float16 (or ``--dtype bfloat16``) autocast, and records every ATen operator
 that would launch a kernel (views, allocations and metadata operators launch none) with the model
 source line that issued it; an operator of autograd's own backward formulas is attributed to its
-node and to the library line whose forward made the node ('aten::mm  @ MmBackward0 of models/dssm.py:80 forward').
+node and to the library line whose forward made the node
+('aten::mm  @ MmBackward0 of models/dssm.py:80 forward').
 
     python tools/count_launches.py [--model defmamba_tiny] [--mode train|infer] [--size 224]
                                    [--dtype float16|bfloat16] [--top 30] [--json FILE]
