@@ -49,17 +49,18 @@ def capture_cuda_graph(step: Callable[[], object], device: Union[str, torch.devi
     return graph.replay
 
 
-def record_graph(fn: Callable[[], T], capture_error_mode: str = "global",
-                 stream: Optional[torch.cuda.Stream] = None) -> tuple[torch.cuda.CUDAGraph, T]:
+def record_graph(fn: Callable[[], T], capture_error_mode: str = "global", stream: Optional[torch.cuda.Stream] = None,
+                 pool: Optional[tuple] = None) -> tuple[torch.cuda.CUDAGraph, T]:
     """Record one call of ``fn`` (already warmed up) into a new CUDA graph; returns the graph and
     what the recorded call returned (tensors the replays overwrite in place). A failure to record
     is a :class:`CudaGraphError` naming the fix. ``capture_error_mode`` as for ``torch.cuda.graph``
     ("thread_local" lets other threads, such as a data loader's, use CUDA meanwhile). ``stream``:
     the stream to record on (default: PyTorch's capture stream); a DDP model must be recorded on
-    the stream it was built and warmed up on."""
+    the stream it was built and warmed up on. ``pool``: the memory pool of another graph (its
+    ``pool()``) that this one shares, replayed in recording order."""
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode=capture_error_mode):
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=capture_error_mode):
             result = fn()
     except RuntimeError as err:
         raise CudaGraphError(f"recording the step into a CUDA graph failed ({err}); "

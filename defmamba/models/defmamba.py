@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ..graphed_training import GraphedTraining
 from ..ops.layer_norm import LayerNorm
 from .autocast_parameters import ParameterCastGroup
 from .blocks import DMBlock, DMBlockSequence, Downsample, PatchEmbed
@@ -122,11 +123,37 @@ class _DefMambaTrunk(nn.Module):
         """Drop the group of :meth:`_with_cast_parameters` after the layers it names were replaced."""
         self.__dict__.pop("_autocast_group", None)
 
+    def forward(self, x: torch.Tensor) -> Any:
+        graphs = self.__dict__.get("_graphed_training")
+        if graphs is not None and graphs.module is self:  # not a replica of nn.DataParallel's
+            return graphs(x)
+        return self._forward_eager(x)
+
+    def _forward_eager(self, x: torch.Tensor) -> Any:
+        return self._with_cast_parameters(self._forward_cast, x)
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations."""
+        if enable and self.__dict__.get("_graphed_training") is not None:
+            raise ValueError("gradient checkpointing recomputes blocks in the backward, which graphed training cannot "
+                             "record; call set_graphed_training(False) first")
         for stage in self.layers:
             stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_graphed_training(self, enable: bool = True, max_signatures: int = 2) -> None:
+        """Replay the model's training forward and backward from CUDA graphs, one pair per input
+        shape (up to ``max_signatures``), inside an eager loop: the loss, DDP, the GradScaler and
+        the optimizer stay as they are. For fixed input sizes on a GPU; evaluation, CPU inputs and
+        further shapes run eagerly (``defmamba/graphed_training.py``)."""
+        if not enable:
+            self.__dict__["_graphed_training"] = None
+            return
+        if any(stage.grad_checkpointing for stage in self.layers):
+            raise ValueError("graphed training cannot record gradient checkpointing's recomputation; call "
+                             "set_grad_checkpointing(False) first")
+        self.__dict__["_graphed_training"] = GraphedTraining(self, self._forward_eager, max_signatures=max_signatures)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
@@ -193,9 +220,6 @@ class DefMamba(_DefMambaTrunk):
         x = self.classifier.norm(x).mean(dim=(1, 2))
         return x if pre_logits else self.classifier.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._with_cast_parameters(self._forward_cast, x)
-
     def _forward_cast(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
@@ -252,9 +276,6 @@ class DefMambaBackbone(_DefMambaTrunk):
         for i in self.out_indices:
             self.add_module(f"outnorm{i}", LayerNorm(self.dims[i]))
         self.apply(_init_weights)
-
-    def forward(self, x: torch.Tensor) -> Union[list[torch.Tensor], torch.Tensor]:
-        return self._with_cast_parameters(self._forward_cast, x)
 
     def _forward_cast(self, x: torch.Tensor) -> Union[list[torch.Tensor], torch.Tensor]:
         x = self._embed(x)

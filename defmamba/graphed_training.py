@@ -1,0 +1,239 @@
+"""A module's training forward and backward replayed from CUDA graphs, inside an eager loop.
+
+:class:`GraphedTraining` records a module's forward and backward once per input signature (shape,
+strides, dtype, autocast state, parameters) and replays them afterwards: the module then costs
+the host two graph launches per training step instead of a launch (and its Python) per kernel. Everything around it stays as it is: the loss, DDP's
+gradient all-reduce (its hooks fire as the parameters' gradients arrive), the GradScaler and the
+optimizer. That suits fixed input sizes (ImageNet crops, UperNet's 512² crops); DefMamba models
+turn it on with ``model.set_graphed_training()`` (``defmamba/models/defmamba.py``).
+
+A call runs the module eagerly, as it always did, whenever a replay could differ from that:
+
+* outside training with gradients (evaluation, ``torch.no_grad()``), on a non-CUDA input, or with
+  nothing to differentiate (every parameter frozen);
+* while torch.compile, ``torch.jit`` tracing or an ONNX export records the model;
+* while a module inside has hooks or is compiled (a replay would skip them), or checkpoints its
+  blocks (the recomputation cannot be recorded);
+* while the backward of the previous replay with the same signature is still owed (two forwards
+  before one backward: the replay would overwrite the activations the first one keeps);
+* for a new signature once ``max_signatures`` have been recorded (each keeps its own memory).
+
+Replays compute what the eager module computes, kernel for kernel. The outputs are fresh tensors
+(copied out of the graph's memory), so keeping them across steps is safe. A parameter's gradient
+is the backward graph's own tensor (no copy); should it still be that tensor when the next
+backward replays (gradient accumulation, ``zero_grad(set_to_none=False)``), it becomes a copy
+first, so accumulating works as in eager mode.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .cuda_graphs import CudaGraphError, record_graph
+from .ops.dispatch import runs_as_called
+
+__all__ = ["GraphedTraining"]
+
+Signature = tuple
+
+
+class _Graphs:
+    """The forward and backward graphs of one input signature, on one memory pool.
+
+    ``static_inputs`` are the tensors the forward graph reads (each call's inputs are copied in),
+    ``outputs`` what it writes; ``grad_outputs`` the backward graph's incoming gradients,
+    ``grads`` what it writes: one gradient (or None) per differentiable input and parameter.
+    """
+
+    def __init__(self, forward: Callable[..., Any], inputs: tuple[torch.Tensor, ...],
+                 params: tuple[torch.Tensor, ...], warmup: int) -> None:
+        self.params = params
+        self.static_inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
+        differentiable = tuple(t for t in self.static_inputs if t.requires_grad) + params
+        self.input_needs_grad = [t.requires_grad for t in inputs]
+        stream = torch.cuda.Stream(inputs[0].device)
+        stream.wait_stream(torch.cuda.current_stream(inputs[0].device))
+        with torch.cuda.stream(stream):  # cuDNN, Triton and the allocator settle outside the graphs
+            for _ in range(warmup):
+                outputs = [o for o in torch.utils._pytree.tree_leaves(forward(*self.static_inputs)) if o.requires_grad]
+                torch.autograd.grad(outputs, differentiable, [torch.empty_like(o) for o in outputs],
+                                    allow_unused=True)
+            del outputs
+        torch.cuda.current_stream(inputs[0].device).wait_stream(stream)
+        self.forward_graph, outputs = record_graph(lambda: forward(*self.static_inputs), "thread_local", stream)
+        self.outputs, self.spec = torch.utils._pytree.tree_flatten(outputs)
+        self.grad_outputs = [torch.empty_like(o) if o.requires_grad else None for o in self.outputs]
+        self.backward_graph, grads = record_graph(lambda: torch.autograd.grad(
+            [o for o in self.outputs if o.requires_grad], differentiable, [g for g in self.grad_outputs if g is not None],
+            allow_unused=True), "thread_local", stream, pool=self.forward_graph.pool())
+        grads = list(grads)
+        self.grads = [grads.pop(0) if needs else None for needs in self.input_needs_grad] + grads
+        self.owed: Optional[weakref.ref] = None  # the autograd node of the last replay, until its backward
+
+    def backward_owed(self) -> bool:
+        return self.owed is not None and self.owed() is not None
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        outputs = _Replay.apply(self, *inputs, *self.params)
+        node = next((o.grad_fn for o in outputs if o.grad_fn is not None), None)
+        self.owed = weakref.ref(node) if node is not None else None
+        return torch.utils._pytree.tree_unflatten(list(outputs), self.spec)
+
+    def release_gradients(self) -> None:
+        """A parameter gradient that is still the backward graph's own tensor (the replay handed it
+        over and nothing set it to None since) becomes a copy, which the next replay leaves alone
+        (gradient accumulation, ``zero_grad(set_to_none=False)``)."""
+        for p, g in zip(self.params, self.grads[len(self.input_needs_grad):]):
+            if g is not None and p.grad is not None and p.grad.data_ptr() == g.data_ptr():
+                p.grad = p.grad.clone()
+
+
+class _Replay(torch.autograd.Function):
+    """Forward: the inputs copied into the graph's, the forward graph replayed, its outputs copied
+    out (the next replay overwrites them). Backward: the incoming gradients copied in, the backward
+    graph replayed, its gradients handed over."""
+
+    @staticmethod
+    def forward(ctx, graphs: _Graphs, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        for static, t in zip(graphs.static_inputs, tensors):
+            if static.data_ptr() != t.data_ptr():
+                static.copy_(t)
+        graphs.forward_graph.replay()
+        ctx.graphs = graphs
+        return tuple(o.clone() for o in graphs.outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        graphs: _Graphs = ctx.graphs
+        for static, g in zip(graphs.grad_outputs, grads):
+            if static is not None and static.data_ptr() != g.data_ptr():
+                static.copy_(g)
+        graphs.release_gradients()
+        graphs.backward_graph.replay()
+        graphs.owed = None
+        return (None, *(g.detach() if g is not None else None for g in graphs.grads))
+
+
+class GraphedTraining:
+    """Replays ``forward(*inputs)`` (by default ``module(*inputs)``), with its backward, from CUDA
+    graphs recorded per input signature; see the module docstring for when it runs eagerly.
+
+    Args:
+        module: the module whose parameters ``forward`` uses.
+        forward: what to record; takes and returns tensors (or lists/tuples of them).
+        max_signatures: how many input signatures get graphs; later ones run eagerly.
+        warmup: eager runs before each recording (cuDNN and Triton settle there).
+    """
+
+    def __init__(self, module: nn.Module, forward: Optional[Callable[..., Any]] = None, max_signatures: int = 2,
+                 warmup: int = 3) -> None:
+        if max_signatures < 1:
+            raise ValueError(f"max_signatures must be ≥ 1, got {max_signatures}")
+        if warmup < 1:
+            raise ValueError(f"warmup must be ≥ 1 (state the graphs rely on is created there), got {warmup}")
+        self.module = module
+        self.forward = forward or module
+        self.max_signatures = max_signatures
+        self.warmup = warmup
+        self._graphs: dict[Signature, _Graphs] = {}
+        self._warned: set[str] = set()
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        modes = self._module_modes(inputs)
+        if modes is None:
+            return self.forward(*inputs)
+        signature = self._signature(inputs, modes)
+        if signature is None:
+            return self.forward(*inputs)
+        graphs = self._graphs.get(signature)
+        if graphs is None:
+            if len(self._graphs) >= self.max_signatures:
+                self._warn_once("signatures", f"GraphedTraining: {len(self._graphs)} input signatures already have "
+                                f"graphs (max_signatures={self.max_signatures}); inputs of shape "
+                                f"{[tuple(t.shape) for t in inputs]} run eagerly")
+                return self.forward(*inputs)
+            graphs = self._graphs[signature] = self._record(inputs)
+        elif graphs.backward_owed():
+            self._warn_once("owed", "GraphedTraining: a second forward before the backward of the first; it runs "
+                            "eagerly (a replay would overwrite the activations the first one keeps)")
+            return self.forward(*inputs)
+        return graphs(*inputs)
+
+    @property
+    def signatures(self) -> int:
+        """How many input signatures have graphs."""
+        return len(self._graphs)
+
+    def reset(self) -> None:
+        """Drop every recorded graph (and the memory it keeps)."""
+        self._graphs.clear()
+
+    def _module_modes(self, inputs: tuple) -> Optional[tuple[bool, ...]]:
+        """Every submodule's ``training`` flag (a frozen stage may be in eval mode) when a replay
+        can stand for this call, else None (module docstring)."""
+        if not (self.module.training and torch.is_grad_enabled()) or not inputs:
+            return None
+        if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs):
+            return None
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return None
+        if torch.cuda.is_current_stream_capturing():  # inside a whole-step graph: run as a plain forward
+            return None
+        modes = []
+        for m in self.module.modules():
+            if runs_as_called(m) or getattr(m, "grad_checkpointing", False):
+                self._warn_once("hooks", f"GraphedTraining: {type(m).__name__} has hooks, is compiled or checkpoints "
+                                "its blocks, which a replay would skip; the module runs eagerly")
+                return None
+            modes.append(m.training)
+        return tuple(modes)
+
+    def _signature(self, inputs: tuple, modes: tuple[bool, ...]) -> Optional[Signature]:
+        """What a recording depends on; None when nothing needs a gradient."""
+        device_type = inputs[0].device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        tensors = tuple((t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in inputs)
+        params = tuple((p.data_ptr(), p.dtype, p.requires_grad) for p in self.module.parameters())
+        if not any(t.requires_grad for t in inputs) and not any(trains for _, _, trains in params):
+            return None
+        return tensors, autocast, params, modes
+
+    def _record(self, inputs: tuple) -> _Graphs:
+        device_type = inputs[0].device.type
+        params = tuple(p for p in self.module.parameters() if p.requires_grad)
+        # Autocast's cache of cast weights would hand the recording casts made before it, which no
+        # replay repeats: record under the same autocast without the cache.
+        with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                            enabled=torch.is_autocast_enabled(device_type), cache_enabled=False):
+            try:
+                return _Graphs(self.forward, tuple(inputs), params, self.warmup)
+            except CudaGraphError as err:
+                raise CudaGraphError(f"GraphedTraining could not record {type(self.module).__name__}'s training "
+                                     f"forward and backward ({err.__cause__}); turn it off "
+                                     "(set_graphed_training(False)) to train eagerly") from err
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    def __deepcopy__(self, memo: dict) -> "GraphedTraining":
+        # A copy (an EMA model, a replica) records graphs of its own, on its own parameters.
+        module = memo.get(id(self.module)) or copy.deepcopy(self.module, memo)
+        forward = self.forward
+        if getattr(forward, "__self__", None) is self.module:
+            forward = getattr(module, forward.__name__)
+        elif forward is self.module:
+            forward = module
+        return GraphedTraining(module, forward, self.max_signatures, self.warmup)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_graphs"] = {}  # graphs cannot be pickled; a loaded model records its own
+        return state

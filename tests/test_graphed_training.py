@@ -1,0 +1,222 @@
+"""Graphed training: a DefMamba model's training forward and backward replayed from CUDA graphs
+inside an eager loop (defmamba/graphed_training.py), against the same steps run eagerly."""
+from __future__ import annotations
+
+import copy
+import pickle
+import socket
+import warnings
+
+import pytest
+import torch
+
+import defmamba
+from defmamba.graphed_training import GraphedTraining
+from graph_helpers import assert_trained_alike
+
+
+def _small_model(seed: int, device: str = "cuda", **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.0, **kwargs).to(device)
+
+
+def _graphs(model: torch.nn.Module) -> GraphedTraining:
+    return model.__dict__["_graphed_training"]
+
+
+# --- CPU: what turning it on must not change ---------------------------------------------------
+
+def test_graphed_training_changes_nothing_off_the_gpu():
+    model = _small_model(0, "cpu")
+    reference = copy.deepcopy(model)
+    model.set_graphed_training()
+    assert list(model.state_dict()) == list(reference.state_dict())
+    images = torch.randn(2, 3, 64, 96)
+    torch.testing.assert_close(model(images), reference(images), rtol=0, atol=0)
+    assert _graphs(model).signatures == 0  # CPU inputs run eagerly
+
+
+def test_a_copy_records_graphs_of_its_own():
+    model = _small_model(0, "cpu")
+    model.set_graphed_training(max_signatures=3)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        graphs = _graphs(clone)
+        assert graphs.module is clone and graphs.max_signatures == 3
+        assert graphs.forward.__self__ is clone  # the copy's own forward, not the original's
+        assert graphs.signatures == 0
+    model.set_graphed_training(False)
+    assert _graphs(model) is None
+
+
+def test_graphed_training_and_gradient_checkpointing_exclude_each_other():
+    model = _small_model(0, "cpu")
+    model.set_grad_checkpointing()
+    with pytest.raises(ValueError, match="set_grad_checkpointing\\(False\\)"):
+        model.set_graphed_training()
+    model.set_grad_checkpointing(False)
+    model.set_graphed_training()
+    with pytest.raises(ValueError, match="set_graphed_training\\(False\\)"):
+        model.set_grad_checkpointing()
+
+
+@pytest.mark.parametrize("kwargs,message", [({"max_signatures": 0}, "max_signatures"), ({"warmup": 0}, "warmup")])
+def test_graphed_training_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GraphedTraining(torch.nn.Linear(2, 2), **kwargs)
+
+
+# --- GPU: replays against eager steps ------------------------------------------------------------
+
+def _train(model, batches, amp_dtype):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    losses = []
+    for images, targets in batches:
+        with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(images), targets)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def _batches(count: int, shape=(2, 3, 64, 96)):
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    return [(torch.randn(shape, device="cuda", generator=generator),
+             torch.randint(0, 10, (shape[0],), device="cuda", generator=generator)) for _ in range(count)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16, torch.float16])
+def test_graphed_training_follows_the_eager_steps(amp_dtype):
+    """Six steps (odd, non-square stage sizes down to 2 × 3) give the eager losses and weights."""
+    eager_model = _small_model(0)
+    graphed_model = copy.deepcopy(eager_model)
+    graphed_model.set_graphed_training()
+    batches = _batches(6)
+    eager_losses = _train(eager_model, batches, amp_dtype)
+    graphed_losses = _train(graphed_model, batches, amp_dtype)
+    assert _graphs(graphed_model).signatures == 1
+    tol = 1e-4 if amp_dtype is None else 2e-3
+    assert graphed_losses == pytest.approx(eager_losses, rel=tol)
+    assert len(set(graphed_losses)) == 6, graphed_losses
+    assert_trained_alike(eager_model.named_parameters(), graphed_model.parameters(), max_step_change=6e-3)
+
+
+@pytest.mark.cuda
+def test_replayed_outputs_are_not_overwritten_by_the_next_step():
+    model = _small_model(0)
+    model.set_graphed_training()
+    (first, _), (second, _) = _batches(2)
+    kept = []
+    for images in (first, first, second):
+        logits = model(images)
+        logits.sum().backward()
+        kept.append((logits, logits.detach().clone()))
+    assert _graphs(model).signatures == 1
+    for logits, copy_at_the_time in kept:
+        torch.testing.assert_close(logits.detach(), copy_at_the_time, rtol=0, atol=0)
+    assert not torch.equal(kept[1][1], kept[2][1])
+
+
+@pytest.mark.cuda
+def test_two_forwards_before_one_backward_give_the_eager_gradients():
+    """The second forward must not overwrite the activations the first one's backward reads."""
+    eager_model = _small_model(0)
+    graphed_model = copy.deepcopy(eager_model)
+    graphed_model.set_graphed_training()
+    (a, _), (b, _) = _batches(2)
+    graphed_model(a).sum().backward()  # records the graphs
+    graphed_model.zero_grad(set_to_none=True)
+    with pytest.warns(UserWarning, match="second forward before the backward"):
+        graphed_loss = (graphed_model(a) * graphed_model(b)).sum()
+    graphed_loss.backward()
+    eager_loss = (eager_model(a) * eager_model(b)).sum()
+    eager_loss.backward()
+    torch.testing.assert_close(graphed_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(eager_model.named_parameters(), graphed_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.cuda
+def test_accumulated_gradients_and_zeroing_in_place_match_eager():
+    """Two backwards into the same .grad (gradient accumulation), then zero_grad(set_to_none=False):
+    a gradient that is still the backward graph's own tensor must not be overwritten by the replay."""
+    eager_model = _small_model(0)
+    graphed_model = copy.deepcopy(eager_model)
+    graphed_model.set_graphed_training()
+    batches = _batches(6)
+    for model in (eager_model, graphed_model):
+        grads = []
+        for step in range(3):
+            (a, _), (b, _) = batches[2 * step:2 * step + 2]
+            model(a).square().mean().backward()
+            model(b).square().mean().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            model.zero_grad(set_to_none=False)
+        model.accumulated = grads
+    for eager_step, graphed_step in zip(eager_model.accumulated, graphed_model.accumulated):
+        for (name, _), want, got in zip(eager_model.named_parameters(), eager_step, graphed_step):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+    assert _graphs(graphed_model).signatures == 1
+
+
+@pytest.mark.cuda
+def test_shapes_beyond_max_signatures_and_evaluation_run_eagerly():
+    eager_model = _small_model(0)
+    graphed_model = copy.deepcopy(eager_model)
+    graphed_model.set_graphed_training(max_signatures=1)
+    (a, _), = _batches(1)
+    (b, _), = _batches(1, shape=(3, 3, 96, 64))
+    graphed_model(a).sum().backward()
+    with pytest.warns(UserWarning, match="max_signatures=1"):
+        out = graphed_model(b)
+    torch.testing.assert_close(out, eager_model(b), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            torch.testing.assert_close(graphed_model(b), eager_model(b), rtol=1e-5, atol=1e-5)
+    assert _graphs(graphed_model).signatures == 1
+
+
+@pytest.mark.cuda
+def test_hooks_and_moved_parameters_are_honoured():
+    model = _small_model(0)
+    model.set_graphed_training()
+    (a, _), = _batches(1)
+    model(a).sum().backward()
+    seen = []
+    handle = model.layers[1].register_forward_hook(lambda *_: seen.append(1))
+    with pytest.warns(UserWarning, match="has hooks"):
+        model(a).sum().backward()
+    assert seen == [1]
+    handle.remove()
+    model.half().float()  # new parameter storage: graphs recorded on the old one must not be replayed
+    model(a).sum().backward()
+    assert _graphs(model).signatures == 2
+
+
+@pytest.mark.cuda
+def test_graphed_training_under_ddp_follows_eager_ddp():
+    """DDP's gradient hooks fire as the replayed backward hands the gradients over (NCCL, one process)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        eager_model = _small_model(0)
+        graphed_model = copy.deepcopy(eager_model)
+        graphed_model.set_graphed_training()
+        batches = _batches(4)
+        eager_losses = _train(DistributedDataParallel(eager_model), batches, torch.float16)
+        graphed_losses = _train(DistributedDataParallel(graphed_model), batches, torch.float16)
+    finally:
+        dist.destroy_process_group()
+    assert _graphs(graphed_model).signatures == 1
+    assert graphed_losses == pytest.approx(eager_losses, rel=2e-3)
+    assert_trained_alike(eager_model.named_parameters(), graphed_model.parameters(), max_step_change=4e-3)
