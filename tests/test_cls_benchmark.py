@@ -82,6 +82,33 @@ def test_benchmark_cuda_graphs_need_a_gpu_and_exclude_reduce_overhead(bench, cap
     assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
 
 
+def test_benchmark_graphed_training_needs_a_gpu_and_an_eager_loop(bench, capsys):
+    for other in (["--cuda-graphs"], ["--compile"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--graphed-training", *other])
+        assert "drop --cuda-graphs/--compile" in capsys.readouterr().err
+    assert bench.main(["--device", "cpu", "--graphed-training", "--models", "defmamba_tiny", "--peers"]) == 2
+    assert "--graphed-training needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_benchmark_graphed_training_graphs_defmamba_only(bench, monkeypatch):
+    """With --graphed-training the DefMamba models train through their graphs, the peers as they are."""
+    from defmamba.graphed_training import GraphedTraining
+
+    calls = []
+    original = GraphedTraining.__call__
+    monkeypatch.setattr(GraphedTraining, "__call__", lambda self, *a: calls.append(self.signatures) or original(self, *a))
+    args = bench.parse_args(["--graphed-training", "--models", "defmamba_tiny", "--peers", "convnext_tiny",
+                             "--batch-size", "2", "--image-size", "64", "--warmup", "1", "--repeats", "1",
+                             "--iters", "2"])
+    result = bench.measure_one("defmamba_tiny", "train_bf16", args, torch.device("cuda"))
+    assert result["images_per_s"] > 0 and calls and calls[-1] == 1  # recorded once, then replayed
+    calls.clear()
+    bench.measure_one("convnext_tiny", "train_bf16", args, torch.device("cuda"))
+    assert calls == []
+
+
 def test_measure_throughput_rejects_cuda_graphs_on_cpu():
     from defmamba.benchmark import measure_throughput
     from defmamba.cuda_graphs import capture_cuda_graph

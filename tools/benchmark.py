@@ -56,6 +56,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "and leaves the peers eager")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="record each step into one CUDA graph and time its replays (GPU; eager models)")
+    parser.add_argument("--graphed-training", action="store_true",
+                        help="train the DefMamba models with set_graphed_training(): the plain eager loop, the "
+                             "model's forward and backward replayed from CUDA graphs (GPU; peers stay eager)")
     parser.add_argument("--host-cost", action="store_true",
                         help="measure each model eager and graphed, with launches, host ms and GPU ms per step (GPU)")
     parser.add_argument("--autograd-device-thread", action="store_true",
@@ -70,6 +73,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.host_cost and (args.cuda_graphs or args.compile):
         parser.error("--host-cost measures the eager model and its CUDA graph itself; drop --cuda-graphs/--compile")
+    if args.graphed_training and (args.cuda_graphs or args.compile):
+        parser.error("--graphed-training replays the models' training forward and backward from CUDA graphs inside "
+                     "the eager loop; drop --cuda-graphs/--compile")
     if args.cuda_graphs and args.compile == "reduce-overhead":
         parser.error("--cuda-graphs and --compile reduce-overhead both replay CUDA graphs; choose one")
     for problem in unknown_model_names(args.models, args.peers):  # before any model is measured
@@ -143,6 +149,8 @@ def measure_one(name: str, mode: str, args: argparse.Namespace, device: torch.de
             from defmamba.regional_compile import compile_token_mixers
 
             compile_token_mixers(model)
+    if args.graphed_training and kind == "train" and name.startswith("defmamba"):
+        model.set_graphed_training()
     settings = dict(mode=kind, amp_dtype=dtype, warmup=args.warmup, repeats=args.repeats,
                     iters_per_window=args.iters, device=device)
     try:
@@ -205,8 +213,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible; pass --device cpu", file=sys.stderr)
         return 2
-    if (args.cuda_graphs or args.host_cost) and device.type != "cuda":
-        flag = "--cuda-graphs" if args.cuda_graphs else "--host-cost"
+    if (args.cuda_graphs or args.host_cost or args.graphed_training) and device.type != "cuda":
+        flag = "--cuda-graphs" if args.cuda_graphs else "--host-cost" if args.host_cost else "--graphed-training"
         print(f"error: {flag} needs a CUDA device, got --device {device}; drop {flag}", file=sys.stderr)
         return 2
     if device.type == "cuda":
@@ -214,7 +222,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = environment(device)
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     print(f"batch {args.batch_size}, {args.image_size}², scan backend {args.backend}, compile {args.compile}, "
-          f"CUDA graphs {'eager and graphed' if args.host_cost else 'on' if args.cuda_graphs else 'off'}, "
+          f"CUDA graphs {'eager and graphed' if args.host_cost else 'on' if args.cuda_graphs else 'off'}"
+          f"{', graphed training (DefMamba)' if args.graphed_training else ''}, "
           f"median of {args.repeats} windows × {args.iters} iterations after {args.warmup} warm-up", flush=True)
     print("every backward runs on " + ("autograd's device thread" if args.autograd_device_thread
                                        else "the calling thread (autograd's device threads off)"), flush=True)
