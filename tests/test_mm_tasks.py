@@ -390,6 +390,19 @@ def test_upernet_amp_step_and_inference_on_the_gpu(tmp_path):
     _assert_same_on_the_cpu(model, torch.randn(1, 3, 64, 96))
 
 
+@pytest.mark.cuda
+def test_upernet_amp_steps_with_the_graphed_backbone(tmp_path):
+    """``model.backbone.graphed_training=True``: the AMP steps replay the backbone from CUDA graphs
+    (recorded once for the fixed crop); evaluation runs it eagerly and still matches the CPU."""
+    cfg = _gpu_amp_config("seg", tmp_path)
+    cfg.model.backbone.graphed_training = True
+    losses, result, model = _train_and_infer("seg", cfg, "backbone.layers.3.blocks.0.op.Ds", device="cuda")
+    assert {"decode.loss_ce", "aux.loss_ce"} <= set(losses)
+    assert model.backbone.__dict__["_graphed_training"].signatures == 1
+    torch.manual_seed(0)
+    _assert_same_on_the_cpu(model, torch.randn(1, 3, 64, 96))
+
+
 # ---------------------------------------------------------------- CPU distributed plumbing
 
 

@@ -114,13 +114,18 @@ class MM_DefMamba(DefMambaBackbone):  # noqa: N801  (OpenMMLab registry naming)
             the Pretrained ``init_cfg`` (see :func:`pretrained_init_cfg`).
         init_cfg: ``None`` or ``dict(type='Pretrained', checkpoint=PATH, [key='auto'|'model'|'model_ema'])``.
         allow_pickle: load a trusted checkpoint that carries classes outside the safe allowlist.
+        graphed_training: replay the backbone's training forward and backward from CUDA graphs
+            (:meth:`~defmamba.DefMambaBackbone.set_graphed_training`): much less host time per
+            iteration for fixed crop sizes (UperNet's); detection's varying image sizes gain
+            little (the first two shapes are recorded, the others run eagerly).
     """
 
     def __init__(self, arch: Optional[str] = "small", dims: Union[int, Sequence[int], None] = None,
                  depths: Optional[Sequence[int]] = None, out_indices: Sequence[int] = (0, 1, 2, 3),
                  drop_path_rate: float = 0.2, d_state: int = 16,
                  mlp_ratio: float = 4.0, in_chans: int = 3, use_checkpoint: bool = False, frozen_stages: int = -1,
-                 pretrained: Optional[str] = None, init_cfg: Optional[dict] = None, allow_pickle: bool = False) -> None:
+                 pretrained: Optional[str] = None, init_cfg: Optional[dict] = None, allow_pickle: bool = False,
+                 graphed_training: bool = False) -> None:
         dims, depths = architecture(arch, dims, depths)
         super().__init__(dims=dims, depths=depths, out_indices=out_indices, drop_path_rate=drop_path_rate,
                          d_state=d_state, mlp_ratio=mlp_ratio, in_chans=in_chans, use_checkpoint=use_checkpoint)
@@ -132,6 +137,8 @@ class MM_DefMamba(DefMambaBackbone):  # noqa: N801  (OpenMMLab registry naming)
         self.allow_pickle = allow_pickle
         self.load_report: Optional[BackboneLoadReport] = None
         self._freeze_stages()
+        if graphed_training:
+            self.set_graphed_training()
 
     def init_weights(self) -> None:
         """Load ``init_cfg``'s checkpoint (called by the OpenMMLab runner) and log what was loaded."""
