@@ -199,6 +199,34 @@ def test_hooks_and_moved_parameters_are_honoured():
 
 
 @pytest.mark.cuda
+def test_backbone_with_a_frozen_stage_follows_eager():
+    """Four stage outputs, a frozen stem and first stage (eval mode, no gradients): the replayed
+    backward gives the eager gradients, and none to the frozen parameters."""
+    torch.manual_seed(0)
+    eager = defmamba.DefMambaBackbone(dims=32, depths=(1, 1, 1, 1), drop_path_rate=0.0).cuda().train()
+    graphed = copy.deepcopy(eager)
+    for model in (eager, graphed):
+        for module in (model.patch_embed, model.layers[0]):
+            module.eval()
+            module.requires_grad_(False)
+    graphed.set_graphed_training()
+    (a, _), (b, _) = _batches(2)
+    for model in (eager, graphed):
+        for images in (a, b):
+            model.zero_grad(set_to_none=True)
+            outputs = model(images)
+            sum((o * (i + 1)).mean() for i, o in enumerate(outputs)).backward()
+        model.outputs = [o.detach() for o in outputs]
+    assert _graphs(graphed).signatures == 1
+    for got, want in zip(graphed.outputs, eager.outputs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
+        assert (p.grad is None) == (q.grad is None) == name.startswith(("patch_embed.", "layers.0.")), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.cuda
 def test_graphed_training_under_ddp_follows_eager_ddp():
     """DDP's gradient hooks fire as the replayed backward hands the gradients over (NCCL, one process)."""
     import torch.distributed as dist

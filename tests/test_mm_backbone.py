@@ -150,6 +150,17 @@ def test_frozen_stages_stay_frozen_in_train_mode():
     assert backbone.layers[2].blocks[0].mlp.fc1.weight.grad is not None
 
 
+def test_graphed_training_option_turns_on_the_backbones_graphs():
+    backbone = MM_DefMamba(**TINY, graphed_training=True)
+    graphs = backbone.__dict__["_graphed_training"]
+    assert graphs is not None and graphs.module is backbone
+    assert list(backbone.state_dict()) == list(MM_DefMamba(**TINY).state_dict())
+    assert MM_DefMamba(**TINY).__dict__.get("_graphed_training") is None
+    loss = sum(o.sum() for o in backbone.train()(torch.randn(1, 3, 64, 96)))  # CPU: runs eagerly
+    loss.backward()
+    assert graphs.signatures == 0 and backbone.layers[2].blocks[0].mlp.fc1.weight.grad is not None
+
+
 def test_outputs_follow_out_indices():
     backbone = MM_DefMamba(arch=None, dims=32, depths=(1, 1, 1, 1), out_indices=(1, 3)).eval()
     outs = backbone(torch.randn(2, 3, 70, 100))
