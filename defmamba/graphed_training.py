@@ -145,10 +145,11 @@ class GraphedTraining:
         self._warned: set[str] = set()
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
-        modes = self._module_modes(inputs)
-        if modes is None:
+        tree = self._module_tree(inputs)
+        if tree is None:
             return self.forward(*inputs)
-        signature = self._signature(inputs, modes)
+        modes, params = tree
+        signature = self._signature(inputs, modes, params)
         if signature is None:
             return self.forward(*inputs)
         graphs = self._graphs.get(signature)
@@ -158,7 +159,7 @@ class GraphedTraining:
                                 f"graphs (max_signatures={self.max_signatures}); inputs of shape "
                                 f"{[tuple(t.shape) for t in inputs]} run eagerly")
                 return self.forward(*inputs)
-            graphs = self._graphs[signature] = self._record(inputs)
+            graphs = self._graphs[signature] = self._record(inputs, params)
         elif graphs.backward_owed():
             self._warn_once("owed", "GraphedTraining: a second forward before the backward of the first; it runs "
                             "eagerly (a replay would overwrite the activations the first one keeps)")
@@ -174,9 +175,11 @@ class GraphedTraining:
         """Drop every recorded graph (and the memory it keeps)."""
         self._graphs.clear()
 
-    def _module_modes(self, inputs: tuple) -> Optional[tuple[bool, ...]]:
-        """Every submodule's ``training`` flag (a frozen stage may be in eval mode) when a replay
-        can stand for this call, else None (module docstring)."""
+    def _module_tree(self, inputs: tuple) -> Optional[tuple[tuple[bool, ...], tuple[torch.Tensor, ...]]]:
+        """Every submodule's ``training`` flag (a frozen stage may be in eval mode) and every
+        parameter (each once), in one walk over the modules, when a replay can stand for this call;
+        else None (module docstring). The walk is most of what a call costs the host (a few tenths of a
+        millisecond for DefMamba-T)."""
         if not (self.module.training and torch.is_grad_enabled()) or not inputs:
             return None
         if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs):
@@ -185,28 +188,35 @@ class GraphedTraining:
             return None
         if torch.cuda.is_current_stream_capturing():  # inside a whole-step graph: run as a plain forward
             return None
-        modes = []
-        for m in self.module.modules():
-            if runs_as_called(m) or getattr(m, "grad_checkpointing", False):
+        modes: list[bool] = []
+        params: dict[int, torch.Tensor] = {}
+        pending = [self.module]
+        while pending:
+            m = pending.pop()
+            if runs_as_called(m) or m.__dict__.get("grad_checkpointing"):
                 self._warn_once("hooks", f"GraphedTraining: {type(m).__name__} has hooks, is compiled or checkpoints "
                                 "its blocks, which a replay would skip; the module runs eagerly")
                 return None
             modes.append(m.training)
-        return tuple(modes)
+            for p in m._parameters.values():
+                if p is not None:
+                    params.setdefault(id(p), p)
+            pending.extend(c for c in m._modules.values() if c is not None)
+        return tuple(modes), tuple(params.values())
 
-    def _signature(self, inputs: tuple, modes: tuple[bool, ...]) -> Optional[Signature]:
+    def _signature(self, inputs: tuple, modes: tuple[bool, ...], params: tuple[torch.Tensor, ...]) -> Optional[Signature]:
         """What a recording depends on; None when nothing needs a gradient."""
         device_type = inputs[0].device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         tensors = tuple((t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in inputs)
-        params = tuple((p.data_ptr(), p.dtype, p.requires_grad) for p in self.module.parameters())
-        if not any(t.requires_grad for t in inputs) and not any(trains for _, _, trains in params):
+        param_keys = tuple((p.data_ptr(), p.dtype, p.requires_grad) for p in params)
+        if not any(t.requires_grad for t in inputs) and not any(trains for _, _, trains in param_keys):
             return None
-        return tensors, autocast, params, modes
+        return tensors, autocast, param_keys, modes
 
-    def _record(self, inputs: tuple) -> _Graphs:
+    def _record(self, inputs: tuple, params: tuple[torch.Tensor, ...]) -> _Graphs:
         device_type = inputs[0].device.type
-        params = tuple(p for p in self.module.parameters() if p.requires_grad)
+        params = tuple(p for p in params if p.requires_grad)
         # Autocast's cache of cast weights would hand the recording casts made before it, which no
         # replay repeats: record under the same autocast without the cache.
         with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
