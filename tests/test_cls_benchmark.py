@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from graph_helpers import assert_trained_alike
+from graph_helpers import amp_step, assert_trained_alike
 from tool_helpers import load_tool
 
 
@@ -146,13 +146,7 @@ def test_graphed_training_step_follows_the_eager_steps(amp_dtype):
         last_loss = torch.zeros((), device="cuda")
 
         def step():
-            with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
-                                cache_enabled=False):
-                loss = torch.nn.functional.cross_entropy(model(images), targets)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss = amp_step(model, optimizer, scaler, images, targets, amp_dtype, cache_enabled=False)
             last_loss.copy_(loss.detach())
         return step, last_loss
 

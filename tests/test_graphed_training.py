@@ -12,7 +12,7 @@ import torch
 
 import defmamba
 from defmamba.graphed_training import GraphedTraining
-from graph_helpers import assert_trained_alike
+from graph_helpers import amp_step, assert_trained_alike
 
 
 def _small_model(seed: int, device: str = "cuda", **kwargs) -> torch.nn.Module:
@@ -70,16 +70,7 @@ def test_graphed_training_rejects_bad_settings(kwargs, message):
 def _train(model, batches, amp_dtype):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    losses = []
-    for images, targets in batches:
-        with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = torch.nn.functional.cross_entropy(model(images), targets)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return [amp_step(model, optimizer, scaler, images, targets, amp_dtype).item() for images, targets in batches]
 
 
 def _batches(count: int, shape=(2, 3, 64, 96)):
