@@ -5,6 +5,7 @@
     python tools/benchmark.py --compile token-mixers --modes train_fp16   # main.py --compile's training
     python tools/benchmark.py --cuda-graphs --modes infer_fp16 train_bf16   # host launch cost taken out
     python tools/benchmark.py --host-cost --modes train_fp16 train_bf16 infer_fp16   # eager vs graphed, launches
+    python tools/benchmark.py --graphed-training --modes train_fp16 train_bf16   # eager loop, model.set_graphed_training()
     python tools/benchmark.py --device cpu --models defmamba_tiny --peers convnext_tiny \
         --batch-size 2 --image-size 64 --modes infer_fp32 train_bf16 --warmup 1 --repeats 2 --iters 1
 
