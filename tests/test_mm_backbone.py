@@ -161,6 +161,11 @@ def test_graphed_training_option_turns_on_the_backbones_graphs():
     assert graphs.signatures == 0 and backbone.layers[2].blocks[0].mlp.fc1.weight.grad is not None
 
 
+def test_graphed_training_as_the_segmentation_readme_turns_it_on():
+    backbone = _backbone_from_command_line(["model.backbone.init_cfg=None", "model.backbone.graphed_training=True"])
+    assert backbone.__dict__["_graphed_training"].module is backbone
+
+
 def test_outputs_follow_out_indices():
     backbone = MM_DefMamba(arch=None, dims=32, depths=(1, 1, 1, 1), out_indices=(1, 3)).eval()
     outs = backbone(torch.randn(2, 3, 70, 100))
@@ -218,8 +223,8 @@ SHIFTS = {("config", "model"): 0.0, ("config", "model_ema"): 1.0, ("named", "mod
 
 
 def _documented_weight_options() -> set[tuple[str, ...]]:
-    """Every `--cfg-options model.backbone.…` set that the docs show."""
-    pattern = re.compile(r"--cfg-options((?:\s+model\.backbone\.[\w.]+=[^\s`]+)+)")
+    """Every `--cfg-options model.backbone.pretrained…/init_cfg…` set that the docs show."""
+    pattern = re.compile(r"--cfg-options((?:\s+model\.backbone\.(?:pretrained|init_cfg)[\w.]*=[^\s`]+)+)")
     return {tuple(m.group(1).split()) for doc in WEIGHT_DOCS for m in pattern.finditer(doc.read_text())}
 
 
