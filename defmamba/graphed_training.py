@@ -171,10 +171,6 @@ class GraphedTraining:
         """How many input signatures have graphs."""
         return len(self._graphs)
 
-    def reset(self) -> None:
-        """Drop every recorded graph (and the memory it keeps)."""
-        self._graphs.clear()
-
     def _module_tree(self, inputs: tuple) -> Optional[tuple[tuple[bool, ...], tuple[torch.Tensor, ...]]]:
         """Every submodule's ``training`` flag (a frozen stage may be in eval mode) and every
         parameter (each once), in one walk over the modules, when a replay can stand for this call;

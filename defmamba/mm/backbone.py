@@ -115,9 +115,10 @@ class MM_DefMamba(DefMambaBackbone):  # noqa: N801  (OpenMMLab registry naming)
         init_cfg: ``None`` or ``dict(type='Pretrained', checkpoint=PATH, [key='auto'|'model'|'model_ema'])``.
         allow_pickle: load a trusted checkpoint that carries classes outside the safe allowlist.
         graphed_training: replay the backbone's training forward and backward from CUDA graphs
-            (:meth:`~defmamba.DefMambaBackbone.set_graphed_training`): much less host time per
-            iteration for fixed crop sizes (UperNet's); detection's varying image sizes gain
-            little (the first two shapes are recorded, the others run eagerly).
+            (:meth:`~defmamba.DefMambaBackbone.set_graphed_training`), to take the backbone's
+            per-kernel host cost out of iterations on fixed crop sizes (UperNet's; its speed is not
+            measured yet); detection's varying image sizes gain little (the first two shapes are
+            recorded, the others run eagerly).
     """
 
     def __init__(self, arch: Optional[str] = "small", dims: Union[int, Sequence[int], None] = None,
