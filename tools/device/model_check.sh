@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Whole-model check on a GPU machine: every GPU test, then DefMamba-T/S/B next to the timm peers
 # (eager), compiled inference with CUDA graphs, eager steps recorded into CUDA graphs (inference and
-# training, next to the peers; plotted as images/s against memory), the sampling-op and
+# training, next to the peers; plotted as images/s against memory), eager training with DefMamba's
+# forward and backward replayed from graphs (--graphed-training), the sampling-op and
 # depthwise-conv A/Bs and a profile of DefMamba-S.
 # Usage (from the repository root, the scan extension installed):
 #   bash tools/device/model_check.sh [OUT_DIR]
 # Writes env.log, tests.log, compile_workaround.log, eager.{log,json}, compiled.{log,json}, graphs.{log,json},
+# graphed_training.{log,json},
 # throughput_vs_memory.png (graphs.json plotted), sampling.{log,json} (the sampling op against its
 # PyTorch formulation), dwconv.{log,json} (the Triton depthwise convs against cuDNN) and
 # profile_small.{log,json}
@@ -30,6 +32,10 @@ bench=(python3 tools/benchmark.py --warmup 3 --repeats 5 --iters 3)
     | tee "$out/compiled.log" | tail -6
 "${bench[@]}" --cuda-graphs --modes infer_fp16 train_fp16 train_bf16 --json "$out/graphs.json" 2>&1 \
     | tee "$out/graphs.log" | tail -10
+# the eager loop with only DefMamba's forward and backward replayed (model.set_graphed_training());
+# the peers' eager numbers are in eager.json
+"${bench[@]}" --graphed-training --peers --modes train_fp16 train_bf16 --json "$out/graphed_training.json" 2>&1 \
+    | tee "$out/graphed_training.log" | tail -6
 python3 tools/plot_benchmarks.py "$out/graphs.json" --date "$(date +%F)" --out "$out/throughput_vs_memory.png" 2>&1 \
     | tail -1
 python3 tools/benchmark_sampling.py --models defmamba_small --json "$out/sampling.json" 2>&1 \
