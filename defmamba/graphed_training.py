@@ -2,10 +2,12 @@
 
 :class:`GraphedTraining` records a module's forward and backward once per input signature (shape,
 strides, dtype, autocast state, parameters) and replays them afterwards: the module then costs
-the host two graph launches per training step instead of a launch (and its Python) per kernel. Everything around it stays as it is: the loss, DDP's
-gradient all-reduce (its hooks fire as the parameters' gradients arrive), the GradScaler and the
-optimizer. That suits fixed input sizes (ImageNet crops, UperNet's 512² crops); DefMamba models
-turn it on with ``model.set_graphed_training()`` (``defmamba/models/defmamba.py``).
+the host two graph launches per training step instead of a launch (and its Python) per kernel.
+Everything around it stays as it is: the loss, DDP's gradient all-reduce (its hooks fire as the
+parameters' gradients arrive), the GradScaler and the optimizer. That suits fixed input sizes
+(ImageNet crops, UperNet's 512² crops); DefMamba models turn it on with
+``model.set_graphed_training()`` (``defmamba/models/defmamba.py``). The backward is recorded outside
+autocast, as an eager loop runs ``loss.backward()``.
 
 A call runs the module eagerly, as it always did, whenever a replay could differ from that:
 
@@ -26,10 +28,11 @@ first, so accumulating works as in eager mode.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -40,6 +43,36 @@ from .ops.dispatch import runs_as_called
 __all__ = ["GraphedTraining"]
 
 Signature = tuple
+
+
+def _capturable(inputs: tuple) -> bool:
+    """CUDA tensors, and no stream capture under way (inside a whole-step graph the module runs as a
+    plain forward)."""
+    return (all(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
+            and not torch.cuda.is_current_stream_capturing())
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[torch.cuda.Stream]:
+    """A new stream that waits for the current one and is current inside the block; the current
+    stream waits for it afterwards (warm-up runs and recordings go there, as torch.cuda.graph asks)."""
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(current)
+    try:
+        with torch.cuda.stream(stream):
+            yield stream
+    finally:
+        current.wait_stream(stream)
+
+
+def _gradients(outputs: list[torch.Tensor], inputs: tuple[torch.Tensor, ...],
+               grad_outputs: list[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+    """The gradients of ``inputs``, computed as an eager loop's ``loss.backward()`` computes them:
+    outside autocast. (The recording runs inside the caller's forward, under its autocast, which a
+    backward started there would keep, casting the backward's matmuls to the autocast dtype.)"""
+    with torch.autocast(outputs[0].device.type, enabled=False):
+        return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
 
 
 class _Graphs:
@@ -56,21 +89,18 @@ class _Graphs:
         self.static_inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
         differentiable = tuple(t for t in self.static_inputs if t.requires_grad) + params
         self.input_needs_grad = [t.requires_grad for t in inputs]
-        stream = torch.cuda.Stream(inputs[0].device)
-        stream.wait_stream(torch.cuda.current_stream(inputs[0].device))
-        with torch.cuda.stream(stream):  # cuDNN, Triton and the allocator settle outside the graphs
+        with _side_stream(inputs[0].device) as stream:  # cuDNN, Triton and the allocator settle outside the graphs
             for _ in range(warmup):
                 outputs = [o for o in torch.utils._pytree.tree_leaves(forward(*self.static_inputs)) if o.requires_grad]
-                torch.autograd.grad(outputs, differentiable, [torch.empty_like(o) for o in outputs],
-                                    allow_unused=True)
+                _gradients(outputs, differentiable, [torch.ones_like(o) for o in outputs])
             del outputs
-        torch.cuda.current_stream(inputs[0].device).wait_stream(stream)
         self.forward_graph, outputs = record_graph(lambda: forward(*self.static_inputs), "thread_local", stream)
         self.outputs, self.spec = torch.utils._pytree.tree_flatten(outputs)
         self.grad_outputs = [torch.empty_like(o) if o.requires_grad else None for o in self.outputs]
-        self.backward_graph, grads = record_graph(lambda: torch.autograd.grad(
-            [o for o in self.outputs if o.requires_grad], differentiable, [g for g in self.grad_outputs if g is not None],
-            allow_unused=True), "thread_local", stream, pool=self.forward_graph.pool())
+        needed = [o for o in self.outputs if o.requires_grad]
+        incoming = [g for g in self.grad_outputs if g is not None]
+        self.backward_graph, grads = record_graph(lambda: _gradients(needed, differentiable, incoming),
+                                                  "thread_local", stream, pool=self.forward_graph.pool())
         grads = list(grads)
         self.grads = [grads.pop(0) if needs else None for needs in self.input_needs_grad] + grads
         self.owed: Optional[weakref.ref] = None  # the autograd node of the last replay, until its backward
@@ -178,11 +208,9 @@ class GraphedTraining:
         millisecond for DefMamba-T)."""
         if not (self.module.training and torch.is_grad_enabled()) or not inputs:
             return None
-        if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs):
-            return None
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return None
-        if torch.cuda.is_current_stream_capturing():  # inside a whole-step graph: run as a plain forward
+        if not _capturable(inputs):
             return None
         modes: list[bool] = []
         params: dict[int, torch.Tensor] = {}
