@@ -39,9 +39,10 @@ def run_steps(step, optimizer: torch.optim.Optimizer, batches, lrs) -> tuple[lis
 
 def amp_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
              images: torch.Tensor, targets: torch.Tensor, amp_dtype, cache_enabled: bool = True) -> torch.Tensor:
-    """One training step on the GPU: cross-entropy under autocast (float32 for ``amp_dtype`` None),
-    the scaled backward, the optimizer step through the scaler, gradients set to None; the loss."""
-    with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+    """One training step on the images' device: cross-entropy under autocast (float32 for
+    ``amp_dtype`` None), the scaled backward, the optimizer step through the scaler, gradients set
+    to None; the loss."""
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
                         cache_enabled=cache_enabled):
         loss = torch.nn.functional.cross_entropy(model(images), targets)
     scaler.scale(loss).backward()

@@ -12,10 +12,11 @@ import torch
 
 import defmamba
 from defmamba.graphed_training import GraphedTraining
+from graph_emulation import emulate_cuda_graphs
 from graph_helpers import amp_step, assert_trained_alike
 
 
-def _small_model(seed: int, device: str = "cuda", **kwargs) -> torch.nn.Module:
+def _small_model(seed: int, device: str, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
     return defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.0, **kwargs).to(device)
 
@@ -65,42 +66,66 @@ def test_graphed_training_rejects_bad_settings(kwargs, message):
         GraphedTraining(torch.nn.Linear(2, 2), **kwargs)
 
 
-# --- GPU: replays against eager steps ------------------------------------------------------------
+# --- replays against eager steps: CUDA graphs on the GPU, emulated graphs on the CPU -------------
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request, monkeypatch) -> str:
+    """"cuda": real CUDA graphs. "cpu": graphs emulated on CPU tensors (tests/graph_emulation.py),
+    which replay the recorded operators and must give the eager results bit for bit."""
+    if request.param == "cpu":
+        emulate_cuda_graphs(monkeypatch)
+    return request.param
+
+
+def _close(device: str, **gpu_tolerance):
+    """Tolerances of a replay against eager: exact on the CPU, atomic-order noise on the GPU."""
+    return dict(rtol=0, atol=0) if device == "cpu" else gpu_tolerance
+
+
+def _assert_same_training(device: str, eager: torch.nn.Module, graphed: torch.nn.Module, max_step_change: float) -> None:
+    if device == "cpu":
+        for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
+            assert torch.equal(p, q), name
+    else:
+        assert_trained_alike(eager.named_parameters(), graphed.parameters(), max_step_change=max_step_change)
+
 
 def _train(model, batches, amp_dtype):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(batches[0][0].device.type, enabled=amp_dtype == torch.float16)
     return [amp_step(model, optimizer, scaler, images, targets, amp_dtype).item() for images, targets in batches]
 
 
-def _batches(count: int, shape=(2, 3, 64, 96)):
-    generator = torch.Generator(device="cuda").manual_seed(1)
-    return [(torch.randn(shape, device="cuda", generator=generator),
-             torch.randint(0, 10, (shape[0],), device="cuda", generator=generator)) for _ in range(count)]
+def _batches(count: int, device: str, shape=(2, 3, 64, 96)):
+    generator = torch.Generator(device=device).manual_seed(1)
+    return [(torch.randn(shape, device=device, generator=generator),
+             torch.randint(0, 10, (shape[0],), device=device, generator=generator)) for _ in range(count)]
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16, torch.float16])
-def test_graphed_training_follows_the_eager_steps(amp_dtype):
+def test_graphed_training_follows_the_eager_steps(device, amp_dtype):
     """Six steps (odd, non-square stage sizes down to 2 × 3) give the eager losses and weights."""
-    eager_model = _small_model(0)
+    eager_model = _small_model(0, device)
     graphed_model = copy.deepcopy(eager_model)
     graphed_model.set_graphed_training()
-    batches = _batches(6)
+    batches = _batches(6, device)
     eager_losses = _train(eager_model, batches, amp_dtype)
     graphed_losses = _train(graphed_model, batches, amp_dtype)
-    assert _graphs(graphed_model).signatures == 1
-    tol = 1e-4 if amp_dtype is None else 2e-3
-    assert graphed_losses == pytest.approx(eager_losses, rel=tol)
+    graphs = _graphs(graphed_model)
+    assert graphs.signatures == 1
+    if device == "cpu":  # recorded once, replayed at every step
+        (recorded,) = graphs._graphs.values()
+        assert recorded.forward_graph.replays == recorded.backward_graph.replays == 6
+    tol = 0 if device == "cpu" else 1e-4 if amp_dtype is None else 2e-3
+    assert graphed_losses == pytest.approx(eager_losses, rel=tol, abs=0)
     assert len(set(graphed_losses)) == 6, graphed_losses
-    assert_trained_alike(eager_model.named_parameters(), graphed_model.parameters(), max_step_change=6e-3)
+    _assert_same_training(device, eager_model, graphed_model, max_step_change=6e-3)
 
 
-@pytest.mark.cuda
-def test_replayed_outputs_are_not_overwritten_by_the_next_step():
-    model = _small_model(0)
+def test_replayed_outputs_are_not_overwritten_by_the_next_step(device):
+    model = _small_model(0, device)
     model.set_graphed_training()
-    (first, _), (second, _) = _batches(2)
+    (first, _), (second, _) = _batches(2, device)
     kept = []
     for images in (first, first, second):
         logits = model(images)
@@ -112,13 +137,12 @@ def test_replayed_outputs_are_not_overwritten_by_the_next_step():
     assert not torch.equal(kept[1][1], kept[2][1])
 
 
-@pytest.mark.cuda
-def test_two_forwards_before_one_backward_give_the_eager_gradients():
+def test_two_forwards_before_one_backward_give_the_eager_gradients(device):
     """The second forward must not overwrite the activations the first one's backward reads."""
-    eager_model = _small_model(0)
+    eager_model = _small_model(0, device)
     graphed_model = copy.deepcopy(eager_model)
     graphed_model.set_graphed_training()
-    (a, _), (b, _) = _batches(2)
+    (a, _), (b, _) = _batches(2, device)
     graphed_model(a).sum().backward()  # records the graphs
     graphed_model.zero_grad(set_to_none=True)
     with pytest.warns(UserWarning, match="second forward before the backward"):
@@ -126,19 +150,18 @@ def test_two_forwards_before_one_backward_give_the_eager_gradients():
     graphed_loss.backward()
     eager_loss = (eager_model(a) * eager_model(b)).sum()
     eager_loss.backward()
-    torch.testing.assert_close(graphed_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graphed_loss, eager_loss, **_close(device, rtol=1e-5, atol=1e-5))
     for (name, p), q in zip(eager_model.named_parameters(), graphed_model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(q.grad, p.grad, **_close(device, rtol=1e-4, atol=1e-5), msg=name)
 
 
-@pytest.mark.cuda
-def test_accumulated_gradients_and_zeroing_in_place_match_eager():
+def test_accumulated_gradients_and_zeroing_in_place_match_eager(device):
     """Two backwards into the same .grad (gradient accumulation), then zero_grad(set_to_none=False):
     a gradient that is still the backward graph's own tensor must not be overwritten by the replay."""
-    eager_model = _small_model(0)
+    eager_model = _small_model(0, device)
     graphed_model = copy.deepcopy(eager_model)
     graphed_model.set_graphed_training()
-    batches = _batches(6)
+    batches = _batches(6, device)
     for model in (eager_model, graphed_model):
         grads = []
         for step in range(3):
@@ -150,17 +173,16 @@ def test_accumulated_gradients_and_zeroing_in_place_match_eager():
         model.accumulated = grads
     for eager_step, graphed_step in zip(eager_model.accumulated, graphed_model.accumulated):
         for (name, _), want, got in zip(eager_model.named_parameters(), eager_step, graphed_step):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(got, want, **_close(device, rtol=1e-4, atol=1e-6), msg=name)
     assert _graphs(graphed_model).signatures == 1
 
 
-@pytest.mark.cuda
-def test_shapes_beyond_max_signatures_and_evaluation_run_eagerly():
-    eager_model = _small_model(0)
+def test_shapes_beyond_max_signatures_and_evaluation_run_eagerly(device):
+    eager_model = _small_model(0, device)
     graphed_model = copy.deepcopy(eager_model)
     graphed_model.set_graphed_training(max_signatures=1)
-    (a, _), = _batches(1)
-    (b, _), = _batches(1, shape=(3, 3, 96, 64))
+    (a, _), = _batches(1, device)
+    (b, _), = _batches(1, device, shape=(3, 3, 96, 64))
     graphed_model(a).sum().backward()
     with pytest.warns(UserWarning, match="max_signatures=1"):
         out = graphed_model(b)
@@ -172,11 +194,10 @@ def test_shapes_beyond_max_signatures_and_evaluation_run_eagerly():
     assert _graphs(graphed_model).signatures == 1
 
 
-@pytest.mark.cuda
-def test_hooks_and_moved_parameters_are_honoured():
-    model = _small_model(0)
+def test_hooks_and_moved_parameters_are_honoured(device):
+    model = _small_model(0, device)
     model.set_graphed_training()
-    (a, _), = _batches(1)
+    (a, _), = _batches(1, device)
     model(a).sum().backward()
     seen = []
     handle = model.layers[1].register_forward_hook(lambda *_: seen.append(1))
@@ -189,19 +210,18 @@ def test_hooks_and_moved_parameters_are_honoured():
     assert _graphs(model).signatures == 2
 
 
-@pytest.mark.cuda
-def test_backbone_with_a_frozen_stage_follows_eager():
+def test_backbone_with_a_frozen_stage_follows_eager(device):
     """Four stage outputs, a frozen stem and first stage (eval mode, no gradients): the replayed
     backward gives the eager gradients, and none to the frozen parameters."""
     torch.manual_seed(0)
-    eager = defmamba.DefMambaBackbone(dims=32, depths=(1, 1, 1, 1), drop_path_rate=0.0).cuda().train()
+    eager = defmamba.DefMambaBackbone(dims=32, depths=(1, 1, 1, 1), drop_path_rate=0.0).to(device).train()
     graphed = copy.deepcopy(eager)
     for model in (eager, graphed):
         for module in (model.patch_embed, model.layers[0]):
             module.eval()
             module.requires_grad_(False)
     graphed.set_graphed_training()
-    (a, _), (b, _) = _batches(2)
+    (a, _), (b, _) = _batches(2, device)
     for model in (eager, graphed):
         for images in (a, b):
             model.zero_grad(set_to_none=True)
@@ -210,32 +230,33 @@ def test_backbone_with_a_frozen_stage_follows_eager():
         model.outputs = [o.detach() for o in outputs]
     assert _graphs(graphed).signatures == 1
     for got, want in zip(graphed.outputs, eager.outputs):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, **_close(device, rtol=1e-5, atol=1e-6))
     for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
         assert (p.grad is None) == (q.grad is None) == name.startswith(("patch_embed.", "layers.0.")), name
         if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+            torch.testing.assert_close(q.grad, p.grad, **_close(device, rtol=1e-3, atol=1e-5), msg=name)
 
 
-@pytest.mark.cuda
-def test_graphed_training_under_ddp_follows_eager_ddp():
-    """DDP's gradient hooks fire as the replayed backward hands the gradients over (NCCL, one process)."""
+def test_graphed_training_under_ddp_follows_eager_ddp(device):
+    """DDP's gradient hooks fire as the replayed backward hands the gradients over (one process;
+    NCCL on the GPU, gloo on the CPU)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
     try:
-        eager_model = _small_model(0)
+        eager_model = _small_model(0, device)
         graphed_model = copy.deepcopy(eager_model)
         graphed_model.set_graphed_training()
-        batches = _batches(4)
+        batches = _batches(4, device)
         eager_losses = _train(DistributedDataParallel(eager_model), batches, torch.float16)
         graphed_losses = _train(DistributedDataParallel(graphed_model), batches, torch.float16)
     finally:
         dist.destroy_process_group()
     assert _graphs(graphed_model).signatures == 1
-    assert graphed_losses == pytest.approx(eager_losses, rel=2e-3)
-    assert_trained_alike(eager_model.named_parameters(), graphed_model.parameters(), max_step_change=4e-3)
+    assert graphed_losses == pytest.approx(eager_losses, rel=0 if device == "cpu" else 2e-3, abs=0)
+    _assert_same_training(device, eager_model, graphed_model, max_step_change=4e-3)

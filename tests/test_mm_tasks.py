@@ -328,6 +328,45 @@ def test_upernet_trains_one_iteration_and_predicts(tmp_path):
     assert set(result.gt_sem_seg.data.unique().tolist()) == {0, 1, 2, 255}  # labels 1-3 shifted, 0 ignored
 
 
+def test_upernet_steps_with_the_graphed_backbone_equal_eager_ones(tmp_path, monkeypatch):
+    """``model.backbone.graphed_training=True`` inside mmseg's training step, with the backbone's graphs
+    emulated on the CPU (tests/graph_emulation.py): recorded once, replayed at every step, and the
+    steps give the eager losses and weights bit for bit (random draws off: warm-up runs and replays
+    draw differently)."""
+    import copy
+
+    from graph_emulation import emulate_cuda_graphs
+    from mmengine.dataset import pseudo_collate
+    from mmengine.optim import build_optim_wrapper
+
+    emulate_cuda_graphs(monkeypatch)
+    make_ade(tmp_path)
+    cfg = load_task_config("seg", str(write_seg_config(tmp_path)))
+    cfg.model.backbone.drop_path_rate = 0.0
+    cfg.model.decode_head.dropout_ratio = cfg.model.auxiliary_head.dropout_ratio = 0.0
+    runs = {}
+    for graphed in (False, True):
+        cfg.model.backbone.graphed_training = graphed
+        torch.manual_seed(0)
+        model = build_task_model("seg", cfg).train()  # also sets the default scope
+        if not graphed:
+            from mmseg.registry import DATASETS
+
+            train_set = DATASETS.build(cfg.train_dataloader.dataset)
+            batches = [pseudo_collate([train_set[i], train_set[j]]) for i, j in ((0, 1), (2, 0), (1, 2))]
+        optim = build_optim_wrapper(model, cfg.optim_wrapper)
+        losses = [{k: v.item() for k, v in model.train_step(copy.deepcopy(batch), optim).items()} for batch in batches]
+        runs[graphed] = losses, model
+    (eager_losses, eager), (graphed_losses, graphed) = runs[False], runs[True]
+    assert graphed_losses == eager_losses
+    for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
+        assert torch.equal(p, q), name
+    graphs = graphed.backbone.__dict__["_graphed_training"]
+    (recorded,) = graphs._graphs.values()
+    assert recorded.forward_graph.replays == recorded.backward_graph.replays == len(batches)
+    assert eager.backbone.__dict__.get("_graphed_training") is None
+
+
 # ---------------------------------------------------------------- on the GPU, with AMP
 
 
