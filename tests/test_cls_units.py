@@ -357,36 +357,44 @@ def test_cuda_graph_train_step_refuses_what_it_cannot_replay():
         graphed(torch.randn(2, 3), torch.tensor([0, 1]))
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16, torch.float16])
-def test_cuda_graph_train_step_follows_the_eager_steps(amp_dtype):
+def test_cuda_graph_train_step_follows_the_eager_steps(graph_device, amp_dtype):
     """Seven steps with a new batch and a new learning rate each: 3 eager warm-up steps, then the
-    recording and 4 replays give the losses, gradient norms, weights and EMA of 7 eager steps."""
+    recording and 4 replays give the losses, gradient norms, weights and EMA of 7 eager steps (on
+    the CPU, with emulated graphs, bit for bit)."""
     import copy
 
     import defmamba
 
     ts, engine, ema_module = app_train_step, app_engine, app_ema
     torch.manual_seed(0)
-    model = defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=5, drop_path_rate=0.0).cuda()
+    model = defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=5, drop_path_rate=0.0).to(graph_device)
     twin = copy.deepcopy(model)
     amp = engine.AmpSettings(amp_dtype is not None, amp_dtype or torch.float32)
-    batches = [(torch.randn(2, 3, 64, 96, device="cuda"), torch.randint(0, 5, (2,), device="cuda"))
+    batches = [(torch.randn(2, 3, 64, 96, device=graph_device), torch.randint(0, 5, (2,), device=graph_device))
                for _ in range(7)]
-    lrs = [2e-3 * 0.6 ** i for i in range(7)]
+    # float32 values: the recorded AdamW reads each from a float32 tensor, the eager one as a float
+    lrs = [torch.tensor(2e-3 * 0.6 ** i).item() for i in range(7)]
 
     def train(net, graphed):
         optimizer = torch.optim.AdamW(net.parameters(), lr=lrs[0], fused=True, capturable=True)
-        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        scaler = torch.amp.GradScaler(graph_device, enabled=amp_dtype == torch.float16)
         ema = ema_module.ModelEma(net, 0.8)
         step = ts.TrainStep(net, nn.CrossEntropyLoss(), optimizer, scaler, amp, clip_grad=1.0, model_ema=ema)
         if graphed:
             step = ts.CudaGraphTrainStep(step, warmup=3)
         losses, norms = run_steps(step, optimizer, batches, lrs)
+        if graphed and graph_device == "cpu":
+            assert step.graph.replays == len(batches) - 3
         return losses, norms, ema
 
     eager_losses, eager_norms, eager_ema = train(model, graphed=False)
     graphed_losses, graphed_norms, graphed_ema = train(twin, graphed=True)
+    if graph_device == "cpu":
+        assert (graphed_losses, graphed_norms) == (eager_losses, eager_norms)
+        for want, got in ((model.state_dict(), twin.state_dict()), (eager_ema.state_dict(), graphed_ema.state_dict())):
+            assert all(torch.equal(got[name], want[name]) for name in want)
+        return
     tol = 1e-4 if amp_dtype is None else 3e-3
     assert graphed_losses == pytest.approx(eager_losses, rel=tol)
     assert graphed_norms == pytest.approx(eager_norms, rel=tol)
@@ -395,8 +403,7 @@ def test_cuda_graph_train_step_follows_the_eager_steps(amp_dtype):
     assert_trained_alike(eager_ema.state_dict().items(), graphed_ema.state_dict().values(), max_step_change=3 * lrs[0])
 
 
-@pytest.mark.cuda
-def test_cuda_graph_train_step_skips_an_overflowing_fp16_step_as_eager_does():
+def test_cuda_graph_train_step_skips_an_overflowing_fp16_step_as_eager_does(graph_device):
     """fp16: a batch that overflows in a replayed step makes the recorded GradScaler skip the update
     and halve the scale, on the device and without the host, exactly as the eager step does; the
     steps after it train normally with the halved scale."""
@@ -406,10 +413,10 @@ def test_cuda_graph_train_step_skips_an_overflowing_fp16_step_as_eager_does():
 
     ts, engine, ema_module = app_train_step, app_engine, app_ema
     torch.manual_seed(0)
-    model = defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=5, drop_path_rate=0.0).cuda()
+    model = defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=5, drop_path_rate=0.0).to(graph_device)
     twin = copy.deepcopy(model)
     amp = engine.AmpSettings(True, torch.float16)
-    batches = [(torch.randn(2, 3, 64, 96, device="cuda"), torch.randint(0, 5, (2,), device="cuda"))
+    batches = [(torch.randn(2, 3, 64, 96, device=graph_device), torch.randint(0, 5, (2,), device=graph_device))
                for _ in range(8)]
     overflow_at = 5  # after the 3 eager steps and the recording: a replay
     batches[overflow_at] = (batches[overflow_at][0] * 1e6, batches[overflow_at][1])  # inf in fp16
@@ -417,7 +424,7 @@ def test_cuda_graph_train_step_skips_an_overflowing_fp16_step_as_eager_does():
     def train(net, graphed):
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True, capturable=True)
         # a scale far below fp16's overflow for these gradients: only the scaled batch overflows
-        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8)
+        scaler = torch.amp.GradScaler(graph_device, init_scale=2.0 ** 8)
         step = ts.TrainStep(net, nn.CrossEntropyLoss(), optimizer, scaler, amp, clip_grad=1.0,
                             model_ema=ema_module.ModelEma(net, 0.8))
         if graphed:

@@ -12,7 +12,6 @@ import torch
 
 import defmamba
 from defmamba.graphed_training import GraphedTraining
-from graph_emulation import emulate_cuda_graphs
 from graph_helpers import amp_step, assert_trained_alike
 
 
@@ -67,22 +66,15 @@ def test_graphed_training_rejects_bad_settings(kwargs, message):
 
 
 # --- replays against eager steps: CUDA graphs on the GPU, emulated graphs on the CPU -------------
-
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def device(request, monkeypatch) -> str:
-    """"cuda": real CUDA graphs. "cpu": graphs emulated on CPU tensors (tests/graph_emulation.py),
-    which replay the recorded operators and must give the eager results bit for bit."""
-    if request.param == "cpu":
-        emulate_cuda_graphs(monkeypatch)
-    return request.param
-
+# (the graph_device fixture, tests/conftest.py)
 
 def _close(device: str, **gpu_tolerance):
     """Tolerances of a replay against eager: exact on the CPU, atomic-order noise on the GPU."""
     return dict(rtol=0, atol=0) if device == "cpu" else gpu_tolerance
 
 
-def _assert_same_training(device: str, eager: torch.nn.Module, graphed: torch.nn.Module, max_step_change: float) -> None:
+def _assert_same_training(device: str, eager: torch.nn.Module, graphed: torch.nn.Module,
+                          max_step_change: float) -> None:
     if device == "cpu":
         for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
             assert torch.equal(p, q), name
@@ -103,29 +95,29 @@ def _batches(count: int, device: str, shape=(2, 3, 64, 96)):
 
 
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16, torch.float16])
-def test_graphed_training_follows_the_eager_steps(device, amp_dtype):
+def test_graphed_training_follows_the_eager_steps(graph_device, amp_dtype):
     """Six steps (odd, non-square stage sizes down to 2 × 3) give the eager losses and weights."""
-    eager_model = _small_model(0, device)
+    eager_model = _small_model(0, graph_device)
     graphed_model = copy.deepcopy(eager_model)
     graphed_model.set_graphed_training()
-    batches = _batches(6, device)
+    batches = _batches(6, graph_device)
     eager_losses = _train(eager_model, batches, amp_dtype)
     graphed_losses = _train(graphed_model, batches, amp_dtype)
     graphs = _graphs(graphed_model)
     assert graphs.signatures == 1
-    if device == "cpu":  # recorded once, replayed at every step
+    if graph_device == "cpu":  # recorded once, replayed at every step
         (recorded,) = graphs._graphs.values()
         assert recorded.forward_graph.replays == recorded.backward_graph.replays == 6
-    tol = 0 if device == "cpu" else 1e-4 if amp_dtype is None else 2e-3
+    tol = 0 if graph_device == "cpu" else 1e-4 if amp_dtype is None else 2e-3
     assert graphed_losses == pytest.approx(eager_losses, rel=tol, abs=0)
     assert len(set(graphed_losses)) == 6, graphed_losses
-    _assert_same_training(device, eager_model, graphed_model, max_step_change=6e-3)
+    _assert_same_training(graph_device, eager_model, graphed_model, max_step_change=6e-3)
 
 
-def test_replayed_outputs_are_not_overwritten_by_the_next_step(device):
-    model = _small_model(0, device)
+def test_replayed_outputs_are_not_overwritten_by_the_next_step(graph_device):
+    model = _small_model(0, graph_device)
     model.set_graphed_training()
-    (first, _), (second, _) = _batches(2, device)
+    (first, _), (second, _) = _batches(2, graph_device)
     kept = []
     for images in (first, first, second):
         logits = model(images)
@@ -137,12 +129,12 @@ def test_replayed_outputs_are_not_overwritten_by_the_next_step(device):
     assert not torch.equal(kept[1][1], kept[2][1])
 
 
-def test_two_forwards_before_one_backward_give_the_eager_gradients(device):
+def test_two_forwards_before_one_backward_give_the_eager_gradients(graph_device):
     """The second forward must not overwrite the activations the first one's backward reads."""
-    eager_model = _small_model(0, device)
+    eager_model = _small_model(0, graph_device)
     graphed_model = copy.deepcopy(eager_model)
     graphed_model.set_graphed_training()
-    (a, _), (b, _) = _batches(2, device)
+    (a, _), (b, _) = _batches(2, graph_device)
     graphed_model(a).sum().backward()  # records the graphs
     graphed_model.zero_grad(set_to_none=True)
     with pytest.warns(UserWarning, match="second forward before the backward"):
@@ -150,18 +142,18 @@ def test_two_forwards_before_one_backward_give_the_eager_gradients(device):
     graphed_loss.backward()
     eager_loss = (eager_model(a) * eager_model(b)).sum()
     eager_loss.backward()
-    torch.testing.assert_close(graphed_loss, eager_loss, **_close(device, rtol=1e-5, atol=1e-5))
+    torch.testing.assert_close(graphed_loss, eager_loss, **_close(graph_device, rtol=1e-5, atol=1e-5))
     for (name, p), q in zip(eager_model.named_parameters(), graphed_model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, **_close(device, rtol=1e-4, atol=1e-5), msg=name)
+        torch.testing.assert_close(q.grad, p.grad, **_close(graph_device, rtol=1e-4, atol=1e-5), msg=name)
 
 
-def test_accumulated_gradients_and_zeroing_in_place_match_eager(device):
+def test_accumulated_gradients_and_zeroing_in_place_match_eager(graph_device):
     """Two backwards into the same .grad (gradient accumulation), then zero_grad(set_to_none=False):
     a gradient that is still the backward graph's own tensor must not be overwritten by the replay."""
-    eager_model = _small_model(0, device)
+    eager_model = _small_model(0, graph_device)
     graphed_model = copy.deepcopy(eager_model)
     graphed_model.set_graphed_training()
-    batches = _batches(6, device)
+    batches = _batches(6, graph_device)
     for model in (eager_model, graphed_model):
         grads = []
         for step in range(3):
@@ -173,16 +165,16 @@ def test_accumulated_gradients_and_zeroing_in_place_match_eager(device):
         model.accumulated = grads
     for eager_step, graphed_step in zip(eager_model.accumulated, graphed_model.accumulated):
         for (name, _), want, got in zip(eager_model.named_parameters(), eager_step, graphed_step):
-            torch.testing.assert_close(got, want, **_close(device, rtol=1e-4, atol=1e-6), msg=name)
+            torch.testing.assert_close(got, want, **_close(graph_device, rtol=1e-4, atol=1e-6), msg=name)
     assert _graphs(graphed_model).signatures == 1
 
 
-def test_shapes_beyond_max_signatures_and_evaluation_run_eagerly(device):
-    eager_model = _small_model(0, device)
+def test_shapes_beyond_max_signatures_and_evaluation_run_eagerly(graph_device):
+    eager_model = _small_model(0, graph_device)
     graphed_model = copy.deepcopy(eager_model)
     graphed_model.set_graphed_training(max_signatures=1)
-    (a, _), = _batches(1, device)
-    (b, _), = _batches(1, device, shape=(3, 3, 96, 64))
+    (a, _), = _batches(1, graph_device)
+    (b, _), = _batches(1, graph_device, shape=(3, 3, 96, 64))
     graphed_model(a).sum().backward()
     with pytest.warns(UserWarning, match="max_signatures=1"):
         out = graphed_model(b)
@@ -194,10 +186,10 @@ def test_shapes_beyond_max_signatures_and_evaluation_run_eagerly(device):
     assert _graphs(graphed_model).signatures == 1
 
 
-def test_hooks_and_moved_parameters_are_honoured(device):
-    model = _small_model(0, device)
+def test_hooks_and_moved_parameters_are_honoured(graph_device):
+    model = _small_model(0, graph_device)
     model.set_graphed_training()
-    (a, _), = _batches(1, device)
+    (a, _), = _batches(1, graph_device)
     model(a).sum().backward()
     seen = []
     handle = model.layers[1].register_forward_hook(lambda *_: seen.append(1))
@@ -210,18 +202,18 @@ def test_hooks_and_moved_parameters_are_honoured(device):
     assert _graphs(model).signatures == 2
 
 
-def test_backbone_with_a_frozen_stage_follows_eager(device):
+def test_backbone_with_a_frozen_stage_follows_eager(graph_device):
     """Four stage outputs, a frozen stem and first stage (eval mode, no gradients): the replayed
     backward gives the eager gradients, and none to the frozen parameters."""
     torch.manual_seed(0)
-    eager = defmamba.DefMambaBackbone(dims=32, depths=(1, 1, 1, 1), drop_path_rate=0.0).to(device).train()
+    eager = defmamba.DefMambaBackbone(dims=32, depths=(1, 1, 1, 1), drop_path_rate=0.0).to(graph_device).train()
     graphed = copy.deepcopy(eager)
     for model in (eager, graphed):
         for module in (model.patch_embed, model.layers[0]):
             module.eval()
             module.requires_grad_(False)
     graphed.set_graphed_training()
-    (a, _), (b, _) = _batches(2, device)
+    (a, _), (b, _) = _batches(2, graph_device)
     for model in (eager, graphed):
         for images in (a, b):
             model.zero_grad(set_to_none=True)
@@ -230,14 +222,14 @@ def test_backbone_with_a_frozen_stage_follows_eager(device):
         model.outputs = [o.detach() for o in outputs]
     assert _graphs(graphed).signatures == 1
     for got, want in zip(graphed.outputs, eager.outputs):
-        torch.testing.assert_close(got, want, **_close(device, rtol=1e-5, atol=1e-6))
+        torch.testing.assert_close(got, want, **_close(graph_device, rtol=1e-5, atol=1e-6))
     for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
         assert (p.grad is None) == (q.grad is None) == name.startswith(("patch_embed.", "layers.0.")), name
         if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, **_close(device, rtol=1e-3, atol=1e-5), msg=name)
+            torch.testing.assert_close(q.grad, p.grad, **_close(graph_device, rtol=1e-3, atol=1e-5), msg=name)
 
 
-def test_graphed_training_under_ddp_follows_eager_ddp(device):
+def test_graphed_training_under_ddp_follows_eager_ddp(graph_device):
     """DDP's gradient hooks fire as the replayed backward hands the gradients over (one process;
     NCCL on the GPU, gloo on the CPU)."""
     import torch.distributed as dist
@@ -246,17 +238,17 @@ def test_graphed_training_under_ddp_follows_eager_ddp(device):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+    dist.init_process_group("nccl" if graph_device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=0, world_size=1)
     try:
-        eager_model = _small_model(0, device)
+        eager_model = _small_model(0, graph_device)
         graphed_model = copy.deepcopy(eager_model)
         graphed_model.set_graphed_training()
-        batches = _batches(4, device)
+        batches = _batches(4, graph_device)
         eager_losses = _train(DistributedDataParallel(eager_model), batches, torch.float16)
         graphed_losses = _train(DistributedDataParallel(graphed_model), batches, torch.float16)
     finally:
         dist.destroy_process_group()
     assert _graphs(graphed_model).signatures == 1
-    assert graphed_losses == pytest.approx(eager_losses, rel=0 if device == "cpu" else 2e-3, abs=0)
-    _assert_same_training(device, eager_model, graphed_model, max_step_change=4e-3)
+    assert graphed_losses == pytest.approx(eager_losses, rel=0 if graph_device == "cpu" else 2e-3, abs=0)
+    _assert_same_training(graph_device, eager_model, graphed_model, max_step_change=4e-3)

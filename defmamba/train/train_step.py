@@ -85,6 +85,11 @@ class TrainStep:
         return loss, self.update() if update else None
 
 
+def _graph_device(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors are where CUDA graphs can record them (on a CUDA device)."""
+    return all(t.is_cuda for t in tensors)
+
+
 class CudaGraphTrainStep:
     """A :class:`TrainStep` (one micro-batch per update) replayed from a CUDA graph.
 
@@ -140,7 +145,7 @@ class CudaGraphTrainStep:
                  update: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         if not update:
             raise ValueError("CUDA graphs record one micro-batch per optimizer step; set TRAIN.ACCUMULATION_STEPS 1")
-        if samples.device.type != "cuda":
+        if not _graph_device(samples):
             raise ValueError(f"CUDA graphs need CUDA tensors, got a batch on {samples.device}")
         if self.graph is None and self.eager_steps < self.warmup:
             return self._eager(samples, targets)
