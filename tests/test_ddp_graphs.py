@@ -1,6 +1,7 @@
-"""CUDA-graph training steps under DistributedDataParallel (NCCL): the recorded step, gradient
-all-reduce included, trains as the eager DDP step does. One process, so it runs on one GPU; the
-two-GPU run is measured with `torchrun --nproc_per_node 2 classification/main.py`."""
+"""CUDA-graph training steps under DistributedDataParallel: the recorded step, gradient all-reduce
+included, trains as the eager DDP step does. One process: on one GPU under NCCL, and on the CPU
+under gloo with emulated graphs (tests/graph_emulation.py); the two-GPU run is measured with
+`torchrun --nproc_per_node 2 classification/main.py`."""
 from __future__ import annotations
 
 import copy
@@ -16,32 +17,35 @@ from torch.nn.parallel import DistributedDataParallel
 from defmamba.train.engine import AmpSettings
 from defmamba.train.train_step import DDP_WARMUP_STEPS, CudaGraphTrainStep, TrainStep
 
-pytestmark = pytest.mark.cuda
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def nccl_group():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                            device_id=torch.device("cuda", torch.cuda.current_device()))
-    yield
+@pytest.fixture
+def process_group(graph_device):
+    """A one-process group: NCCL on the GPU, gloo on the CPU."""
+    if graph_device == "cuda":
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                device_id=torch.device("cuda", torch.cuda.current_device()))
+    else:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield graph_device
     dist.destroy_process_group()
 
 
-def _train(net: nn.Module, graphed: bool, batches, lrs, amp_dtype):
+def _device_ids(device: str):
+    return [torch.cuda.current_device()] if device == "cuda" else None
+
+
+def _train(net: nn.Module, graphed: bool, batches, lrs, amp_dtype, device: str):
     """Losses and gradient norms of one step per batch, through DDP, eager or graphed."""
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        ddp = DistributedDataParallel(net, device_ids=[torch.cuda.current_device()], broadcast_buffers=False)
+        ddp = DistributedDataParallel(net, device_ids=_device_ids(device), broadcast_buffers=False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lrs[0], fused=True, capturable=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16)
     amp = AmpSettings(amp_dtype is not None, amp_dtype or torch.float32)
     step = TrainStep(ddp, nn.CrossEntropyLoss(), optimizer, scaler, amp, clip_grad=1.0, ema_source=net)
     if graphed:
@@ -54,18 +58,24 @@ def _train(net: nn.Module, graphed: bool, batches, lrs, amp_dtype):
 
 
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16, torch.float16])
-def test_graphed_ddp_step_follows_the_eager_ddp_steps(nccl_group, amp_dtype):
+def test_graphed_ddp_step_follows_the_eager_ddp_steps(process_group, amp_dtype):
     import defmamba
 
+    device = process_group
     torch.manual_seed(0)
-    model = defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=5, drop_path_rate=0.0).cuda()
+    model = defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=5, drop_path_rate=0.0).to(device)
     twin = copy.deepcopy(model)
     steps = DDP_WARMUP_STEPS + 4          # warm-up, the recording, three replays
-    batches = [(torch.randn(2, 3, 64, 96, device="cuda"), torch.randint(0, 5, (2,), device="cuda"))
+    batches = [(torch.randn(2, 3, 64, 96, device=device), torch.randint(0, 5, (2,), device=device))
                for _ in range(steps)]
-    lrs = [1e-3 * 0.8 ** i for i in range(steps)]
-    eager_losses, eager_norms = _train(model, False, batches, lrs, amp_dtype)
-    graphed_losses, graphed_norms = _train(twin, True, batches, lrs, amp_dtype)
+    # float32 values: the recorded AdamW reads each from a float32 tensor, the eager one as a float
+    lrs = [torch.tensor(1e-3 * 0.8 ** i).item() for i in range(steps)]
+    eager_losses, eager_norms = _train(model, False, batches, lrs, amp_dtype, device)
+    graphed_losses, graphed_norms = _train(twin, True, batches, lrs, amp_dtype, device)
+    if device == "cpu":
+        assert (graphed_losses, graphed_norms) == (eager_losses, eager_norms)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+        return
     # float32 atomics in the sampling backward: run-to-run noise (graph_helpers.assert_trained_alike)
     tol = 1e-4 if amp_dtype is None else 3e-3
     assert graphed_losses == pytest.approx(eager_losses, rel=tol)
@@ -73,11 +83,12 @@ def test_graphed_ddp_step_follows_the_eager_ddp_steps(nccl_group, amp_dtype):
     assert_trained_alike(model.named_parameters(), twin.parameters(), max_step_change=3 * lrs[0] * steps)
 
 
-def test_a_ddp_model_must_name_its_stream(nccl_group):
-    net = nn.Linear(4, 2).cuda()
-    ddp = DistributedDataParallel(net, device_ids=[torch.cuda.current_device()])
+def test_a_ddp_model_must_name_its_stream(process_group):
+    device = process_group
+    net = nn.Linear(4, 2).to(device)
+    ddp = DistributedDataParallel(net, device_ids=_device_ids(device))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True, capturable=True)
-    step = TrainStep(ddp, nn.CrossEntropyLoss(), optimizer, torch.amp.GradScaler("cuda", enabled=False),
+    step = TrainStep(ddp, nn.CrossEntropyLoss(), optimizer, torch.amp.GradScaler(device, enabled=False),
                      AmpSettings(False, torch.float32))
     with pytest.raises(ValueError, match="stream it was built on"):
         CudaGraphTrainStep(step)
