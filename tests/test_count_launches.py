@@ -1,6 +1,7 @@
 """tools/count_launches.py: the launches of an eager step along the GPU routes, counted on CPU."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -33,6 +34,9 @@ def test_training_step_of_tiny_along_the_gpu_routes(tmp_path):
     brain, _ = _count(tmp_path / "brain.json", "bfloat16")
     assert (half["dtype"], brain["dtype"]) == ("float16", "bfloat16")
     assert half["by_op"] == brain["by_op"]
+    # nothing in the step makes the host wait for the GPU (it would stall the host-bound pipeline)
+    assert half["host_syncs"] == brain["host_syncs"] == {}
+    assert "0 host synchronisations" in printout
 
 
 def _check_tiny(report: dict) -> None:
@@ -67,3 +71,20 @@ def _check_tiny(report: dict) -> None:
     for phase in ("forward", "backward"):
         totals = report["totals"][phase]
         assert sum(report["by_source"][phase].values()) == totals == sum(report["by_op"][phase].values())
+
+
+def test_host_synchronisations_are_counted_with_their_source():
+    """``bool(t)`` and a data-dependent size (``nonzero``) are the host waits the step must not have."""
+    code = ("import sys; sys.path.insert(0, 'tools'); import count_launches, torch\n"
+            "counter = count_launches.LaunchCounter()\n"
+            "with counter:\n"
+            "    x = torch.arange(4.0)\n"
+            "    if x.sum() > 1:\n"
+            "        x.nonzero()\n"
+            "print(sorted(counter.host_syncs['forward'].elements()))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    syncs = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    assert [s.split("  @ ")[0] for s in syncs] == ["aten::_local_scalar_dense", "aten::nonzero"], syncs

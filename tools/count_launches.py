@@ -6,8 +6,9 @@ them without a GPU: it runs the model on CPU tensors along the GPU routes (the T
 Python wrappers, their kernels replaced by counters, TRITON_INTERPRET set so that their CPU-tensor
 checks pass), under float16 (or ``--dtype bfloat16``) autocast, and records every ATen operator
 that would launch a kernel (views, allocations and metadata operators launch none) with the model
-source line that issued it; an operator of autograd's own backward formulas is attributed to its
-node and to the library line whose forward made the node
+source line that issued it, and every operator that would make the host wait for the GPU
+(``.item()``, a data-dependent output size); an operator of autograd's own backward formulas is
+attributed to its node and to the library line whose forward made the node
 ('aten::mm  @ MmBackward0 of models/dssm.py:80 forward').
 
     python tools/count_launches.py [--model defmamba_tiny] [--mode train|infer] [--size 224]
@@ -51,6 +52,10 @@ NO_LAUNCH = {
     "_has_compatible_shallow_copy_type", "is_nonzero", "contiguous",
 }
 TRITON_KERNEL = "triton"
+# Operators that make the host wait for the GPU: they read a tensor's values on the host (.item(),
+# bool(t)) or size their output by them. One in an eager step stalls the host-bound pipeline.
+HOST_SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
+              "unique_consecutive", "equal", "repeat_interleave"}
 
 
 _ROOT = os.sep + "defmamba" + os.sep
@@ -86,6 +91,7 @@ class LaunchCounter(TorchDispatchMode):
         self.phase = "forward"
         self.by_op: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.by_source: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.host_syncs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.active = True
 
     def record(self, name: str) -> None:
@@ -103,6 +109,8 @@ class LaunchCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]
+        if self.active and name in HOST_SYNCS:
+            self.host_syncs[self.phase][f"aten::{name}  @ {_source(traceback.extract_stack()[:-1])}"] += 1
         if name not in NO_LAUNCH and not name.endswith("_copy_nocopy"):
             self.record(f"aten::{name}" if func.namespace == "aten" else f"{func.namespace}::{name}")
         return func(*args, **(kwargs or {}))
@@ -218,9 +226,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     counter = count_step(args.model, args.mode, args.size, dtype=getattr(torch, args.dtype))
     report = dict(model=args.model, mode=args.mode, dtype=args.dtype, totals=counter.totals(),
                   by_op={p: dict(c.most_common()) for p, c in counter.by_op.items()},
-                  by_source={p: dict(c.most_common()) for p, c in counter.by_source.items()})
+                  by_source={p: dict(c.most_common()) for p, c in counter.by_source.items()},
+                  host_syncs={p: dict(c.most_common()) for p, c in counter.host_syncs.items() if c})
     for phase, total in report["totals"].items():
-        print(f"== {args.model} {args.mode} {args.dtype}, {phase}: {total} launching operators")
+        syncs = counter.host_syncs[phase]
+        print(f"== {args.model} {args.mode} {args.dtype}, {phase}: {total} launching operators, "
+              f"{sum(syncs.values())} host synchronisations")
+        for name, count in syncs.most_common():
+            print(f"  {count:5d}  {name}  (host sync)")
         for name, count in counter.by_op[phase].most_common(args.top):
             print(f"  {count:5d}  {name}")
         print("  by source:")
