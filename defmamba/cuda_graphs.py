@@ -5,11 +5,12 @@ launch cost: the way to see, and to get, the GPU's own time per step for host-bo
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, TypeVar, Union
+import contextlib
+from typing import Callable, Iterator, Optional, TypeVar, Union
 
 import torch
 
-__all__ = ["CudaGraphError", "capture_cuda_graph", "record_graph", "require_cuda_for_graphs"]
+__all__ = ["CudaGraphError", "capture_cuda_graph", "record_graph", "require_cuda_for_graphs", "side_stream"]
 
 T = TypeVar("T")
 
@@ -39,14 +40,26 @@ def capture_cuda_graph(step: Callable[[], object], device: Union[str, torch.devi
     require_cuda_for_graphs(device)
     if warmup < 1:
         raise ValueError(f"warmup must be ≥ 1 (state the graph relies on is created there), got {warmup}")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    with side_stream(device):
         for _ in range(warmup):
             step()
-    torch.cuda.current_stream(device).wait_stream(side)
     graph, _ = record_graph(step)
     return graph.replay
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device, stream: Optional[torch.cuda.Stream] = None) -> Iterator[torch.cuda.Stream]:
+    """Run the block on ``stream`` (a new one if None), after the work already queued on the current
+    stream, which waits for the block's work afterwards: where warm-up runs go before a recording, as
+    ``torch.cuda.graph`` asks. Yields the stream."""
+    current = torch.cuda.current_stream(device)
+    stream = stream if stream is not None else torch.cuda.Stream(device)
+    stream.wait_stream(current)
+    try:
+        with torch.cuda.stream(stream):
+            yield stream
+    finally:
+        current.wait_stream(stream)
 
 
 def record_graph(fn: Callable[[], T], capture_error_mode: str = "global", stream: Optional[torch.cuda.Stream] = None,

@@ -28,16 +28,15 @@ first, so accumulating works as in eager mode.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from .cuda_graphs import CudaGraphError, record_graph
+from .cuda_graphs import CudaGraphError, record_graph, side_stream
 from .ops.dispatch import runs_as_called
 
 __all__ = ["GraphedTraining"]
@@ -50,20 +49,6 @@ def _capturable(inputs: tuple) -> bool:
     plain forward)."""
     return (all(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
             and not torch.cuda.is_current_stream_capturing())
-
-
-@contextlib.contextmanager
-def _side_stream(device: torch.device) -> Iterator[torch.cuda.Stream]:
-    """A new stream that waits for the current one and is current inside the block; the current
-    stream waits for it afterwards (warm-up runs and recordings go there, as torch.cuda.graph asks)."""
-    current = torch.cuda.current_stream(device)
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(current)
-    try:
-        with torch.cuda.stream(stream):
-            yield stream
-    finally:
-        current.wait_stream(stream)
 
 
 def _gradients(outputs: list[torch.Tensor], inputs: tuple[torch.Tensor, ...],
@@ -89,7 +74,7 @@ class _Graphs:
         self.static_inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
         differentiable = tuple(t for t in self.static_inputs if t.requires_grad) + params
         self.input_needs_grad = [t.requires_grad for t in inputs]
-        with _side_stream(inputs[0].device) as stream:  # cuDNN, Triton and the allocator settle outside the graphs
+        with side_stream(inputs[0].device) as stream:  # cuDNN, Triton and the allocator settle outside the graphs
             for _ in range(warmup):
                 outputs = [o for o in torch.utils._pytree.tree_leaves(forward(*self.static_inputs)) if o.requires_grad]
                 _gradients(outputs, differentiable, [torch.ones_like(o) for o in outputs])

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..cuda_graphs import CudaGraphError, record_graph
+from ..cuda_graphs import CudaGraphError, record_graph, side_stream
 
 __all__ = ["CudaGraphError", "CudaGraphTrainStep", "DDP_WARMUP_STEPS", "TrainStep"]
 
@@ -162,12 +162,8 @@ class CudaGraphTrainStep:
         self.eager_steps += 1
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(samples.device)
-        main = torch.cuda.current_stream(samples.device)
-        self._side_stream.wait_stream(main)
-        with torch.cuda.stream(self._side_stream):
-            loss, norm = self.step(samples, targets)
-        main.wait_stream(self._side_stream)
-        return loss, norm
+        with side_stream(samples.device, self._side_stream):
+            return self.step(samples, targets)
 
     def _record(self, samples, targets):
         self._samples, self._targets = samples.clone(), targets.clone()
