@@ -154,7 +154,7 @@ _MAIN_STREAM = _Stream()
 def emulate_cuda_graphs(monkeypatch) -> None:
     """For one test (pytest's ``monkeypatch`` undoes it): ``torch.cuda``'s graphs and streams are the
     emulation above, and the library's graph paths take CPU tensors."""
-    from defmamba import graphed_training
+    from defmamba import cuda_graphs, graphed_training
     from defmamba.train import train_step
 
     for name, value in (("CUDAGraph", EmulatedGraph), ("graph", _Capture), ("Stream", _Stream),
@@ -166,3 +166,4 @@ def emulate_cuda_graphs(monkeypatch) -> None:
     on_cpu = lambda *tensors: all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors)  # noqa: E731
     monkeypatch.setattr(graphed_training, "_capturable", lambda inputs: on_cpu(*inputs) and not _Capture.active)
     monkeypatch.setattr(train_step, "_graph_device", on_cpu)
+    monkeypatch.setattr(cuda_graphs, "require_cuda_for_graphs", lambda device: None)
