@@ -10,9 +10,16 @@ from typing import Callable, Iterator, Optional, TypeVar, Union
 
 import torch
 
-__all__ = ["CudaGraphError", "capture_cuda_graph", "record_graph", "require_cuda_for_graphs", "side_stream"]
+__all__ = ["CudaGraphError", "HOST_SYNC_OPS", "capture_cuda_graph", "record_graph", "require_cuda_for_graphs",
+           "side_stream"]
 
 T = TypeVar("T")
+
+# ATen operators that make the host wait for the GPU: they read a tensor's values on the host
+# (``.item()``, ``bool(t)``) or size their output by them. A stream capture refuses them, and one in
+# an eager step stalls a host-bound pipeline.
+HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
+                           "unique_consecutive", "equal", "repeat_interleave"})
 
 
 class CudaGraphError(RuntimeError):

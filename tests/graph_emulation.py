@@ -32,10 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-# Operators that read tensor values on the host, or whose output shape depends on them: a CUDA
-# stream capture refuses them.
-HOST_SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim", "equal",
-              "is_nonzero", "allclose", "repeat_interleave"}
+from defmamba.cuda_graphs import HOST_SYNC_OPS
 
 Op = tuple[Any, tuple, dict, Any]
 
@@ -58,7 +55,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name.split("::")[-1]
-        if name in HOST_SYNCS:
+        if name in HOST_SYNC_OPS:
             raise RuntimeError(f"operation not permitted when stream is capturing ({func}: a host synchronisation)")
         for i, argument in enumerate(func._schema.arguments):
             if argument.alias_info is not None and argument.alias_info.is_write:

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import defmamba  # noqa: E402
+from defmamba.cuda_graphs import HOST_SYNC_OPS  # noqa: E402
 
 __all__ = ["LaunchCounter", "gpu_routes_on_cpu", "count_step", "main"]
 
@@ -52,10 +53,6 @@ NO_LAUNCH = {
     "_has_compatible_shallow_copy_type", "is_nonzero", "contiguous",
 }
 TRITON_KERNEL = "triton"
-# Operators that make the host wait for the GPU: they read a tensor's values on the host (.item(),
-# bool(t)) or size their output by them. One in an eager step stalls the host-bound pipeline.
-HOST_SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
-              "unique_consecutive", "equal", "repeat_interleave"}
 
 
 _ROOT = os.sep + "defmamba" + os.sep
@@ -109,7 +106,7 @@ class LaunchCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]
-        if self.active and name in HOST_SYNCS:
+        if self.active and name in HOST_SYNC_OPS:
             self.host_syncs[self.phase][f"aten::{name}  @ {_source(traceback.extract_stack()[:-1])}"] += 1
         if name not in NO_LAUNCH and not name.endswith("_copy_nocopy"):
             self.record(f"aten::{name}" if func.namespace == "aten" else f"{func.namespace}::{name}")
