@@ -24,6 +24,13 @@ def assert_trained_alike(reference: Iterable[tuple[str, torch.Tensor]], other: I
     assert mismatched <= 1e-3 * total, f"{mismatched} of {total} entries differ beyond rtol 1e-3, atol 1e-4"
 
 
+def assert_trained_identically(reference: Iterable[tuple[str, torch.Tensor]], other: Iterable[torch.Tensor]) -> None:
+    """Two runs of the same training steps end with the same tensors, bit for bit (on the CPU, where
+    a replay of emulated graphs runs the eager operators in the eager order)."""
+    for (name, a), b in zip(reference, other, strict=True):
+        assert torch.equal(a, b), name
+
+
 def run_steps(step, optimizer: torch.optim.Optimizer, batches, lrs) -> tuple[list[float], list[float]]:
     """Losses and gradient norms of one training ``step`` per (images, targets) batch, the
     optimizer's learning rate set to the next of ``lrs`` before each."""

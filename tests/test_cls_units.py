@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from graph_helpers import assert_trained_alike, run_steps
+from graph_helpers import assert_trained_alike, assert_trained_identically, run_steps
 from torch import nn
 
 from defmamba.train import config as app_config
@@ -392,8 +392,8 @@ def test_cuda_graph_train_step_follows_the_eager_steps(graph_device, amp_dtype):
     graphed_losses, graphed_norms, graphed_ema = train(twin, graphed=True)
     if graph_device == "cpu":
         assert (graphed_losses, graphed_norms) == (eager_losses, eager_norms)
-        for want, got in ((model.state_dict(), twin.state_dict()), (eager_ema.state_dict(), graphed_ema.state_dict())):
-            assert all(torch.equal(got[name], want[name]) for name in want)
+        assert_trained_identically(model.state_dict().items(), twin.state_dict().values())
+        assert_trained_identically(eager_ema.state_dict().items(), graphed_ema.state_dict().values())
         return
     tol = 1e-4 if amp_dtype is None else 3e-3
     assert graphed_losses == pytest.approx(eager_losses, rel=tol)

@@ -10,7 +10,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-from graph_helpers import assert_trained_alike, run_steps
+from graph_helpers import assert_trained_alike, assert_trained_identically, run_steps
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -74,7 +74,7 @@ def test_graphed_ddp_step_follows_the_eager_ddp_steps(process_group, amp_dtype):
     graphed_losses, graphed_norms = _train(twin, True, batches, lrs, amp_dtype, device)
     if device == "cpu":
         assert (graphed_losses, graphed_norms) == (eager_losses, eager_norms)
-        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+        assert_trained_identically(model.named_parameters(), twin.parameters())
         return
     # float32 atomics in the sampling backward: run-to-run noise (graph_helpers.assert_trained_alike)
     tol = 1e-4 if amp_dtype is None else 3e-3

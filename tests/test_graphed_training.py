@@ -12,7 +12,7 @@ import torch
 
 import defmamba
 from defmamba.graphed_training import GraphedTraining
-from graph_helpers import amp_step, assert_trained_alike
+from graph_helpers import amp_step, assert_trained_alike, assert_trained_identically
 
 
 def _small_model(seed: int, device: str, **kwargs) -> torch.nn.Module:
@@ -76,8 +76,7 @@ def _close(device: str, **gpu_tolerance):
 def _assert_same_training(device: str, eager: torch.nn.Module, graphed: torch.nn.Module,
                           max_step_change: float) -> None:
     if device == "cpu":
-        for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
-            assert torch.equal(p, q), name
+        assert_trained_identically(eager.named_parameters(), graphed.parameters())
     else:
         assert_trained_alike(eager.named_parameters(), graphed.parameters(), max_step_change=max_step_change)
 

@@ -336,6 +336,7 @@ def test_upernet_steps_with_the_graphed_backbone_equal_eager_ones(tmp_path, monk
     import copy
 
     from graph_emulation import emulate_cuda_graphs
+    from graph_helpers import assert_trained_identically
     from mmengine.dataset import pseudo_collate
     from mmengine.optim import build_optim_wrapper
 
@@ -359,8 +360,7 @@ def test_upernet_steps_with_the_graphed_backbone_equal_eager_ones(tmp_path, monk
         runs[graphed] = losses, model
     (eager_losses, eager), (graphed_losses, graphed) = runs[False], runs[True]
     assert graphed_losses == eager_losses
-    for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
-        assert torch.equal(p, q), name
+    assert_trained_identically(eager.named_parameters(), graphed.parameters())
     graphs = graphed.backbone.__dict__["_graphed_training"]
     (recorded,) = graphs._graphs.values()
     assert recorded.forward_graph.replays == recorded.backward_graph.replays == len(batches)
