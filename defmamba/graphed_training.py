@@ -28,10 +28,11 @@ first, so accumulating works as in eager mode.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -60,6 +61,27 @@ def _gradients(outputs: list[torch.Tensor], inputs: tuple[torch.Tensor, ...],
         return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
 
 
+@contextlib.contextmanager
+def _parameters_as_new_leaves(module: nn.Module, params: tuple[torch.Tensor, ...]) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The module tree with each of ``params`` replaced, for a recording, by a new leaf parameter on
+    the same memory; yields those leaves.
+
+    The recorded backward takes its gradients at these leaves, so the parameters' own gradient
+    accumulators take no part in the recording. Those accumulators are bound to the stream they were
+    made on: DDP makes and keeps them on the default stream, and a recorded backward that reached
+    them would make the default stream wait on the recording stream, which CUDA refuses."""
+    leaves = {id(p): nn.Parameter(p.detach(), requires_grad=True) for p in params}
+    holders = [(m, name, p) for m in module.modules() for name, p in m._parameters.items()
+               if p is not None and id(p) in leaves]
+    try:
+        for m, name, p in holders:
+            m._parameters[name] = leaves[id(p)]
+        yield tuple(leaves[id(p)] for p in params)
+    finally:
+        for m, name, p in holders:
+            m._parameters[name] = p
+
+
 class _Graphs:
     """The forward and backward graphs of one input signature, on one memory pool.
 
@@ -68,24 +90,26 @@ class _Graphs:
     ``grads`` what it writes: one gradient (or None) per differentiable input and parameter.
     """
 
-    def __init__(self, forward: Callable[..., Any], inputs: tuple[torch.Tensor, ...],
+    def __init__(self, module: nn.Module, forward: Callable[..., Any], inputs: tuple[torch.Tensor, ...],
                  params: tuple[torch.Tensor, ...], warmup: int) -> None:
         self.params = params
         self.static_inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
-        differentiable = tuple(t for t in self.static_inputs if t.requires_grad) + params
         self.input_needs_grad = [t.requires_grad for t in inputs]
-        with side_stream(inputs[0].device) as stream:  # cuDNN, Triton and the allocator settle outside the graphs
-            for _ in range(warmup):
+        with side_stream(inputs[0].device) as stream, _parameters_as_new_leaves(module, params) as leaves:
+            differentiable = tuple(t for t in self.static_inputs if t.requires_grad) + leaves
+            for _ in range(warmup):  # cuDNN, Triton and the allocator settle outside the graphs
                 outputs = [o for o in torch.utils._pytree.tree_leaves(forward(*self.static_inputs)) if o.requires_grad]
                 _gradients(outputs, differentiable, [torch.ones_like(o) for o in outputs])
             del outputs
-        self.forward_graph, outputs = record_graph(lambda: forward(*self.static_inputs), "thread_local", stream)
-        self.outputs, self.spec = torch.utils._pytree.tree_flatten(outputs)
-        self.grad_outputs = [torch.empty_like(o) if o.requires_grad else None for o in self.outputs]
-        needed = [o for o in self.outputs if o.requires_grad]
-        incoming = [g for g in self.grad_outputs if g is not None]
-        self.backward_graph, grads = record_graph(lambda: _gradients(needed, differentiable, incoming),
-                                                  "thread_local", stream, pool=self.forward_graph.pool())
+            self.forward_graph, outputs = record_graph(lambda: forward(*self.static_inputs), "thread_local", stream)
+            outputs, self.spec = torch.utils._pytree.tree_flatten(outputs)
+            self.grad_outputs = [torch.empty_like(o) if o.requires_grad else None for o in outputs]
+            needed = [o for o in outputs if o.requires_grad]
+            incoming = [g for g in self.grad_outputs if g is not None]
+            self.backward_graph, grads = record_graph(lambda: _gradients(needed, differentiable, incoming),
+                                                      "thread_local", stream, pool=self.forward_graph.pool())
+        # the recorded outputs' memory, without the recording's autograd graph (nothing runs it again)
+        self.outputs = [o.detach() for o in outputs]
         grads = list(grads)
         self.grads = [grads.pop(0) if needs else None for needs in self.input_needs_grad] + grads
         self.owed: Optional[weakref.ref] = None  # the autograd node of the last replay, until its backward
@@ -231,7 +255,7 @@ class GraphedTraining:
         with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
                             enabled=torch.is_autocast_enabled(device_type), cache_enabled=False):
             try:
-                return _Graphs(self.forward, tuple(inputs), params, self.warmup)
+                return _Graphs(self.module, self.forward, tuple(inputs), params, self.warmup)
             except CudaGraphError as err:
                 raise CudaGraphError(f"GraphedTraining could not record {type(self.module).__name__}'s training "
                                      f"forward and backward ({err.__cause__}); turn it off "

@@ -2,6 +2,7 @@
 inside an eager loop (defmamba/graphed_training.py), against the same steps run eagerly."""
 from __future__ import annotations
 
+import collections
 import copy
 import pickle
 import socket
@@ -166,6 +167,24 @@ def test_accumulated_gradients_and_zeroing_in_place_match_eager(graph_device):
         for (name, _), want, got in zip(eager_model.named_parameters(), eager_step, graphed_step):
             torch.testing.assert_close(got, want, **_close(graph_device, rtol=1e-4, atol=1e-6), msg=name)
     assert _graphs(graphed_model).signatures == 1
+
+
+def test_recordings_leave_the_parameters_gradient_hooks_and_accumulators_alone(graph_device):
+    """The warm-up and the recorded backward take their gradients at stand-in leaves: a parameter's
+    gradient hook fires once per step, as in eager mode, and its gradient accumulator (which DDP
+    keeps, bound to the stream it was made on; reaching it from a recording fails on the GPU) takes
+    no part in a recording."""
+    model = _small_model(0, graph_device)
+    model.set_graphed_training()
+    calls = collections.Counter()
+    for name, p in model.named_parameters():
+        p.register_hook(lambda grad, name=name: calls.update([name]))
+    for images, _ in _batches(3, graph_device):
+        model(images).sum().backward()
+    assert _graphs(model).signatures == 1
+    assert set(calls) == {name for name, _ in model.named_parameters()}
+    assert set(calls.values()) == {3}, calls
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())  # the parameters are back
 
 
 def test_shapes_beyond_max_signatures_and_evaluation_run_eagerly(graph_device):
