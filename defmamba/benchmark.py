@@ -2,7 +2,8 @@
 
 Images per second are the median over repeated timed windows after a warm-up; GPU windows are
 timed with CUDA events, CPU windows with ``time.perf_counter``. On GPU the peak memory of the
-timed part is reported.
+timed part is reported, and with CUDA graphs (``cuda_graphs``, or a model trained with graphed
+training) that of the warm-up and the recording too: that is where a graph's memory is allocated.
 """
 from __future__ import annotations
 
@@ -103,16 +104,20 @@ def measure_throughput(model: nn.Module, batch_size: int, image_size: Union[int,
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
-    if cuda_graphs:
-        # Replays allocate nothing, so the peak is taken over the side-stream warm-up and the capture.
+    # Replays allocate nothing: their memory is what the recording allocated, so with CUDA graphs (the
+    # whole step, or a model's graphed training, recorded in the first warm-up step) the peak is
+    # taken over the warm-up and the recording too.
+    records_graphs = cuda_graphs or (mode == "train" and getattr(model, "graphed_training", False) is True)
+    if records_graphs and on_gpu:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    if cuda_graphs:
         step = capture_cuda_graph(step, device)
     for _ in range(warmup):
         step()
     if on_gpu:
         torch.cuda.synchronize(device)
-        if not cuda_graphs:
+        if not records_graphs:
             torch.cuda.reset_peak_memory_stats(device)
     rates = []
     for _ in range(repeats):

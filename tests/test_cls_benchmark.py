@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+
+import defmamba
 from graph_helpers import amp_step, assert_trained_alike, assert_trained_identically
 from tool_helpers import load_tool
 
@@ -107,6 +109,22 @@ def test_benchmark_graphed_training_graphs_defmamba_only(bench, monkeypatch):
     calls.clear()
     bench.measure_one("convnext_tiny", "train_bf16", args, torch.device("cuda"))
     assert calls == []
+
+
+@pytest.mark.cuda
+def test_graphed_training_peak_memory_counts_the_recorded_activations():
+    """A graph keeps its activations in its own memory pool, allocated when it is recorded (in the
+    warm-up): the reported peak must include them, not only the timed replays' allocations."""
+    from defmamba.benchmark import measure_throughput
+
+    peaks = {}
+    for graphed in (False, True):
+        model = defmamba.build_model("defmamba_tiny")
+        model.set_graphed_training(graphed)
+        peaks[graphed] = measure_throughput(model, 16, 128, mode="train", amp_dtype=torch.bfloat16, warmup=2,
+                                            repeats=1, iters_per_window=1, device="cuda")["peak_memory_gib"]
+        del model
+    assert peaks[True] > 0.8 * peaks[False], peaks
 
 
 def test_measure_throughput_rejects_cuda_graphs_on_cpu():

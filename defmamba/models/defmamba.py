@@ -141,6 +141,11 @@ class _DefMambaTrunk(nn.Module):
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
+    @property
+    def graphed_training(self) -> bool:
+        """Whether :meth:`set_graphed_training` is on."""
+        return self.__dict__.get("_graphed_training") is not None
+
     @torch.jit.ignore
     def set_graphed_training(self, enable: bool = True, max_signatures: int = 2) -> None:
         """Replay the model's training forward and backward from CUDA graphs, one pair per input
