@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Optional, TypeVar, Union
 
 import torch
 
-__all__ = ["CudaGraphError", "HOST_SYNC_OPS", "capture_cuda_graph", "record_graph", "require_cuda_for_graphs",
+__all__ = ["AFTER_A_FAILED_RECORDING", "CudaGraphError", "HOST_SYNC_OPS", "capture_cuda_graph", "record_graph", "require_cuda_for_graphs",
            "side_stream"]
 
 T = TypeVar("T")
@@ -69,6 +69,13 @@ def side_stream(device: torch.device, stream: Optional[torch.cuda.Stream] = None
         current.wait_stream(stream)
 
 
+# The second half of every failed recording's message: PyTorch (2.11) leaves its CUDA random-number
+# generator in recording mode when a capture fails, and the process's next random draw on the GPU
+# fails with "Offset increment outside graph capture encountered unexpectedly".
+AFTER_A_FAILED_RECORDING = ("in a new process: after a failed recording PyTorch's CUDA random-number generator can stay "
+                            "in recording mode ('Offset increment outside graph capture')")
+
+
 def record_graph(fn: Callable[[], T], capture_error_mode: str = "global", stream: Optional[torch.cuda.Stream] = None,
                  pool: Optional[tuple] = None) -> tuple[torch.cuda.CUDAGraph, T]:
     """Record one call of ``fn`` (already warmed up) into a new CUDA graph; returns the graph and
@@ -83,6 +90,6 @@ def record_graph(fn: Callable[[], T], capture_error_mode: str = "global", stream
         with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=capture_error_mode):
             result = fn()
     except RuntimeError as err:
-        raise CudaGraphError(f"recording the step into a CUDA graph failed ({err}); "
-                             "run it without CUDA graphs") from err
+        raise CudaGraphError(f"recording the step into a CUDA graph failed ({err}); run it without CUDA graphs, "
+                             f"{AFTER_A_FAILED_RECORDING}") from err
     return graph, result

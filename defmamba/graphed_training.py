@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from .cuda_graphs import CudaGraphError, record_graph, side_stream
+from .cuda_graphs import AFTER_A_FAILED_RECORDING, CudaGraphError, record_graph, side_stream
 from .ops.dispatch import runs_as_called
 
 __all__ = ["GraphedTraining"]
@@ -259,7 +259,7 @@ class GraphedTraining:
             except CudaGraphError as err:
                 raise CudaGraphError(f"GraphedTraining could not record {type(self.module).__name__}'s training "
                                      f"forward and backward ({err.__cause__}); turn it off "
-                                     "(set_graphed_training(False)) to train eagerly") from err
+                                     f"(set_graphed_training(False)) to train eagerly, {AFTER_A_FAILED_RECORDING}") from err
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

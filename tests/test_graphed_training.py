@@ -187,6 +187,20 @@ def test_recordings_leave_the_parameters_gradient_hooks_and_accumulators_alone(g
     assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())  # the parameters are back
 
 
+def test_a_failed_recording_names_the_way_out(monkeypatch):
+    """A forward that synchronises with the host cannot be recorded (emulated graphs on the CPU; on
+    a GPU the failure would spoil the test process's CUDA random numbers): the error says to turn
+    graphed training off and to start a new process."""
+    from defmamba.cuda_graphs import CudaGraphError
+    from graph_emulation import emulate_cuda_graphs
+
+    emulate_cuda_graphs(monkeypatch)
+    layer = torch.nn.Linear(4, 3)
+    graphs = GraphedTraining(layer, lambda x: layer(x) * float(x.sum()))
+    with pytest.raises(CudaGraphError, match=r"set_graphed_training\(False\).*in a new process"):
+        graphs(torch.randn(2, 4))
+
+
 def test_shapes_beyond_max_signatures_and_evaluation_run_eagerly(graph_device):
     eager_model = _small_model(0, graph_device)
     graphed_model = copy.deepcopy(eager_model)
