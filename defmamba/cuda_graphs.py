@@ -10,8 +10,8 @@ from typing import Callable, Iterator, Optional, TypeVar, Union
 
 import torch
 
-__all__ = ["AFTER_A_FAILED_RECORDING", "CudaGraphError", "HOST_SYNC_OPS", "capture_cuda_graph", "record_graph", "require_cuda_for_graphs",
-           "side_stream"]
+__all__ = ["AFTER_A_FAILED_RECORDING", "CudaGraphError", "HOST_SYNC_OPS", "capture_cuda_graph", "record_graph",
+           "require_cuda_for_graphs", "side_stream"]
 
 T = TypeVar("T")
 
@@ -72,8 +72,8 @@ def side_stream(device: torch.device, stream: Optional[torch.cuda.Stream] = None
 # The second half of every failed recording's message: PyTorch (2.11) leaves its CUDA random-number
 # generator in recording mode when a capture fails, and the process's next random draw on the GPU
 # fails with "Offset increment outside graph capture encountered unexpectedly".
-AFTER_A_FAILED_RECORDING = ("in a new process: after a failed recording PyTorch's CUDA random-number generator can stay "
-                            "in recording mode ('Offset increment outside graph capture')")
+AFTER_A_FAILED_RECORDING = ("in a new process: after a failed recording PyTorch's CUDA random-number generator "
+                            "can stay in recording mode ('Offset increment outside graph capture')")
 
 
 def record_graph(fn: Callable[[], T], capture_error_mode: str = "global", stream: Optional[torch.cuda.Stream] = None,

@@ -24,7 +24,9 @@ Replays compute what the eager module computes, kernel for kernel. The outputs a
 (copied out of the graph's memory), so keeping them across steps is safe. A parameter's gradient
 is the backward graph's own tensor (no copy); should it still be that tensor when the next
 backward replays (gradient accumulation, ``zero_grad(set_to_none=False)``), it becomes a copy
-first, so accumulating works as in eager mode.
+first, so accumulating works as in eager mode. The warm-up and the recording run the module with
+stand-in leaves for its parameters: the parameters' gradient hooks and accumulators (and DDP's,
+which live on the default stream) see only the replays' gradients, once per step, as in eager mode.
 """
 from __future__ import annotations
 
@@ -62,7 +64,8 @@ def _gradients(outputs: list[torch.Tensor], inputs: tuple[torch.Tensor, ...],
 
 
 @contextlib.contextmanager
-def _parameters_as_new_leaves(module: nn.Module, params: tuple[torch.Tensor, ...]) -> Iterator[tuple[torch.Tensor, ...]]:
+def _parameters_as_new_leaves(module: nn.Module,
+                              params: tuple[torch.Tensor, ...]) -> Iterator[tuple[torch.Tensor, ...]]:
     """The module tree with each of ``params`` replaced, for a recording, by a new leaf parameter on
     the same memory; yields those leaves.
 
@@ -259,7 +262,8 @@ class GraphedTraining:
             except CudaGraphError as err:
                 raise CudaGraphError(f"GraphedTraining could not record {type(self.module).__name__}'s training "
                                      f"forward and backward ({err.__cause__}); turn it off "
-                                     f"(set_graphed_training(False)) to train eagerly, {AFTER_A_FAILED_RECORDING}") from err
+                                     "(set_graphed_training(False)) to train eagerly, "
+                                     f"{AFTER_A_FAILED_RECORDING}") from err
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
