@@ -594,6 +594,23 @@ def test_gpu_training_with_cuda_graphs(work):
 
 
 @pytest.mark.cuda
+def test_gpu_training_with_graphed_training_and_accumulation(work):
+    """main.py with TRAIN.GRAPHED_TRAINING: the model's forward and backward recorded once and
+    replayed, two micro-batches per update, the EMA evaluated eagerly; two epochs, finite losses."""
+    out = work / "out_gpu_graphed_training"
+    gpu_env = {k: v for k, v in ENV.items() if k != "CUDA_VISIBLE_DEVICES"}
+    args = [PY, str(APP / "main.py"), *base_args(work, out), "--amp-dtype", "bfloat16", "--opts", "AMP_ENABLE", "True",
+            "TRAIN.EPOCHS", "2", "TRAIN.GRAPHED_TRAINING", "True", "TRAIN.ACCUMULATION_STEPS", "2",
+            "DATA.IMG_SIZE", "64", "DATA.BATCH_SIZE", "2"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=gpu_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "graphed training: the model's forward and backward are replayed" in (run_dir(out) / "log_rank0.txt").read_text()
+    records = metrics(run_dir(out))
+    assert len(records) == 2
+    assert all(np.isfinite([r["train_loss"], r["val_loss"], r["ema_loss"]]).all() for r in records)
+
+
+@pytest.mark.cuda
 def test_gpu_training_with_compile(work):
     """main.py --compile on the GPU: the token mixers compiled with Inductor (regional compilation),
     two epochs under bf16 autocast, finite losses, and the run's images/s reported."""
@@ -716,6 +733,8 @@ def test_bad_inputs_fail_with_a_clear_message(app, work, reference_run, capsys, 
          "TRAIN.CUDA_GRAPHS replays the training step on a GPU; this run has device cpu"),
         (["--cfg", work / "tiny.yaml"] + data + ["--opts", "TRAIN.CUDA_GRAPHS", "True", "TRAIN.ACCUMULATION_STEPS", "2"],
          "set TRAIN.ACCUMULATION_STEPS 1"),
+        (["--cfg", work / "tiny.yaml"] + data + ["--opts", "TRAIN.GRAPHED_TRAINING", "True"],
+         "TRAIN.GRAPHED_TRAINING replays the model's forward and backward on a GPU; this run has device cpu"),
         # datasets that would be silently wrong
         (["--cfg", work / "tiny.yaml", "--data-path", up_link.parents[2]], f"symbolic link {up_link} points to"),
         (["--cfg", work / "tiny.yaml", "--data-path", self_link.parents[2]], f"symbolic link {self_link} points to"),

@@ -98,7 +98,13 @@ def test_config_rejects_unknown_keys_wrong_types_and_bad_values(tmp_path):
     for opts, message in ([["TRAIN.BASE_LR", "-5e-4"], "TRAIN.BASE_LR must be positive, got -0.0005"],
                           [["MODEL_EMA_DECAY", "1.5"], r"MODEL_EMA_DECAY \(--model_ema_decay\) must be in \[0, 1\]"],
                           [["TRAIN.EPOCHS", "10", "TRAIN.START_EPOCH", "10"], "TRAIN.START_EPOCH \\(10\\) must be in"],
-                          [["DATA.NUM_WORKERS", "-1"], "DATA.NUM_WORKERS must be at least 0, got -1"]):
+                          [["DATA.NUM_WORKERS", "-1"], "DATA.NUM_WORKERS must be at least 0, got -1"],
+                          [["TRAIN.GRAPHED_TRAINING", "True", "TRAIN.CUDA_GRAPHS", "True"],
+                           r"TRAIN.GRAPHED_TRAINING cannot be combined with TRAIN.CUDA_GRAPHS \(the whole step"],
+                          [["TRAIN.GRAPHED_TRAINING", "True", "COMPILE", "True"],
+                           "TRAIN.GRAPHED_TRAINING cannot be combined with --compile; choose one"],
+                          [["TRAIN.GRAPHED_TRAINING", "True", "TRAIN.USE_CHECKPOINT", "True"],
+                           "TRAIN.GRAPHED_TRAINING cannot be combined with TRAIN.USE_CHECKPOINT"]):
         with pytest.raises(cfgmod.ConfigError, match=message):
             cfgmod.get_config(opts=opts)
 
@@ -339,6 +345,53 @@ def test_a_non_finite_loss_stops_training_naming_its_iteration():
         _run_epoch({3: float("nan")})
     with pytest.raises(FloatingPointError, match="loss is inf at epoch 0 iteration 11"):
         _run_epoch({11: float("inf")})
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16, torch.float16])
+def test_train_step_with_graphed_training_follows_the_eager_steps(graph_device, amp_dtype):
+    """TRAIN.GRAPHED_TRAINING's step: the model's forward and backward replayed inside the eager
+    TrainStep, with two micro-batches per update (accumulation), clipping, the GradScaler and an
+    EMA: the losses, gradient norms, weights and EMA of the eager steps (on the CPU, with emulated
+    graphs, bit for bit)."""
+    import copy
+
+    import defmamba
+
+    ts, engine, ema_module = app_train_step, app_engine, app_ema
+    torch.manual_seed(0)
+    model = defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=5, drop_path_rate=0.0).to(graph_device)
+    twin = copy.deepcopy(model)
+    twin.set_graphed_training()
+    amp = engine.AmpSettings(amp_dtype is not None, amp_dtype or torch.float32)
+    batches = [(torch.randn(2, 3, 64, 96, device=graph_device), torch.randint(0, 5, (2,), device=graph_device))
+               for _ in range(8)]
+
+    def train(net):
+        optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, fused=True)
+        scaler = torch.amp.GradScaler(graph_device, enabled=amp_dtype == torch.float16)
+        ema = ema_module.ModelEma(net, 0.8)
+        step = ts.TrainStep(net, nn.CrossEntropyLoss(), optimizer, scaler, amp, clip_grad=1.0, accumulation=2,
+                            model_ema=ema)
+        losses, norms = [], []
+        for i, (images, targets) in enumerate(batches):
+            loss, norm = step(images, targets, update=i % 2 == 1)
+            losses.append(loss.item())
+            norms += [norm.item()] if norm is not None else []
+        return losses, norms, ema
+
+    eager_losses, eager_norms, eager_ema = train(model)
+    graphed_losses, graphed_norms, graphed_ema = train(twin)
+    assert twin.__dict__["_graphed_training"].signatures == 1
+    if graph_device == "cpu":
+        assert (graphed_losses, graphed_norms) == (eager_losses, eager_norms)
+        assert_trained_identically(model.state_dict().items(), twin.state_dict().values())
+        assert_trained_identically(eager_ema.state_dict().items(), graphed_ema.state_dict().values())
+        return
+    tol = 1e-4 if amp_dtype is None else 3e-3
+    assert graphed_losses == pytest.approx(eager_losses, rel=tol)
+    assert graphed_norms == pytest.approx(eager_norms, rel=tol)
+    assert_trained_alike(model.state_dict().items(), twin.state_dict().values(), max_step_change=3 * 2e-3)
+    assert_trained_alike(eager_ema.state_dict().items(), graphed_ema.state_dict().values(), max_step_change=3 * 2e-3)
 
 
 def test_cuda_graph_train_step_refuses_what_it_cannot_replay():
@@ -799,7 +852,7 @@ def test_experiment_keys_are_those_that_change_what_is_trained():
     ignored = ["PRINT_FREQ", "OUTPUT", "TAG", "DATA.NUM_WORKERS", "DATA.PIN_MEMORY", "DATA.VERIFY_IMAGES",
                "SAVE_FREQ", "SAVE_KEEP", "AMP_ENABLE", "AMP_DTYPE", "COMPILE", "EVAL_MODE", "THROUGHPUT_MODE",
                "MODEL.RESUME", "TRAIN.AUTO_RESUME", "TRAIN.START_EPOCH", "TRAIN.USE_CHECKPOINT", "TRAIN.CUDA_GRAPHS",
-               "TRAIN.BACKWARD_ON_CALLING_THREAD"]
+               "TRAIN.GRAPHED_TRAINING", "TRAIN.BACKWARD_ON_CALLING_THREAD"]
     assert all(is_experiment_key(k) for k in counted) and not any(is_experiment_key(k) for k in ignored)
     stored = app_config.get_config(opts=["TRAIN.BASE_LR", "0.02", "DATA.DATA_PATH", "/data/a", "PRINT_FREQ", "5"])
     new = app_config.get_config(opts=["TRAIN.BASE_LR", "0.01", "DATA.DATA_PATH", "/data/a/", "PRINT_FREQ", "50",

@@ -77,6 +77,9 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False   # activation checkpointing in the model
 _C.TRAIN.CUDA_GRAPHS = False      # replay each training step from a CUDA graph (GPU, DDP too; no accumulation)
+# Replay only the model's forward and backward from CUDA graphs (model.set_graphed_training()); the
+# loss, DDP's all-reduce, gradient accumulation, clipping, the optimizer and the EMA stay eager (GPU).
+_C.TRAIN.GRAPHED_TRAINING = False
 # Run each backward on the training loop's own thread, not on autograd's per-GPU worker thread
 # (torch.autograd.set_multithreading_enabled(False)). On some hosts the hand-over to that thread
 # costs an eager DefMamba step much host time (docs/benchmarks.md); False restores PyTorch's default.
@@ -239,6 +242,13 @@ def _check_choices(config: CN) -> None:
                           f"TRAIN.ACCUMULATION_STEPS 1 (got {config.TRAIN.ACCUMULATION_STEPS}) or turn the graphs off")
     if config.TRAIN.CUDA_GRAPHS and config.COMPILE:
         raise ConfigError("TRAIN.CUDA_GRAPHS and --compile cannot be combined; choose one")
+    if config.TRAIN.GRAPHED_TRAINING:
+        other = ("TRAIN.CUDA_GRAPHS (the whole step in one graph)" if config.TRAIN.CUDA_GRAPHS
+                 else "--compile" if config.COMPILE
+                 else "TRAIN.USE_CHECKPOINT (its recomputation cannot be recorded)" if config.TRAIN.USE_CHECKPOINT
+                 else None)
+        if other:
+            raise ConfigError(f"TRAIN.GRAPHED_TRAINING cannot be combined with {other}; choose one")
     _check_ranges(config)
     if not 0 <= config.TRAIN.WARMUP_EPOCHS <= config.TRAIN.EPOCHS:
         raise ConfigError(f"TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be within [0, TRAIN.EPOCHS={config.TRAIN.EPOCHS}]")

@@ -238,9 +238,11 @@ def _check_training_setup(config, data, info: DistInfo) -> None:
     if config.TRAIN.ACCUMULATION_STEPS > len(data.loader_train):
         raise UsageError(f"TRAIN.ACCUMULATION_STEPS ({config.TRAIN.ACCUMULATION_STEPS}) is larger than the "
                          f"{len(data.loader_train)} batches of an epoch; lower --accumulation-steps")
-    if config.TRAIN.CUDA_GRAPHS and info.device.type != "cuda":
-        raise UsageError(f"TRAIN.CUDA_GRAPHS replays the training step on a GPU; this run has device {info.device}: "
-                         "turn the graphs off")
+    for key, enabled, what in (("TRAIN.CUDA_GRAPHS", config.TRAIN.CUDA_GRAPHS, "the training step"),
+                               ("TRAIN.GRAPHED_TRAINING", config.TRAIN.GRAPHED_TRAINING,
+                                "the model's forward and backward")):
+        if enabled and info.device.type != "cuda":
+            raise UsageError(f"{key} replays {what} on a GPU; this run has device {info.device}: turn the graphs off")
 
 
 def _resume(config, checkpoint, resume: str, optimizer, scaler, amp: AmpSettings, logger) -> Progress:
@@ -450,6 +452,11 @@ def _run(config, args: argparse.Namespace, info: DistInfo, run_dir: str, output_
         # that it keeps its own eager modules.
         count = compile_token_mixers(model)
         logger.info(f"--compile: the token mixers (DSSM) of {count} blocks are compiled (regional compilation)")
+    if config.TRAIN.GRAPHED_TRAINING and not config.EVAL_MODE:
+        # After the EMA copy was made: the EMA only evaluates, eagerly.
+        model.set_graphed_training()
+        logger.info("graphed training: the model's forward and backward are replayed from CUDA graphs, recorded "
+                    "once per input shape; the rest of each step runs eagerly")
     if config.EVAL_MODE:
         _evaluate(config, data, run_model, model_ema, amp, info, output_dir, resume or config.MODEL.PRETRAINED, logger)
     else:

@@ -36,7 +36,7 @@ EXPERIMENT_KEYS = ("MODEL", "TRAIN", "AUG", "TEST", "DATA.DATASET", "DATA.DATA_P
                    "DATA.IMG_SIZE", "DATA.INTERPOLATION", "DATA.BATCH_SIZE", "MODEL_EMA", "MODEL_EMA_DECAY", "SEED")
 # ... and is not one of these, which only say how this invocation starts or runs.
 RUN_ONLY_KEYS = ("MODEL.RESUME", "TRAIN.AUTO_RESUME", "TRAIN.START_EPOCH", "TRAIN.USE_CHECKPOINT",
-                 "TRAIN.CUDA_GRAPHS", "TRAIN.BACKWARD_ON_CALLING_THREAD")
+                 "TRAIN.CUDA_GRAPHS", "TRAIN.GRAPHED_TRAINING", "TRAIN.BACKWARD_ON_CALLING_THREAD")
 
 
 def _within(key: str, names: tuple[str, ...]) -> bool:
