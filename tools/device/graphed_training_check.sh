@@ -28,8 +28,11 @@ python3 -c "from defmamba.ops.selective_scan import available_backends as a; pri
   | tee -a "$out/tests.log"
 # One process per file: a failed recording leaves its process's CUDA random numbers unusable, which
 # would fail every later test of that process (defmamba/cuda_graphs.py, AFTER_A_FAILED_RECORDING).
-for file in tests/test_graphed_training.py tests/test_ddp_graphs.py tests/test_cls_units.py tests/test_cls_benchmark.py; do
-  if ! python3 -m pytest -q -rf -p no:cacheprovider -m cuda "$file" >> "$out/tests.log" 2>&1; then failed=1; fi
+for tests in tests/test_graphed_training.py tests/test_ddp_graphs.py tests/test_cls_units.py tests/test_cls_benchmark.py \
+             tests/test_cls_app.py::test_gpu_training_with_graphed_training_and_accumulation \
+             "tests/test_mm_tasks.py -k graphed"; do
+  # shellcheck disable=SC2086  # "FILE -k NAME" splits into pytest's arguments
+  if ! python3 -m pytest -q -rf -p no:cacheprovider -m cuda $tests >> "$out/tests.log" 2>&1; then failed=1; fi
   tail -n 1 "$out/tests.log"
 done
 
