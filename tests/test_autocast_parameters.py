@@ -134,15 +134,18 @@ def test_strides_and_dtypes_are_kept_and_non_dense_tensors_are_cast_alone():
 
 
 class _ParameterCasts(TorchDispatchMode):
-    """Records the parameters cast one at a time and counts the multi-tensor copies."""
+    """Records the parameters cast one at a time (or views of them) and counts the multi-tensor copies."""
 
     def __init__(self, names: dict[int, str]):
         super().__init__()
         self.names, self.cast, self.multi_tensor_copies = names, [], 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._to_copy.default and id(args[0]) in self.names:
-            self.cast.append(self.names[id(args[0])])
+        # a view of a parameter counts as the parameter (the offset network's 1×1 conv weight is
+        # used as the matrix it is, a view)
+        source = args[0]._base if func is torch.ops.aten._to_copy.default and args[0]._base is not None else args[0]
+        if func is torch.ops.aten._to_copy.default and id(source) in self.names:
+            self.cast.append(self.names[id(source)])
         elif func is torch.ops.aten._foreach_copy_.default:
             self.multi_tensor_copies += 1
         return func(*args, **(kwargs or {}))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..ops.channel_attention import channel_attention
 from ..ops.deformable_sampling import sample_in_path_order, sample_positions
 from ..ops.depthwise_conv import DepthwiseConv2d
+from ..ops.dispatch import runs_as_called
 from ..ops.layer_norm import LayerNorm, layer_norm_gelu
 from ..ops.table_resize import bilinear_weights, resize_channels_last
 
@@ -59,7 +60,14 @@ class ConvOffset(nn.Module):
         # that conv2 would round it to.
         t = layer_norm_gelu(self.conv1(x).permute(0, 2, 3, 1), self.ln, autocast_dtype_output=True,
                             channel_scale=attention)
-        return self.conv2(t.permute(0, 3, 1, 2))
+        if runs_as_called(self.conv2):
+            return self.conv2(t.permute(0, 3, 1, 2))
+        # The 1×1 conv2 as the matmul over channels it is, on the channels-last t: the same maps (in
+        # the same channels-last layout), but its weight gradient comes back in the weight's own
+        # layout. A 1×1 conv of a channels-last input returns a channels-last weight gradient, whose
+        # strides differ from the weight's in the size-1 dims: DistributedDataParallel then warns
+        # ("Grad strides do not match bucket view strides") and copies it at every step.
+        return F.linear(t, self.conv2.weight.flatten(1)).permute(0, 3, 1, 2)
 
 
 def _inverse_extent(size: int) -> float:
