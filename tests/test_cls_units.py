@@ -1026,3 +1026,18 @@ def test_train_step_runs_its_backward_on_the_calling_thread_as_configured(on_cal
     step(torch.randn(4, 3), torch.randint(0, 2, (4,)))
     assert _RecordBackwardThreading.seen == [not on_calling_thread] * 2
     assert torch._C._is_multithreading_enabled()  # the caller's setting is restored after each backward
+
+
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+def test_barrier_names_the_gpu_of_this_process_under_nccl(monkeypatch, backend):
+    """Under NCCL the barrier runs on this process's GPU, named (PyTorch warns when it has to guess
+    it from the current device); gloo's takes no device."""
+    from defmamba.train.utils import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: backend)
+    monkeypatch.setattr(distributed.torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda **kwargs: calls.append(kwargs))
+    distributed.barrier()
+    assert calls == [{"device_ids": [3]} if backend == "nccl" else {}]

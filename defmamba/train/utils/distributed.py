@@ -77,7 +77,13 @@ def all_ranks_ok(ok: bool) -> bool:
 
 
 def barrier() -> None:
-    if is_distributed():
+    """Wait for every rank (nothing without a process group). Under NCCL on this process's own GPU,
+    named, not guessed from the current device (which PyTorch warns about)."""
+    if not is_distributed():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
         dist.barrier()
 
 
