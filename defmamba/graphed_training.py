@@ -58,8 +58,10 @@ def _gradients(outputs: list[torch.Tensor], inputs: tuple[torch.Tensor, ...],
                grad_outputs: list[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
     """The gradients of ``inputs``, computed as an eager loop's ``loss.backward()`` computes them:
     outside autocast. (The recording runs inside the caller's forward, under its autocast, which a
-    backward started there would keep, casting the backward's matmuls to the autocast dtype.)"""
-    with torch.autocast(outputs[0].device.type, enabled=False):
+    backward started there would keep, casting the backward's matmuls to the autocast dtype.) On
+    the calling thread, the recording's own, as this repository's loops run every backward: not on
+    autograd's device thread, which has no CUDA context until cuBLAS makes one (and warns)."""
+    with torch.autocast(outputs[0].device.type, enabled=False), torch.autograd.set_multithreading_enabled(False):
         return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
 
 

@@ -187,6 +187,26 @@ def test_recordings_leave_the_parameters_gradient_hooks_and_accumulators_alone(g
     assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())  # the parameters are back
 
 
+def test_warm_up_and_recorded_backward_run_on_the_calling_thread(graph_device, monkeypatch):
+    """The warm-up and recorded backward run on the recording's thread, as the loops run theirs
+    (autograd's device thread has no CUDA context of its own: cuBLAS warns there)."""
+    import defmamba.graphed_training as graphed_training
+
+    threaded = []
+    grad = torch.autograd.grad
+
+    def recording_grad(*args, **kwargs):
+        threaded.append(torch.autograd.is_multithreading_enabled())
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(graphed_training.torch.autograd, "grad", recording_grad)
+    model = _small_model(0, graph_device)
+    model.set_graphed_training()
+    model(_batches(1, graph_device)[0][0]).sum().backward()
+    assert _graphs(model).signatures == 1
+    assert threaded and not any(threaded), threaded
+
+
 def test_a_failed_recording_names_the_way_out(monkeypatch):
     """A forward that synchronises with the host cannot be recorded (emulated graphs on the CPU; on
     a GPU the failure would spoil the test process's CUDA random numbers): the error says to turn
