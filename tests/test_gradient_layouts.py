@@ -39,8 +39,6 @@ def test_gradients_have_their_parameters_strides_on_the_kernel_routes():
 @pytest.mark.cuda
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16, torch.float16])
 def test_gradients_have_their_parameters_strides_on_the_gpu(amp_dtype):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     torch.manual_seed(0)
     model = _tiny().cuda().train()
     with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
