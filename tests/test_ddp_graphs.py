@@ -92,3 +92,52 @@ def test_a_ddp_model_must_name_its_stream(process_group):
                      AmpSettings(False, torch.float32))
     with pytest.raises(ValueError, match="stream it was built on"):
         CudaGraphTrainStep(step)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_main_keeps_eager_ddp_gradients_in_the_buckets(process_group, cuda_graphs):
+    """main.py's eager DDP step keeps each gradient as a view of DDP's all-reduce bucket (no copy of
+    the reduced buckets back into the gradients, a kernel launch per parameter) and trains exactly
+    as DDP with gradients of their own; a recorded step keeps them apart (the layout its GPU test
+    verified)."""
+    import logging
+
+    import defmamba
+    from defmamba.train import config as app_config
+    from defmamba.train import main as app_main
+    from defmamba.train.utils.distributed import DistInfo
+
+    device = process_group
+    torch.manual_seed(0)
+    model = defmamba.DefMamba(dims=32, depths=(1, 1, 1, 1), num_classes=5, drop_path_rate=0.0).to(device)
+    twin = copy.deepcopy(model)
+    config = app_config.default_config()
+    config.TRAIN.CUDA_GRAPHS, config.TRAIN.CLIP_GRAD = cuda_graphs, 1.0
+    index = torch.cuda.current_device() if device == "cuda" else 0
+    info = DistInfo(rank=0, world_size=1, local_rank=index, device=torch.device(device, index))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=cuda_graphs)
+    amp = AmpSettings(False, torch.float32)
+    built = app_main._build_train_step(config, model, model, None, optimizer, torch.amp.GradScaler(device, enabled=False),
+                                       nn.CrossEntropyLoss(), amp, info, logging.getLogger("test"))
+    assert built.model.gradient_as_bucket_view is not cuda_graphs
+    if cuda_graphs:
+        return
+    with torch.cuda.stream(torch.cuda.Stream()):
+        twin_ddp = DistributedDataParallel(twin, device_ids=_device_ids(device), broadcast_buffers=False)
+    twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-3, fused=True)
+    twin_step = TrainStep(twin_ddp, nn.CrossEntropyLoss(), twin_optimizer, torch.amp.GradScaler(device, enabled=False),
+                          amp, clip_grad=1.0)
+    batches = [(torch.randn(2, 3, 64, 96, device=device), torch.randint(0, 5, (2,), device=device)) for _ in range(4)]
+    lrs = [1e-3] * len(batches)
+    losses, norms = run_steps(built, optimizer, batches[:3], lrs)
+    twin_losses, twin_norms = run_steps(twin_step, twin_optimizer, batches[:3], lrs)
+    built.backward(*batches[3])
+    assert all(p.grad._base is not None for p in model.parameters())   # views of the buckets
+    built.update()
+    twin_step(*batches[3])
+    if device == "cpu":
+        assert (losses, norms) == (twin_losses, twin_norms)
+        assert_trained_identically(model.named_parameters(), twin.parameters())
+    else:
+        assert losses == pytest.approx(twin_losses, rel=1e-4) and norms == pytest.approx(twin_norms, rel=1e-4)
+        assert_trained_alike(model.named_parameters(), twin.parameters(), max_step_change=3e-3 * len(batches))

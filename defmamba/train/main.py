@@ -272,9 +272,13 @@ def _build_train_step(config, model: nn.Module, run_model: nn.Module, model_ema,
     train_model = run_model
     if is_distributed():     # under a launcher, as the authors' loop: DDP also with one process
         with torch.cuda.stream(graph_stream):    # no-op without graphs (None)
+            # Eager steps keep each gradient as a view of DDP's all-reduce bucket: without that, DDP
+            # also copies the reduced buckets back into the gradients, a kernel launch per parameter
+            # (348 per step for DefMamba-S). A recorded step launches none of them, and keeps the
+            # layout its GPU test verified.
             train_model = DistributedDataParallel(
                 run_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                broadcast_buffers=False, gradient_as_bucket_view=not config.TRAIN.CUDA_GRAPHS)
     train_step = TrainStep(train_model, criterion, optimizer, scaler, amp, clip_grad=config.TRAIN.CLIP_GRAD,
                            accumulation=config.TRAIN.ACCUMULATION_STEPS, model_ema=model_ema, ema_source=model,
                            backward_on_calling_thread=config.TRAIN.BACKWARD_ON_CALLING_THREAD)
