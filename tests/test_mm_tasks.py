@@ -22,8 +22,8 @@ pytest.importorskip("mmseg", reason="mmsegmentation not installed (optional extr
 from PIL import Image  # noqa: E402
 
 from defmamba.mm import MM_DefMamba  # noqa: E402
-from defmamba.mm.runner import (_adapt_to_cpu_distributed, build_task_model, configure_threads,  # noqa: E402
-                                load_task_config)
+from defmamba.mm.runner import (_adapt_to_cpu_distributed, _set_ddp_wrapper, build_task_model,  # noqa: E402
+                                configure_threads, load_task_config)
 
 REPO = Path(__file__).resolve().parents[1]
 DET = REPO / "configs" / "detection"
@@ -451,9 +451,25 @@ def test_cpu_distributed_config_drops_device_ids_and_syncbn():
     _adapt_to_cpu_distributed(cfg)
     assert cfg.model_wrapper_cfg["device_ids"] is None
     assert cfg.model_wrapper_cfg["type"] == "MMDistributedDataParallel"
+    # mmengine's own DDP settings, the gradients kept in DDP's buckets (as on the GPU)
+    assert cfg.model_wrapper_cfg["broadcast_buffers"] is False
+    assert cfg.model_wrapper_cfg["find_unused_parameters"] is False
+    assert cfg.model_wrapper_cfg["gradient_as_bucket_view"] is True
     assert cfg.env_cfg.dist_cfg.backend == "gloo"
     assert "SyncBN" not in repr(cfg.model.to_dict())
     assert cfg.model.decode_head.norm_cfg.type == cfg.model.auxiliary_head.norm_cfg.type == "BN"
+
+
+def test_ddp_keeps_gradients_in_its_buckets_and_the_configs_own_settings():
+    """Distributed runs (GPU or CPU) wrap the model as mmengine does by default, with the gradients
+    kept as views of DDP's buckets; what the config sets itself wins."""
+    cfg = load_task_config("det", str(DET / "mask-rcnn_defmamba-t_fpn_1x_coco.py"), {"find_unused_parameters": True})
+    _set_ddp_wrapper(cfg)
+    assert cfg.model_wrapper_cfg == dict(type="MMDistributedDataParallel", broadcast_buffers=False,
+                                         find_unused_parameters=True, gradient_as_bucket_view=True)
+    cfg.model_wrapper_cfg = dict(gradient_as_bucket_view=False)
+    _set_ddp_wrapper(cfg)
+    assert cfg.model_wrapper_cfg["gradient_as_bucket_view"] is False
 
 
 def test_threads_default_to_the_process_share_of_cores(monkeypatch):

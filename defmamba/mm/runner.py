@@ -117,14 +117,23 @@ def syncbn_to_bn(node: Any) -> Any:
     return node
 
 
-def _adapt_to_cpu_distributed(cfg: Any) -> None:
-    """DDP without device ids, gloo, and BN instead of SyncBN (which needs CUDA)."""
+def _set_ddp_wrapper(cfg: Any) -> None:
+    """mmengine's DDP wrapper as it builds it without a ``model_wrapper_cfg`` (no buffer broadcast,
+    the config's ``find_unused_parameters``), the gradients kept as views of DDP's all-reduce
+    buckets: the reduced buckets are then not copied back, one kernel launch fewer per parameter
+    and iteration. What the config's own ``model_wrapper_cfg`` sets is kept."""
     wrapper = dict(cfg.get("model_wrapper_cfg") or {})
     wrapper.setdefault("type", "MMDistributedDataParallel")
     wrapper.setdefault("broadcast_buffers", False)
     wrapper.setdefault("find_unused_parameters", cfg.get("find_unused_parameters", False))
-    wrapper["device_ids"] = None
+    wrapper.setdefault("gradient_as_bucket_view", True)
     cfg.model_wrapper_cfg = wrapper
+
+
+def _adapt_to_cpu_distributed(cfg: Any) -> None:
+    """DDP without device ids, gloo, and BN instead of SyncBN (which needs CUDA)."""
+    _set_ddp_wrapper(cfg)
+    cfg.model_wrapper_cfg["device_ids"] = None
     env_cfg = dict(cfg.get("env_cfg") or {})
     env_cfg["dist_cfg"] = {**(env_cfg.get("dist_cfg") or {}), "backend": "gloo"}
     cfg.env_cfg = env_cfg
@@ -220,6 +229,8 @@ def _prepare(task: str, args: argparse.Namespace) -> Any:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
     cfg = load_task_config(task, args.config, args.cfg_options)
     cfg.launcher = args.launcher
+    if args.launcher != "none":
+        _set_ddp_wrapper(cfg)
     if init_cpu_distributed(args.launcher):
         _adapt_to_cpu_distributed(cfg)
     if args.work_dir is not None:
