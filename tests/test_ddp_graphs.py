@@ -115,26 +115,21 @@ def test_main_keeps_eager_ddp_gradients_in_the_buckets(process_group, cuda_graph
     config.TRAIN.CUDA_GRAPHS, config.TRAIN.CLIP_GRAD = cuda_graphs, 1.0
     index = torch.cuda.current_device() if device == "cuda" else 0
     info = DistInfo(rank=0, world_size=1, local_rank=index, device=torch.device(device, index))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=cuda_graphs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)  # as _train's
     amp = AmpSettings(False, torch.float32)
     built = app_main._build_train_step(config, model, model, None, optimizer, torch.amp.GradScaler(device, enabled=False),
                                        nn.CrossEntropyLoss(), amp, info, logging.getLogger("test"))
     assert built.model.gradient_as_bucket_view is not cuda_graphs
     if cuda_graphs:
         return
-    with torch.cuda.stream(torch.cuda.Stream()):
-        twin_ddp = DistributedDataParallel(twin, device_ids=_device_ids(device), broadcast_buffers=False)
-    twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-3, fused=True)
-    twin_step = TrainStep(twin_ddp, nn.CrossEntropyLoss(), twin_optimizer, torch.amp.GradScaler(device, enabled=False),
-                          amp, clip_grad=1.0)
     batches = [(torch.randn(2, 3, 64, 96, device=device), torch.randint(0, 5, (2,), device=device)) for _ in range(4)]
     lrs = [1e-3] * len(batches)
-    losses, norms = run_steps(built, optimizer, batches[:3], lrs)
-    twin_losses, twin_norms = run_steps(twin_step, twin_optimizer, batches[:3], lrs)
-    built.backward(*batches[3])
+    losses, norms = run_steps(built, optimizer, batches[:-1], lrs[:-1])
+    loss = built.backward(*batches[-1])
     assert all(p.grad._base is not None for p in model.parameters())   # views of the buckets
-    built.update()
-    twin_step(*batches[3])
+    losses.append(loss.item())
+    norms.append(built.update().item())
+    twin_losses, twin_norms = _train(twin, False, batches, lrs, None, device)   # DDP's default: copies
     if device == "cpu":
         assert (losses, norms) == (twin_losses, twin_norms)
         assert_trained_identically(model.named_parameters(), twin.parameters())
