@@ -22,9 +22,12 @@ A call runs the module eagerly, as it always did, whenever a replay could differ
 
 Replays compute what the eager module computes, kernel for kernel. The outputs are fresh tensors
 (copied out of the graph's memory), so keeping them across steps is safe. A parameter's gradient
-is the backward graph's own tensor (no copy); should it still be that tensor when the next
-backward replays (gradient accumulation, ``zero_grad(set_to_none=False)``), it becomes a copy
-first, so accumulating works as in eager mode. The warm-up and the recording run the module with
+is the backward graph's own tensor (no copy); should it still be that tensor when the module is
+called again (gradient accumulation, ``zero_grad(set_to_none=False)``), it becomes a copy first:
+the next backward replay overwrites that tensor, and so may the next forward replay (the two graphs
+share one memory pool, and the backward's gradients can lie where the forward keeps temporaries).
+So accumulating works as in eager mode. The gradients of differentiable inputs are handed over as
+copies (a leaf input's accumulator may keep them). The warm-up and the recording run the module with
 stand-in leaves for its parameters: the parameters' gradient hooks and accumulators (and DDP's,
 which live on the default stream) see only the replays' gradients, once per step, as in eager mode.
 """
@@ -118,6 +121,7 @@ class _Graphs:
         grads = list(grads)
         self.grads = [grads.pop(0) if needs else None for needs in self.input_needs_grad] + grads
         self.owed: Optional[weakref.ref] = None  # the autograd node of the last replay, until its backward
+        self.handed_over = False  # whether the last backward's gradients may still be parameters' .grad
 
     def backward_owed(self) -> bool:
         return self.owed is not None and self.owed() is not None
@@ -130,11 +134,14 @@ class _Graphs:
 
     def release_gradients(self) -> None:
         """A parameter gradient that is still the backward graph's own tensor (the replay handed it
-        over and nothing set it to None since) becomes a copy, which the next replay leaves alone
-        (gradient accumulation, ``zero_grad(set_to_none=False)``)."""
+        over and nothing set it to None since) becomes a copy, which the next replays leave alone
+        (gradient accumulation, ``zero_grad(set_to_none=False)``). Run before either graph replays."""
+        if not self.handed_over:
+            return
         for p, g in zip(self.params, self.grads[len(self.input_needs_grad):]):
             if g is not None and p.grad is not None and p.grad.data_ptr() == g.data_ptr():
                 p.grad = p.grad.clone()
+        self.handed_over = False
 
 
 class _Replay(torch.autograd.Function):
@@ -147,6 +154,7 @@ class _Replay(torch.autograd.Function):
         for static, t in zip(graphs.static_inputs, tensors):
             if static.data_ptr() != t.data_ptr():
                 static.copy_(t)
+        graphs.release_gradients()
         graphs.forward_graph.replay()
         ctx.graphs = graphs
         return tuple(o.clone() for o in graphs.outputs)
@@ -161,7 +169,10 @@ class _Replay(torch.autograd.Function):
         graphs.release_gradients()
         graphs.backward_graph.replay()
         graphs.owed = None
-        return (None, *(g.detach() if g is not None else None for g in graphs.grads))
+        graphs.handed_over = True
+        inputs = len(graphs.input_needs_grad)
+        return (None, *(g.clone() if g is not None else None for g in graphs.grads[:inputs]),
+                *(g.detach() if g is not None else None for g in graphs.grads[inputs:]))
 
 
 class GraphedTraining:

@@ -15,6 +15,11 @@ A capture runs no kernel, so a recording must leave no trace either: it runs the
 code being recorded needs their results to go on), and afterwards puts back every tensor from
 before the recording that they wrote to (parameters, optimizer and GradScaler state, an EMA).
 
+A graph recorded into the memory pool of an earlier one (``pool=``) may have been given memory that
+the earlier graph's temporaries had used and freed: a replay of the earlier graph may overwrite the
+later graph's results. The emulation makes that certain: before the earlier graph replays, every
+floating-point tensor the later recording made that is still alive is filled with NaN.
+
 It differs in that freed memory is never reused within a recording (a correct program does not
 depend on that reuse), in that tensors made during the recording hold its results rather than
 garbage until the first replay, and in that random operators draw afresh at every replay from the
@@ -26,6 +31,7 @@ one test, and lets the library's graph paths take CPU tensors.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -49,6 +55,7 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.ops: list[Op] = []
         self.made: set[int] = set()  # storages of the tensors the recording made
+        self.made_tensors: list[weakref.ref] = []  # the tensors themselves, while they live
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.saved_ids: set[int] = set()
 
@@ -66,7 +73,9 @@ class _Recorder(TorchDispatchMode):
                         self.saved_ids.add(id(t))
         out = func(*args, **kwargs)
         if all(r.alias_info is None for r in func._schema.returns):  # new tensors, not views or inputs
-            self.made.update(_storage(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.made.update(_storage(t) for t in made)
+            self.made_tensors += [weakref.ref(t) for t in made]
         self.ops.append((func, args, kwargs, out))
         return out
 
@@ -85,8 +94,14 @@ class EmulatedGraph:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.ops: list[Op] = []
         self.replays = 0
+        self.made_later: list[weakref.ref] = []  # tensors of later recordings into this graph's pool
 
     def replay(self) -> None:
+        with torch.no_grad():
+            for ref in self.made_later:
+                t = ref()
+                if t is not None and t.is_floating_point():
+                    t.fill_(float("nan"))
         # The recorded operators are those autocast and autograd issued: run them as they are.
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             for func, args, kwargs, recorded in self.ops:
@@ -108,7 +123,11 @@ class EmulatedGraph:
         self.replays += 1
 
     def pool(self) -> int:
+        _POOLS[id(self)] = self
         return id(self)
+
+
+_POOLS: "weakref.WeakValueDictionary[int, EmulatedGraph]" = weakref.WeakValueDictionary()
 
 
 class _Capture:
@@ -120,6 +139,7 @@ class _Capture:
                  capture_error_mode: str = "global") -> None:
         self.graph = cuda_graph
         self.recorder = _Recorder()
+        self.pool_owner = _POOLS.get(pool) if pool is not None else None
 
     def __enter__(self) -> None:
         _Capture.active += 1
@@ -130,6 +150,8 @@ class _Capture:
         _Capture.active -= 1
         self.recorder.restore()
         self.graph.ops = self.recorder.ops
+        if self.pool_owner is not None:
+            self.pool_owner.made_later += self.recorder.made_tensors
 
 
 class _Stream:

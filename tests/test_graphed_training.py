@@ -169,6 +169,25 @@ def test_accumulated_gradients_and_zeroing_in_place_match_eager(graph_device):
     assert _graphs(graphed_model).signatures == 1
 
 
+def test_gradients_of_a_leaf_input_accumulate_as_in_eager_mode(graph_device):
+    """An input that needs a gradient (a leaf, as an attack or saliency loop makes it) accumulates
+    its gradients over two steps: the replay hands over a copy, which the next forward replay (its
+    memory pool shared with the backward's) leaves alone."""
+    eager_model = _small_model(0, graph_device)
+    graphed_model = copy.deepcopy(eager_model)
+    graphed_model.set_graphed_training()
+    (a, _), (b, _) = _batches(2, graph_device)
+    grads = []
+    for model in (eager_model, graphed_model):
+        images = a.clone().requires_grad_()
+        model(images).square().mean().backward()
+        model(b).square().mean().backward()  # a replay between the two backwards into images.grad
+        model(images).sum().backward()  # another gradient (the same one would hide a lost first)
+        grads.append(images.grad)
+    torch.testing.assert_close(grads[1], grads[0], **_close(graph_device, rtol=1e-4, atol=1e-6))
+    assert _graphs(graphed_model).signatures == 2  # with and without a differentiable input
+
+
 def test_recordings_leave_the_parameters_gradient_hooks_and_accumulators_alone(graph_device):
     """The warm-up and the recorded backward take their gradients at stand-in leaves: a parameter's
     gradient hook fires once per step, as in eager mode, and its gradient accumulator (which DDP
