@@ -12,7 +12,8 @@
 # PyTorch formulation), dwconv.{log,json} (the Triton depthwise convs against cuDNN) and
 # profile_small.{log,json}
 # into OUT_DIR (default: $OUT, else ./output/model). PYTEST_ARGS: more arguments for the GPU tests
-# (e.g. "-n 8" with pytest-xdist: the suite in about 90 s instead of several minutes).
+# (e.g. "-n 8" with pytest-xdist). With 8 workers the suite takes more than one ten-minute call on an
+# H100 (its torch.compile tests alone take minutes): tools/device/gpu_suite.sh runs it in two parts.
 set -o pipefail
 out="${1:-${OUT:-output/model}}"
 mkdir -p "$out"
