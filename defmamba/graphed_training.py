@@ -95,14 +95,14 @@ class _Graphs:
 
     ``static_inputs`` are the tensors the forward graph reads (each call's inputs are copied in),
     ``outputs`` what it writes; ``grad_outputs`` the backward graph's incoming gradients,
-    ``grads`` what it writes: one gradient (or None) per differentiable input and parameter.
+    ``input_grads`` and ``param_grads`` what it writes: one gradient (or None) per input and per
+    parameter.
     """
 
     def __init__(self, module: nn.Module, forward: Callable[..., Any], inputs: tuple[torch.Tensor, ...],
                  params: tuple[torch.Tensor, ...], warmup: int) -> None:
         self.params = params
         self.static_inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
-        self.input_needs_grad = [t.requires_grad for t in inputs]
         with side_stream(inputs[0].device) as stream, _parameters_as_new_leaves(module, params) as leaves:
             differentiable = tuple(t for t in self.static_inputs if t.requires_grad) + leaves
             for _ in range(warmup):  # cuDNN, Triton and the allocator settle outside the graphs
@@ -119,7 +119,9 @@ class _Graphs:
         # the recorded outputs' memory, without the recording's autograd graph (nothing runs it again)
         self.outputs = [o.detach() for o in outputs]
         grads = list(grads)
-        self.grads = [grads.pop(0) if needs else None for needs in self.input_needs_grad] + grads
+        # the recording returned the differentiable inputs' gradients first, then the parameters'
+        self.input_grads = [grads.pop(0) if t.requires_grad else None for t in self.static_inputs]
+        self.param_grads = grads
         self.owed: Optional[weakref.ref] = None  # the autograd node of the last replay, until its backward
         self.handed_over = False  # whether the last backward's gradients may still be parameters' .grad
 
@@ -138,7 +140,7 @@ class _Graphs:
         (gradient accumulation, ``zero_grad(set_to_none=False)``). Run before either graph replays."""
         if not self.handed_over:
             return
-        for p, g in zip(self.params, self.grads[len(self.input_needs_grad):]):
+        for p, g in zip(self.params, self.param_grads):
             if g is not None and p.grad is not None and p.grad.data_ptr() == g.data_ptr():
                 p.grad = p.grad.clone()
         self.handed_over = False
@@ -170,9 +172,8 @@ class _Replay(torch.autograd.Function):
         graphs.backward_graph.replay()
         graphs.owed = None
         graphs.handed_over = True
-        inputs = len(graphs.input_needs_grad)
-        return (None, *(g.clone() if g is not None else None for g in graphs.grads[:inputs]),
-                *(g.detach() if g is not None else None for g in graphs.grads[inputs:]))
+        return (None, *(g.clone() if g is not None else None for g in graphs.input_grads),
+                *(g.detach() if g is not None else None for g in graphs.param_grads))
 
 
 class GraphedTraining:

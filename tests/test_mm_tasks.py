@@ -448,6 +448,7 @@ def test_upernet_amp_steps_with_the_graphed_backbone(tmp_path):
 def test_cpu_distributed_config_drops_device_ids_and_syncbn():
     cfg = load_task_config("seg", str(SEG / "upernet_defmamba-t_8xb2-160k_ade20k-512x512.py"))
     assert cfg.model.decode_head.norm_cfg.type == "SyncBN"
+    _set_ddp_wrapper(cfg)  # as the entry points do for any launcher, then for a CPU run:
     _adapt_to_cpu_distributed(cfg)
     assert cfg.model_wrapper_cfg["device_ids"] is None
     assert cfg.model_wrapper_cfg["type"] == "MMDistributedDataParallel"

@@ -131,9 +131,9 @@ def _set_ddp_wrapper(cfg: Any) -> None:
 
 
 def _adapt_to_cpu_distributed(cfg: Any) -> None:
-    """DDP without device ids, gloo, and BN instead of SyncBN (which needs CUDA)."""
-    _set_ddp_wrapper(cfg)
-    cfg.model_wrapper_cfg["device_ids"] = None
+    """DDP (the wrapper of :func:`_set_ddp_wrapper`) without device ids, gloo, and BN instead of
+    SyncBN (which needs CUDA)."""
+    cfg.model_wrapper_cfg = {**(cfg.get("model_wrapper_cfg") or {}), "device_ids": None}
     env_cfg = dict(cfg.get("env_cfg") or {})
     env_cfg["dist_cfg"] = {**(env_cfg.get("dist_cfg") or {}), "backend": "gloo"}
     cfg.env_cfg = env_cfg

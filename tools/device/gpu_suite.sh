@@ -12,6 +12,10 @@ set -uo pipefail
 if [[ $# -lt 1 || $# -gt 2 ]]; then sed -n '2,10p' "$0" >&2; exit 2; fi
 out=$1
 part=${2:-all}
+if [[ $part != main && $part != compile && $part != all ]]; then
+  echo "unknown part '$part': main, compile or all" >&2
+  exit 2
+fi
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 slow=(tests/test_compile.py::test_regional_compile_training_matches_eager_gpu
@@ -31,10 +35,6 @@ run_part() {  # NAME PYTEST_ARGUMENTS...
 
 deselect=()
 for test in "${slow[@]}"; do deselect+=(--deselect "$test"); done
-if [[ $part != main && $part != compile && $part != all ]]; then
-  echo "unknown part '$part': main, compile or all" >&2
-  exit 2
-fi
 [[ $part == compile ]] || run_part main -n 8 tests/ "${deselect[@]}"
 [[ $part == main ]] || run_part compile -n 4 "${slow[@]}"
 exit $failed
