@@ -228,8 +228,16 @@ def _relative_errors(grads: list, reference: list) -> list[float]:
             for g, r in zip(grads, reference)]
 
 
+def _kernel_backends_gpu() -> list[str]:
+    """The GPU scan backends that run kernels: what ``backend="auto"`` picks on a GPU, so what
+    main.py --compile trains with. The pure-PyTorch scan compiled on the GPU is the block test's
+    known deviation (expected failure above); compiled for a whole model it took more than 7
+    minutes on an H100 (2026-12-07) without ending, longer than a GPU test may take."""
+    return [b for b in _gpu_backends() if b != "torch"]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", _block_backends_gpu())
+@pytest.mark.parametrize("backend", _kernel_backends_gpu())
 def test_regional_compile_training_matches_eager_gpu(backend):
     """Inductor on the GPU, each DSSM compiled (what main.py --compile does for GPU training): a model
     of Small's width, one block per stage, on a non-square input, in float32 and under bf16 autocast.

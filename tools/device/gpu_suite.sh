@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU test suite (tests marked `cuda`) on one GPU machine, in two parts that each fit a call of
-# ten minutes: `main`, every GPU test but the slow torch.compile ones, 8 at a time (about 400 s on
-# an H100, 2026-12-07); `compile`, those (Inductor compiles each block's forward and backward for
-# every scan backend and dtype: several minutes each), side by side. Test names are printed as
+# ten minutes: `main`, every GPU test but the slow torch.compile ones, 8 at a time (366 s on an
+# H100, 2026-12-07); `compile`, those (Inductor compiles each stage's token mixer, forward and
+# backward, per scan backend and dtype: minutes each), side by side. Test names are printed as
 # each test ends (-v), so a run stopped at its time limit still names its failures.
 # Usage (repository root, the scan extension built): bash tools/device/gpu_suite.sh OUT_DIR [main|compile|all]
 # Environment: SUITE_TIMEOUT (seconds per part, default 540).
