@@ -50,3 +50,25 @@ def test_main_writes_a_table_of_defmamba_and_a_peer(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"defmamba_tiny", "resnet18"}
     assert len(report["top_host_events"]) == 3 and report["top_host_events"][0]["self_cpu_ms"] > 0
+
+
+def test_python_profile_counts_each_function_per_step(tmp_path):
+    """--python-profile: cProfile's rows per step, the backward's Python included (it runs on the
+    profiling thread): one DSSM forward and one deformable sampling backward per DM block."""
+    import defmamba
+    from defmamba.models.blocks import DMBlock
+
+    out = tmp_path / "split.json"
+    assert host_split.main(["--device", "cpu", "--models", "defmamba_tiny", "--peers", "--batch-size", "1",
+                            "--image-size", "64", "--amp", "none", "--warmup", "1", "--repeats", "1",
+                            "--python-profile", "100000", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["python_functions"]
+    blocks = sum(isinstance(m, DMBlock) for m in defmamba.build_model("defmamba_tiny").modules())
+    calls = {row["function"]: row["calls"] for row in rows}
+    def calls_of(path: str, function: str) -> float:
+        return calls[next(f for f in calls if f.startswith(path + ":") and f.endswith(f"({function})"))]
+
+    assert calls_of("defmamba/models/dssm.py", "forward") == blocks
+    assert calls_of("ops/deformable_sampling/reference.py", "backward") == blocks  # an autograd.Function's backward
+    assert [row["own_ms"] for row in rows] == sorted((row["own_ms"] for row in rows), reverse=True)
+    assert all(row["cumulative_ms"] >= row["own_ms"] >= 0 for row in rows)

@@ -11,15 +11,20 @@ tool times, from an idle GPU and without waiting for it, the host's issue time o
 
 counts each phase's kernel launches under ``torch.profiler``, and divides: host µs per launch
 per phase. With ``--top N`` it also lists the N operators and autograd nodes with the most host
-(self CPU) time in one profiled step of the first model.
+(self CPU) time in one profiled step of the first model; with ``--python-profile N`` the N Python
+functions with the most own time over five of its steps (cProfile: where the Python goes, the
+Triton launcher, our op wrappers and autograd Functions, which the operator view does not show).
 
     python tools/host_split.py --models defmamba_tiny defmamba_small \
         --peers swin_tiny_patch4_window7_224 convnext_tiny --batch-size 8 --json host_split.json
+    python tools/host_split.py --models defmamba_tiny --peers --python-profile 40
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -129,6 +134,28 @@ def top_host_events(step: TrainingStep, top: int) -> list[dict]:
              "cpu_ms": e.cpu_time_total / 1000.0} for e in rows]
 
 
+def python_profile(step: TrainingStep, top: int, steps: int = 5) -> list[dict]:
+    """The ``top`` Python functions (and built-ins) by own time over ``steps`` training steps, per
+    step. The backward runs on this thread here, as this project's training loops run it (autograd's
+    engine thread would hide its Python nodes from cProfile); the cProfile overhead inflates
+    Python-heavy functions, so the times rank the costs rather than measure them."""
+    profiler = cProfile.Profile()
+    with torch.autograd.set_multithreading_enabled(False):
+        _sync(step.device)
+        profiler.enable()
+        for _ in range(steps):
+            for run in step.phases().values():
+                run()
+        _sync(step.device)
+        profiler.disable()
+    rows = []
+    for (path, line, function), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items():
+        name = f"{'/'.join(Path(path).parts[-3:])}:{line}({function})" if line else function  # a built-in: no file
+        rows.append({"function": name, "calls": calls / steps,
+                     "own_ms": 1000.0 * own / steps, "cumulative_ms": 1000.0 * cumulative / steps})
+    return sorted(rows, key=lambda row: -row["own_ms"])[:top]
+
+
 def build(name: str) -> nn.Module:
     if name.startswith("defmamba_"):
         return defmamba.build_model(name)
@@ -150,6 +177,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--top", type=int, default=0, help="also list the N largest host-time events of the first model")
+    parser.add_argument("--python-profile", type=int, default=0, metavar="N",
+                        help="also list the N Python functions with the most own time in the first model's "
+                             "steps (cProfile)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     for problem in unknown_model_names(args.models, args.peers):
@@ -161,7 +191,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     amp_dtype = None if args.amp == "none" else getattr(torch, args.amp)
-    results, top = {}, None
+    results, top, functions = {}, None, None
     print(f"{'model':32s} " + "  ".join(f"{p:>24s}" for p in PHASES) + "   (host ms / launches / µs per launch)")
     for i, name in enumerate(args.models + args.peers):
         step = TrainingStep(build(name), args.batch_size, args.image_size, amp_dtype, device)
@@ -176,6 +206,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             top = top_host_events(step, args.top)
             for row in top:
                 print(f"    {row['self_cpu_ms']:8.2f} ms self  {row['calls']:5d}×  {row['name'][:100]}")
+        if i == 0 and args.python_profile:
+            functions = python_profile(step, args.python_profile)
+            print(f"    Python functions of {name}, per step (cProfile): own ms, cumulative ms, calls")
+            for row in functions:
+                times = f"{row['own_ms']:8.2f} {row['cumulative_ms']:9.2f} {row['calls']:8.0f}"
+                print(f"    {times}  {row['function'][:100]}")
         del step
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -184,7 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                        "torch": torch.__version__, "batch_size": args.batch_size, "image_size": args.image_size,
                        "amp": args.amp}
         Path(args.json).write_text(json.dumps({"environment": environment, "results": results,
-                                               "top_host_events": top}, indent=1))
+                                               "top_host_events": top, "python_functions": functions}, indent=1))
     return 0
 
 
