@@ -13,6 +13,7 @@ import torch
 
 from ..kernel_op import kernel_op
 from ..triton_math import gelu as _gelu, gelu_grad as _gelu_grad
+from ..triton_launch import fast_launch
 from ..triton_support import cdiv, check_launch, next_power_of_2, tl, triton
 
 __all__ = ["channel_attention_triton"]
@@ -24,6 +25,7 @@ _BLOCK_C = 64  # channels per tile
 
 if triton is not None:
 
+    @fast_launch
     @triton.jit
     def _ca_fwd_kernel(p_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, a_ptr, h_ptr, batch, channels, hidden,
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -54,6 +56,7 @@ if triton is not None:
             tl.store(a_ptr + rows[:, None] * channels + c[None, :], a.to(a_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & c_ok[None, :])
 
+    @fast_launch
     @triton.jit
     def _ca_bwd_input_kernel(da_ptr, a_ptr, h_ptr, w1_ptr, w2_ptr, dz2_ptr, dz1_ptr, dp_ptr, batch, channels, hidden,
                              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -89,6 +92,7 @@ if triton is not None:
             tl.store(dp_ptr + rows[:, None] * channels + c[None, :], dp.to(dp_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & c_ok[None, :])
 
+    @fast_launch
     @triton.jit
     def _ca_bwd_weights_kernel(dz2_ptr, dz1_ptr, h_ptr, p_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
                                batch, channels, hidden,

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from ..kernel_op import kernel_op
+from ..triton_launch import fast_launch
 from ..triton_support import cdiv, check_launch, interpreting, tl, triton
 
 __all__ = ["sample_positions_triton"]
@@ -44,6 +45,7 @@ if triton is not None:
         t_path = _tanh(tl.load(src + 2 * s_c, mask=ok, other=0.0).to(tl.float32), INTERPRETED)
         return tok, t_row, t_col, t_path
 
+    @fast_launch
     @triton.jit
     def _positions_fwd_kernel(off_ptr, scale_ptr, ref_ptr, half_key_ptr, ref_path_ptr, grid_ptr, disp_ptr, path_ptr,
                               tokens, length, width, s_b, s_c, s_h, s_w,
@@ -59,6 +61,7 @@ if triton is not None:
         tl.store(disp_ptr + 2 * i + 1, tl.load(half_key_ptr + 2 * tok + 1, mask=ok, other=0.0) - 0.5 * grid_y, mask=ok)
         tl.store(path_ptr + i, t_path + tl.load(ref_path_ptr + tok, mask=ok, other=0.0), mask=ok)
 
+    @fast_launch
     @triton.jit
     def _positions_bwd_kernel(off_ptr, scale_ptr, dgrid_ptr, ddisp_ptr, dpath_ptr, doff_ptr,
                               tokens, length, width, s_b, s_c, s_h, s_w, d_b, d_c, d_h, d_w,

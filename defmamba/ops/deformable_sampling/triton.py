@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from ..kernel_op import kernel_op
+from ..triton_launch import fast_launch
 from ..triton_support import cdiv, check_launch, tl, triton
 from .reference import sort_path
 
@@ -66,6 +67,7 @@ if triton is not None:
         tl.atomic_add(dest_ptrs, g * (wx * wy)[:, None], mask=m, sem="relaxed")
         return gv * wy * sign_x, gv * wx * sign_y
 
+    @fast_launch
     @triton.jit
     def _sampling_fwd_kernel(x_ptr, grid_ptr, table_ptr, disp_ptr, order_ptr, out_ptr, inverse_ptr,
                     length, channels, size_h, size_w,
@@ -106,6 +108,7 @@ if triton is not None:
         out = out_ptr + (b * length + slots.to(tl.int64))[:, None] * channels + chans[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=slot_ok[:, None] & chan_ok[None, :])
 
+    @fast_launch
     @triton.jit
     def _sampling_bwd_kernel(grad_ptr, x_ptr, grid_ptr, table_ptr, disp_ptr, order_ptr,
                     gx_ptr, ggrid_ptr, gtable_ptr, gdisp_ptr, gpath_ptr,

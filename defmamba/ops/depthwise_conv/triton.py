@@ -13,6 +13,7 @@ import torch
 
 from ..kernel_op import kernel_op
 from ..triton_math import silu as silu_f32
+from ..triton_launch import fast_launch
 from ..triton_support import cdiv, check_launch, interpreting, next_power_of_2, tl, triton
 
 __all__ = ["depthwise_conv2d_triton", "pixel_stride"]
@@ -24,6 +25,7 @@ _WGRAD_BLOCK_C = 32  # channels per weight-gradient tile
 
 if triton is not None:
 
+    @fast_launch
     @triton.jit
     def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, pre_ptr, height, width, channels, x_pixel_stride,
                            K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BIAS: tl.constexpr,
@@ -64,6 +66,7 @@ if triton is not None:
             out = silu_f32(out.to(tl.float32), INTERPRETED).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + out_offsets, out, mask=out_ok)
 
+    @fast_launch
     @triton.jit
     def _dwconv_wgrad_kernel(g_ptr, x_ptr, wpart_ptr, bpart_ptr, part_stride, rows, height, width, channels,
                              x_pixel_stride, K: tl.constexpr, K_TILE: tl.constexpr, LAST_APART: tl.constexpr,

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ..kernel_op import kernel_op
+from ..triton_launch import fast_launch
 from ..triton_support import cdiv, check_launch, tl, triton
 
 __all__ = ["add_dropped_path_triton", "inverse_keep_prob"]
@@ -29,6 +30,7 @@ if triton is not None:
         kept = tl.load(kept_ptr + offs // per_sample, mask=ok, other=0.0).to(tl.float32)
         return (kept * inv_keep).to(kept_ptr.dtype.element_ty).to(tl.float32)
 
+    @fast_launch
     @triton.jit
     def _add_dropped_path_kernel(x_ptr, branch_ptr, kept_ptr, out_ptr, numel, per_sample, inv_keep,
                                  BLOCK: tl.constexpr):
@@ -39,6 +41,7 @@ if triton is not None:
         branch = tl.load(branch_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, (x + branch * scale).to(out_ptr.dtype.element_ty), mask=ok)
 
+    @fast_launch
     @triton.jit
     def _dropped_path_grad_kernel(grad_ptr, kept_ptr, grad_branch_ptr, numel, per_sample, inv_keep,
                                   BLOCK: tl.constexpr):

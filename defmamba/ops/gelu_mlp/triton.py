@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..kernel_op import kernel_op
+from ..triton_launch import fast_launch
 from ..triton_support import cdiv, check_launch, tl, triton
 
 __all__ = ["gelu_grad_and_column_sums_triton"]
@@ -20,6 +21,7 @@ _ROWS_PER_PROGRAM = 512  # rows summed into one partial row (a multiple of _BLOC
 
 if triton is not None:
 
+    @fast_launch
     @triton.jit
     def _gelu_grad_kernel(h_ptr, grad_ptr, act_ptr, grad_h_ptr, sums_ptr, rows, cols,
                           ROWS_PER_PROGRAM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):

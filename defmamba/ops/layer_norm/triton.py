@@ -15,6 +15,7 @@ import torch
 from ..drop_path.triton import inverse_keep_prob  # 1 / keep_prob as the drop-path kernels round it
 from ..kernel_op import kernel_op
 from ..triton_math import gelu as _gelu, gelu_grad as _gelu_grad
+from ..triton_launch import fast_launch
 from ..triton_support import cdiv, check_launch, next_power_of_2, tl, triton
 
 __all__ = ["MAX_COLUMNS", "layer_norm_triton", "residual_layer_norm_triton"]
@@ -33,6 +34,7 @@ if triton is not None:
         kept = tl.load(kept_ptr + (r // rows_per_image).to(tl.int64), mask=row_ok, other=0.0).to(tl.float32)
         return (kept * inv_keep).to(kept_ptr.dtype.element_ty).to(tl.float32)
 
+    @fast_launch
     @triton.jit
     def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, mean_ptr, rstd_ptr, branch_ptr, kept_ptr, sum_ptr,
                        rows, cols, rows_per_image, eps, inv_keep,
@@ -68,6 +70,7 @@ if triton is not None:
         tl.store(mean_ptr + r, mean, mask=row_ok)
         tl.store(rstd_ptr + r, rstd, mask=row_ok)
 
+    @fast_launch
     @triton.jit
     def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, s_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
                        ds_part_ptr, dsum_ptr, kept_ptr, dbranch_ptr, rows, cols, segment_rows, rows_per_image, inv_keep,

@@ -17,6 +17,7 @@ import torch
 
 from ..kernel_op import kernel_op
 from ..triton_math import divide_rn, one_plus_exp_neg, silu
+from ..triton_launch import fast_launch
 from ..triton_support import cdiv, check_launch, interpreting, tl, triton
 from .reference import NUM_ORDERS
 
@@ -28,6 +29,7 @@ _BLOCK_D = 32  # channels per program tile
 
 if triton is not None:
 
+    @fast_launch
     @triton.jit
     def _merge_gate_fwd_kernel(ys_ptr, inverse_ptr, z_ptr, out_ptr, mean_ptr, length, channels, z_stride,
                                BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SAVE_MEAN: tl.constexpr,
@@ -53,6 +55,7 @@ if triton is not None:
         if SAVE_MEAN:
             tl.store(mean_ptr + tokens, mean, mask=mask)
 
+    @fast_launch
     @triton.jit
     def _merge_gate_bwd_kernel(grad_ptr, z_ptr, mean_ptr, inverse_ptr, dys_ptr, dz_ptr, length, channels, z_stride,
                                BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -95,6 +98,7 @@ if triton is not None:
         rows = xs_ptr + ((b * 3 * channels + d) * length)[None, :]  # xs[b, 0, d, :]
         return l, mask, tokens, rows
 
+    @fast_launch
     @triton.jit
     def _stack_orders_fwd_kernel(x_ptr, seq_ptr, xs_ptr, length, channels,
                                  BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -106,6 +110,7 @@ if triton is not None:
         tl.store(rows + order_stride + (length - 1 - l)[:, None], x, mask=mask)
         tl.store(rows + 2 * order_stride + l[:, None], seq, mask=mask)
 
+    @fast_launch
     @triton.jit
     def _stack_orders_bwd_kernel(dxs_ptr, dx_ptr, dseq_ptr, length, channels,
                                  BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):

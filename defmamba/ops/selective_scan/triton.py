@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
+from ..triton_launch import fast_launch
 from ..triton_support import IMPORT_ERROR, interpreting, is_available, next_power_of_2, tl, triton
 from .backend_op import scan_kernel_op
 
@@ -160,6 +161,7 @@ if triton is not None:
             bias = tl.zeros([BLOCK_C], tl.float32)
         return chunk, b, k, c, mc, n, mn, m_nc, a2, bias
 
+    @fast_launch
     @triton.jit
     def _scan_fwd_summary_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, bias_ptr, sdt_ptr, hl_ptr,
@@ -204,6 +206,7 @@ if triton is not None:
         tl.store(hl_ptr + (rows[None, :] * n_chunks + chunk) * NP + n[:, None], h, mask=mc[None, :])
         tl.store(sdt_ptr + rows * n_chunks + chunk, sdt, mask=mc)
 
+    @fast_launch
     @triton.jit
     def _scan_bwd_summary_kernel(
         dl_ptr, A_ptr, C_ptr, bias_ptr, dy_ptr, sdt_ptr, cl_ptr,
@@ -461,10 +464,10 @@ if triton is not None:
     # through shared memory.
     _OPAQUE = ["sA_c", "sA_n", "st_c", "st_n"]
     _KERNELS = {
-        ("fwd", True): triton.jit(do_not_specialize=_OPAQUE)(_scan_fwd_kernel),
-        ("fwd", False): triton.jit(_scan_fwd_kernel),
-        ("bwd", True): triton.jit(do_not_specialize=_OPAQUE)(_scan_bwd_kernel),
-        ("bwd", False): triton.jit(_scan_bwd_kernel),
+        ("fwd", True): fast_launch(triton.jit(do_not_specialize=_OPAQUE)(_scan_fwd_kernel)),
+        ("fwd", False): fast_launch(triton.jit(_scan_fwd_kernel)),
+        ("bwd", True): fast_launch(triton.jit(do_not_specialize=_OPAQUE)(_scan_bwd_kernel)),
+        ("bwd", False): fast_launch(triton.jit(_scan_bwd_kernel)),
     }
 
 # Launch configuration per direction: (most channels per program, opaque compilation).

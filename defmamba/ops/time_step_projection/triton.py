@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from ..kernel_op import kernel_op
+from ..triton_launch import fast_launch
 from ..triton_support import cdiv, check_launch, next_power_of_2, tl, triton
 
 __all__ = ["project_time_steps_triton"]
@@ -18,6 +19,7 @@ __all__ = ["project_time_steps_triton"]
 
 if triton is not None:
 
+    @fast_launch
     @triton.jit
     def _projection_kernel(w_ptr, dt_ptr, out_ptr, channels, rank, length_over_align, scans,
                            ALIGN: tl.constexpr, RANK_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
