@@ -3,8 +3,8 @@
 An eager training step of DefMamba is bound by the host (docs/benchmarks.md): what matters is the
 host time per call, not the GPU time. This tool runs every case on tensors so small that the GPU
 work is negligible, so the wall time per call is the host's cost of it: the launch primitives
-(an ATen operator, a Triton kernel through Triton's launcher and through its compiled kernel, a
-Python autograd Function) and each op of the library, forward and forward + backward, under the
+(an ATen operator, a Triton kernel through Triton's launcher, through the library's
+``fast_launch`` and through its compiled kernel, a Python autograd Function) and each op of the library, forward and forward + backward, under the
 same autocast, next to the PyTorch module it replaces. Wall time per call is the median over
 timed windows, each ended by a device synchronisation.
 
@@ -44,6 +44,7 @@ from defmamba.ops import dispatch  # noqa: E402
 from defmamba.ops.depthwise_conv import DepthwiseConv2d  # noqa: E402
 from defmamba.ops.layer_norm import LayerNorm  # noqa: E402
 from defmamba.ops.selective_scan import available_backends, selective_scan  # noqa: E402
+from defmamba.ops.triton_launch import fast_launch  # noqa: E402
 from defmamba.ops.triton_support import tl, triton  # noqa: E402
 
 __all__ = ["time_call", "cases", "main"]
@@ -130,9 +131,15 @@ def _triton_cases(device: torch.device) -> list[Case]:
             launch()
             return _Double.backward(ctx, grad)
 
+    fast = fast_launch(_noop)
+
+    def launch_fast() -> None:
+        fast[(1,)](*tensors, 5, 64, 7, A=1, B=2)
+
     leaf, small = torch.ones(64, device=device, requires_grad=True), torch.ones(64, device=device)
     out: list[Case] = [
         ("primitives", "Triton launch (JIT launcher)", launch),
+        ("primitives", "Triton launch (fast_launch)", launch_fast),
         ("primitives", "autograd.Function(x * 2) + Triton launch in backward, forward+backward",
          lambda: _LaunchInBackward.apply(leaf).backward(small)),
     ]
