@@ -136,6 +136,14 @@ def test_a_runtime_argument_by_keyword_or_an_unknown_type_always_takes_tritons_l
     assert all(not compiled.launches for compiled in kernel.compiled.values())
 
 
+def test_a_grid_function_takes_tritons_launch(stand_in):
+    kernel, fast = stand_in
+    x = torch.zeros(8)
+    for _ in range(2):
+        fast[lambda meta: (1,)](x, 48, 0.5, BLOCK=8)
+    assert len(kernel.own_launches) == 2 and not fast._entries
+
+
 def test_set_launch_hooks_take_tritons_launch(stand_in, monkeypatch):
     kernel, fast = stand_in
     x = torch.zeros(8)

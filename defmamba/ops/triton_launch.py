@@ -19,10 +19,11 @@ arguments Triton would have compiled differently:
 
 A call with a new key goes through Triton's own launch, which compiles or finds the kernel and
 returns it; the key then maps to it. Triton's own launch is also taken for every call when an
-argument is of any other type, a runtime argument comes by keyword, Triton's launch hooks are set
-(a profiler such as Proton), the compiled kernel lacks the launcher this module calls, under the
-interpreter, with a Triton release outside :data:`TRITON_VERSIONS`, or with
-``DEFMAMBA_TRITON_FAST_LAUNCH=0`` in the environment when the library is imported.
+argument is of any other type, a runtime argument comes by keyword, the grid is not a tuple (a
+function of the launch's metadata), Triton's launch hooks are set (a profiler such as Proton),
+the compiled kernel lacks the launcher this module calls, under the interpreter, with a Triton
+release outside :data:`TRITON_VERSIONS`, or with ``DEFMAMBA_TRITON_FAST_LAUNCH=0`` in the
+environment when the library is imported.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class FastLaunchKernel:
 
     def _launch(self, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
         driver = _driver if _driver is not None else _bind_driver()
-        if not (self._usable and driver and _hooks_idle()):
+        if not (self._usable and driver and grid.__class__ is tuple and _hooks_idle()):
             self.kernel[grid](*args, **kwargs)
             return
         device = driver[0]()
