@@ -4,9 +4,10 @@ An eager training step of DefMamba is bound by the host (docs/benchmarks.md): wh
 host time per call, not the GPU time. This tool runs every case on tensors so small that the GPU
 work is negligible, so the wall time per call is the host's cost of it: the launch primitives
 (an ATen operator, a Triton kernel through Triton's launcher, through the library's
-``fast_launch`` and through its compiled kernel, a Python autograd Function) and each op of the library, forward and forward + backward, under the
-same autocast, next to the PyTorch module it replaces. Wall time per call is the median over
-timed windows, each ended by a device synchronisation.
+``fast_launch`` and through its compiled kernel, a Python autograd Function) and each op of the
+library, forward and forward + backward, under the same autocast, next to the PyTorch module it
+replaces. Wall time per call is the median over timed windows, each ended by a device
+synchronisation.
 
     python tools/host_costs.py [--device cuda] [--dtype float16] [--json FILE] [--profile-block FILE]
                                [--autograd-device-thread]
