@@ -303,7 +303,8 @@ def test_every_kernel_of_a_training_step_launches_what_triton_would_and_gives_th
     fast = results(counted)
     assert not mismatches, sorted({k.fn.__name__ for k in mismatches})
     assert len(launches) >= 15, sorted(k.fn.__name__ for k in launches)
-    missed = {k.fn.__name__: (n, through_handle.get(k, 0)) for k, n in launches.items() if through_handle.get(k, 0) != n}
+    missed = {k.fn.__name__: (n, through_handle.get(k, 0)) for k, n in launches.items()
+              if through_handle.get(k, 0) != n}
     assert not missed, f"kernels launched through Triton's own path in the second step: {missed}"
     assert len(fast) == len(through_jit)
     for a, b in zip(fast[:2], through_jit[:2]):
