@@ -1,12 +1,13 @@
 """Triton kernels launched through their compiled handle, without Triton's per-call binding.
 
 ``kernel[grid](*args)`` on a ``@triton.jit`` function binds and specialises every argument, builds
-a cache key and looks up the compiled kernel on every call: about 28 µs of host time per launch
-against 16 µs for the compiled kernel's own launcher (``tools/host_costs.py``, H100 host), and an
-eager DefMamba-T training step launches Triton kernels about 290 times (docs/benchmarks.md,
-"Host cost"). :func:`fast_launch` wraps a kernel so that the same call finds the compiled kernel
-under a key of its own and calls its launcher directly, on the current stream of the current
-device, as Triton does (so CUDA-graph capture records it the same way).
+a cache key and looks up the compiled kernel on every call: 15–17 µs of host time per launch of a
+13-argument kernel, against 8–9 µs for the compiled kernel's own launcher and 12 µs through this
+module (``tools/host_costs.py``, two H100 hosts, Triton 3.6), and an eager DefMamba-T training step
+launches Triton kernels about 290 times (docs/benchmarks.md, "Host cost"). :func:`fast_launch`
+wraps a kernel so that the same call finds the compiled kernel under a key of its own and calls
+its launcher directly, on the current stream of the current device, as Triton does (so CUDA-graph
+capture records it the same way).
 
 The key is finer than Triton's specialisation, so a compiled kernel is never launched on
 arguments Triton would have compiled differently:
