@@ -53,6 +53,10 @@ def _check_tiny(report: dict) -> None:
     # once for the model (models/autocast_parameters.py)
     assert forward["aten::_foreach_copy_"] == backward["aten::_foreach_copy_"] == 4 + 1
     sources = report["by_source"]
+    # the time-step projection reads dt in place: the DSSM's only copy is torch.matmul's of the
+    # broadcast x_proj weight
+    assert sum(n for s, n in sources["forward"].items() if s.startswith("aten::clone") and "models/dssm.py" in s) \
+        == blocks
     # the depthwise convolution's weight taps copied once per call, in the forward only
     assert sum(n for s, n in sources["forward"].items() if "_taps" in s) == 2 * blocks
     assert not [s for s in sources["backward"] if "_taps" in s]

@@ -89,8 +89,8 @@ class DSSM(nn.Module):
         batch, _, _, length = xs.shape
         x_dbl = torch.matmul(self.x_proj_weight, xs)  # (K, R+2N, D) @ (B, K, D, L) → (B, K, R+2N, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        # dt is copied out (R of R+2N rows) so that the backward keeps it, not all of x_dbl.
-        delta = project_time_steps(self.dt_projs_weight, dt.contiguous())  # (K, D, R) @ (B, K, R, L) → (B, K, D, L)
+        # dt, B and C are read in place (views of x_dbl, which the scan's backward keeps for B and C).
+        delta = project_time_steps(self.dt_projs_weight, dt)  # (K, D, R) @ (B, K, R, L) → (B, K, D, L)
         return selective_scan(
             xs.reshape(batch, -1, length), delta.reshape(batch, -1, length),
             self.A_logs.float(), B, C, self.Ds.float(), self.dt_projs_bias.float().flatten(),

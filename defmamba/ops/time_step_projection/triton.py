@@ -21,10 +21,11 @@ if triton is not None:
 
     @fast_launch
     @triton.jit
-    def _projection_kernel(w_ptr, dt_ptr, out_ptr, channels, rank, length_over_align, scans,
+    def _projection_kernel(w_ptr, dt_ptr, out_ptr, channels, rank, length_over_align, dt_stride_over_align, scans,
                            ALIGN: tl.constexpr, RANK_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_L: tl.constexpr, IEEE: tl.constexpr):
         length = length_over_align * ALIGN  # L, known to the compiler as a multiple of ALIGN
+        dt_stride = dt_stride_over_align * ALIGN  # from one (image, scan)'s dt rows to the next
         l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         image_scan = tl.program_id(2).to(tl.int64)  # b · K + k
@@ -35,7 +36,7 @@ if triton is not None:
         r_ok = r < rank
         w = tl.load(w_ptr + (k * channels + d[:, None]) * rank + r[None, :], mask=d_ok[:, None] & r_ok[None, :],
                     other=0.0)
-        x = tl.load(dt_ptr + (image_scan * rank + r[:, None]) * length + l[None, :],
+        x = tl.load(dt_ptr + image_scan * dt_stride + r[:, None] * length + l[None, :],
                     mask=r_ok[:, None] & l_ok[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(w, x, input_precision="ieee")
@@ -45,15 +46,20 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=d_ok[:, None] & l_ok[None, :])
 
 
+def _alignment(length: int) -> int:
+    """The largest power of two dividing L, at most 8."""
+    return min(8, length & -length)
+
+
 def _forward(weight: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     batch, scans, rank, length = dt.shape
     channels = weight.shape[1]
     out = torch.empty((batch, scans, channels, length), dtype=dt.dtype, device=dt.device)
-    align = min(8, length & -length)  # largest power of two dividing L, at most 8
+    align = _alignment(length)
     block_l = min(128, max(16, next_power_of_2(length)))
     block_d = 32 if rank <= 16 else 64
     grid = (cdiv(length, block_l), cdiv(channels, block_d), batch * scans)
-    _projection_kernel[grid](weight, dt, out, channels, rank, length // align, scans,
+    _projection_kernel[grid](weight, dt, out, channels, rank, length // align, dt.stride(1) // align, scans,
                              ALIGN=align, RANK_POW2=max(16, next_power_of_2(rank)), BLOCK_D=block_d,
                              BLOCK_L=block_l, IEEE=dt.dtype == torch.float32, num_warps=4)
     return out
@@ -88,8 +94,21 @@ _projection = kernel_op("time_step_projection", _forward, _forward_fake, setup_c
                         backward=_backward, backward_impl=_gradients, backward_fake=_gradients_fake)
 
 
+def _rows_in_place(dt: torch.Tensor) -> torch.Tensor:
+    """dt as it is when the kernel can read it in place: each (image, scan)'s R rows of L contiguous,
+    the (image, scan) blocks evenly spaced by a multiple of the kernel's alignment. The DSSM's dt is
+    such a view (the first R rows of each (R+2N)-row block of its x_proj output), read without a copy.
+    Any other layout is copied."""
+    batch, scans, rank, length = dt.shape
+    in_place = (dt.stride(3) == 1 and (rank == 1 or dt.stride(2) == length)
+                and (batch == 1 or dt.stride(0) == scans * dt.stride(1))
+                and dt.stride(1) >= rank * length and dt.stride(1) % _alignment(length) == 0)
+    return dt if in_place else dt.contiguous()
+
+
 def project_time_steps_triton(weight: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     """The Triton route of :func:`defmamba.ops.time_step_projection.project_time_steps` (shapes checked
-    there; one dtype, CUDA tensors, or CPU tensors under Triton's interpreter)."""
+    there; one dtype, CUDA tensors, or CPU tensors under Triton's interpreter). dt may be a view
+    (:func:`_rows_in_place`)."""
     check_launch("time-step projection", dt)
-    return _projection(weight.contiguous(), dt.contiguous())
+    return _projection(weight.contiguous(), _rows_in_place(dt))
