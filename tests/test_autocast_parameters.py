@@ -153,8 +153,9 @@ class _ParameterCasts(TorchDispatchMode):
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_cuda_autocast_casts_per_stage_not_per_layer(monkeypatch, per_layer_casts, grad):
-    """On (fake) CUDA tensors under float16 autocast, the blocks' matmul parameters are cast in one
-    multi-tensor copy per stage; with autocast's per-layer casts, each is cast on its own."""
+    """On (fake) CUDA tensors under float16 autocast, the blocks' matmul parameters (and without
+    gradients fc1's bias) are cast in one multi-tensor copy per stage; with autocast's per-layer
+    casts, each is cast on its own."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from defmamba.ops import dispatch
@@ -172,7 +173,8 @@ def test_cuda_autocast_casts_per_stage_not_per_layer(monkeypatch, per_layer_cast
                     module._buffers[name] = fake.from_tensor(b).to("cuda")
     names = {id(p): n for n, p in model.named_parameters()}
     grouped = {f"layers.{i}.blocks.{j}.{name}" for i, stage in enumerate(model.layers) for j in range(len(stage.blocks))
-               for name in DMBlock.AUTOCAST_PARAMETERS}
+               for name in (DMBlock.AUTOCAST_PARAMETERS if grad else DMBlock.INFERENCE_AUTOCAST_PARAMETERS)}
+    assert grad or any(name.endswith("mlp.fc1.bias") for name in grouped)
     # the stem's two convolutions, the three downsamples' and the classifier's linear layer
     around = {f"patch_embed.{i}.{leaf}" for i in (0, 5) for leaf in ("weight", "bias")}
     around |= {f"layers.{i}.downsample.1.{leaf}" for i in range(3) for leaf in ("weight", "bias")}

@@ -117,6 +117,8 @@ class DMBlock(nn.Module):
         "op.DS.conv_offset.ca.2.bias", "op.DS.conv_offset.conv2.weight",
         "mlp.fc1.weight", "mlp.fc2.weight", "mlp.fc2.bias",
     )
+    # Without gradients fc1's bias joins them: F.linear under autocast would cast it the same way.
+    INFERENCE_AUTOCAST_PARAMETERS = AUTOCAST_PARAMETERS + ("mlp.fc1.bias",)
 
     def __init__(self, dim: int, deform_kernel_size: int, drop_path: float = 0.0, d_state: int = 16,
                  ssm_ratio: float = 1.0, mlp_ratio: float = 4.0, scan_backend: str = "auto") -> None:

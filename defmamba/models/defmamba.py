@@ -35,6 +35,8 @@ class Stage(nn.Module):
         self.grad_checkpointing = False
         self._autocast_group = ParameterCastGroup(
             self.blocks, [f"{i}.{name}" for i in range(depth) for name in DMBlock.AUTOCAST_PARAMETERS])
+        self._inference_autocast_group = ParameterCastGroup(
+            self.blocks, [f"{i}.{name}" for i in range(depth) for name in DMBlock.INFERENCE_AUTOCAST_PARAMETERS])
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -43,10 +45,12 @@ class Stage(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             return x
         # under autocast, the blocks' matmul parameters cast in one go (autocast_parameters.py); a
-        # replica of nn.DataParallel shares this attribute with the original but has its own blocks
-        if self._autocast_group.root is not self.blocks:
+        # replica of nn.DataParallel shares these attributes with the original but has its own blocks
+        if self._autocast_group.root is not self.blocks or self._inference_autocast_group.root is not self.blocks:
             self._autocast_group = ParameterCastGroup(self.blocks, self._autocast_group.names)
-        return self._autocast_group.run(x)
+            self._inference_autocast_group = ParameterCastGroup(self.blocks, self._inference_autocast_group.names)
+        group = self._autocast_group if torch.is_grad_enabled() else self._inference_autocast_group
+        return group.run(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.downsample(self.forward_blocks(x))
