@@ -15,7 +15,12 @@ needs_triton_gpu = pytest.mark.skipif(not triton_support.is_available()[0], reas
 
 def run_under_interpreter(script: str) -> dict:
     """Run ``script`` (a test module's ``__main__`` check) with TRITON_INTERPRET=1, which Triton
-    reads when kernels are defined, so in a fresh process; return the JSON it prints last."""
+    reads when kernels are defined, so in a fresh process; return the JSON it prints last.
+
+    The interpreter (Triton 3.8) truncates a float32 → bfloat16 conversion inside a kernel
+    (``.to(tl.bfloat16)``, even with ``fp_downcast_rounding="rtne"``) where compiled kernels round
+    to nearest even: bit-exact checks of such rounding belong in the GPU tests (float16 rounds
+    correctly under the interpreter)."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
