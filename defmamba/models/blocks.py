@@ -104,21 +104,24 @@ class ResidualDropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.3f}"
 
 
+# The parameters of a DM block that autocast casts to its dtype when they are used (linear layers,
+# matmuls, the 1×1 offset conv), which a stage casts for all its blocks at once
+# (autocast_parameters.py). Not fc1's bias: the MLP's backward sums its gradient in float32 and
+# returns it in the bias's dtype, which must stay float32.
+_AUTOCAST_PARAMETERS = (
+    "op.in_proj.weight", "op.x_proj_weight", "op.dt_projs_weight", "op.out_proj.weight",
+    "op.DS.conv_offset.ca.0.weight", "op.DS.conv_offset.ca.0.bias", "op.DS.conv_offset.ca.2.weight",
+    "op.DS.conv_offset.ca.2.bias", "op.DS.conv_offset.conv2.weight",
+    "mlp.fc1.weight", "mlp.fc2.weight", "mlp.fc2.bias",
+)
+
+
 class DMBlock(nn.Module):
     """Deformable Mamba block: x + DropPath(DSSM(LN(x))), then x + DropPath(MLP(LN(x)))."""
 
-    # The parameters that autocast casts to its dtype when they are used (linear layers, matmuls,
-    # the 1×1 offset conv), which a stage casts for all its blocks at once (autocast_parameters.py).
-    # Not fc1's bias: the MLP's backward sums its gradient in float32 and returns it in the bias's
-    # dtype, which must stay float32.
-    AUTOCAST_PARAMETERS = (
-        "op.in_proj.weight", "op.x_proj_weight", "op.dt_projs_weight", "op.out_proj.weight",
-        "op.DS.conv_offset.ca.0.weight", "op.DS.conv_offset.ca.0.bias", "op.DS.conv_offset.ca.2.weight",
-        "op.DS.conv_offset.ca.2.bias", "op.DS.conv_offset.conv2.weight",
-        "mlp.fc1.weight", "mlp.fc2.weight", "mlp.fc2.bias",
-    )
+    AUTOCAST_PARAMETERS = _AUTOCAST_PARAMETERS
     # Without gradients fc1's bias joins them: F.linear under autocast would cast it the same way.
-    INFERENCE_AUTOCAST_PARAMETERS = AUTOCAST_PARAMETERS + ("mlp.fc1.bias",)
+    INFERENCE_AUTOCAST_PARAMETERS = _AUTOCAST_PARAMETERS + ("mlp.fc1.bias",)
 
     def __init__(self, dim: int, deform_kernel_size: int, drop_path: float = 0.0, d_state: int = 16,
                  ssm_ratio: float = 1.0, mlp_ratio: float = 4.0, scan_backend: str = "auto") -> None:
