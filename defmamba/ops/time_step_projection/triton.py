@@ -52,6 +52,9 @@ def _alignment(length: int) -> int:
 
 
 def _forward(weight: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    # the layout is checked here, in the op's implementation, so that the rule holds for whatever
+    # strides reach it (under torch.compile, those Inductor gives the custom op's input)
+    dt = _rows_in_place(dt)
     batch, scans, rank, length = dt.shape
     channels = weight.shape[1]
     out = torch.empty((batch, scans, channels, length), dtype=dt.dtype, device=dt.device)
@@ -111,4 +114,4 @@ def project_time_steps_triton(weight: torch.Tensor, dt: torch.Tensor) -> torch.T
     there; one dtype, CUDA tensors, or CPU tensors under Triton's interpreter). dt may be a view
     (:func:`_rows_in_place`)."""
     check_launch("time-step projection", dt)
-    return _projection(weight.contiguous(), _rows_in_place(dt))
+    return _projection(weight.contiguous(), dt)
