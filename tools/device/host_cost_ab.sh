@@ -19,8 +19,8 @@
 #        routes:                 bash tools/device/host_cost_ab.sh out 1 kernels reference=layer_norm \
 #                                  reference=depthwise_conv reference=layer_norm,depthwise_conv
 #        autograd's threads:     bash tools/device/host_cost_ab.sh out 2 kernels backward=device cores=5
-# Environment: MODELS (defmamba_tiny defmamba_small), PEERS (swin_tiny_patch4_window7_224), MODES
-#   (train_fp16), BENCH_ARGS (--warmup 3 --repeats 5 --iters 3).
+# Environment: MODELS (defmamba_tiny defmamba_small), PEERS (swin_tiny_patch4_window7_224; set it empty
+#   for none), MODES (train_fp16), BENCH_ARGS (--warmup 3 --repeats 5 --iters 3).
 # Writes OUT_DIR/<round>_<variant>.{json,log} and OUT_DIR/ab.md: launches, host ms, GPU ms, eager
 # images/s, peak GiB and graphed images/s per run, model and mode.
 set -euo pipefail
@@ -42,7 +42,7 @@ done
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 read -r -a models <<< "${MODELS:-defmamba_tiny defmamba_small}"
-read -r -a peers <<< "${PEERS:-swin_tiny_patch4_window7_224}"
+read -r -a peers <<< "${PEERS-swin_tiny_patch4_window7_224}"
 read -r -a modes <<< "${MODES:-train_fp16}"
 read -r -a bench_args <<< "${BENCH_ARGS:---warmup 3 --repeats 5 --iters 3}"
 export PYTHONUNBUFFERED=1
