@@ -24,11 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.channel_attention import channel_attention
-from ..ops.deformable_sampling import sample_in_path_order, sample_positions
+from ..ops.deformable_sampling import sample_in_path_order, sample_positions, sample_positions_and_table
 from ..ops.depthwise_conv import DepthwiseConv2d
 from ..ops.dispatch import runs_as_called
 from ..ops.layer_norm import LayerNorm, layer_norm_gelu
-from ..ops.table_resize import bilinear_weights, resize_channels_last
+from ..ops.table_resize import TableResize, table_resize
 
 __all__ = ["ConvOffset", "DeformableLayer", "DeformableOutput", "reference_points"]
 
@@ -118,8 +118,7 @@ class _GridConstants(NamedTuple):
     reference_xy: torch.Tensor  # (h, w, 2) reference points (x, y)
     half_key_xy: torch.Tensor  # (h, w, 2) key grid (x, y) times 0.5
     reference_path: torch.Tensor  # (h·w,) reference path positions
-    table_weight_y: Optional[torch.Tensor]  # (h, table rows) bilinear resize of the bias table along y
-    table_weight_x: Optional[torch.Tensor]  # (w, table columns) and along x
+    table_resize: Optional[TableResize]  # the bilinear resize of the bias table to (h, w)
 
 
 _GRID_CONSTANTS: "OrderedDict[tuple, _GridConstants]" = OrderedDict()
@@ -164,8 +163,7 @@ def _grid_constants(h: int, w: int, like: torch.Tensor, table_size: tuple[int, i
             half_key_xy=torch.stack(torch.meshgrid(key_x, key_y, indexing="xy"), dim=-1) * 0.5,
             reference_path=_reference_coords(h * w, like),
             # a traced model resizes with F.interpolate (DeformableLayer.forward) and needs none
-            table_weight_y=None if tracing else bilinear_weights(table_size[0], h, like.device, dtype),
-            table_weight_x=None if tracing else bilinear_weights(table_size[1], w, like.device, dtype),
+            table_resize=None if tracing else table_resize(table_size, h, w, like.device, dtype),
         )
     if keep:
         _GRID_CONSTANTS[key] = constants
@@ -199,17 +197,18 @@ class DeformableLayer(nn.Module):
         constants = _grid_constants(h, w, x, tuple(self.rpe_table.shape[1:]))
         offsets = self.conv_offset(x)  # under autocast in its dtype; positions are built in float32
         # Sample points (x, y) = reference point + tanh(offset) · grid step, the bias-table points
-        # (key − sample point) / 2 and the path positions, in the position dtype (ops/deformable_sampling/).
-        grid, disp, path = sample_positions(offsets, constants.offset_scale_xy, constants.reference_xy,
-                                            constants.half_key_xy, constants.reference_path)
-        # The resized bias table is the same for every image: resize once for the batch, as two small
-        # matmuls writing the (h, w, C) layout the sampling kernel reads (ops/table_resize.py). A
-        # traced model (FLOP counting) records the interpolation the paper's model counted.
-        if torch.jit.is_tracing():
+        # (key − sample point) / 2 and the path positions, in the position dtype; and the bias table
+        # resized to (h, w), the same for every image, in the (h, w, C) layout the sampling kernel
+        # reads: one launch on the GPU (ops/deformable_sampling/, ops/table_resize.py). A traced
+        # model (FLOP counting) records the interpolation the paper's model counted.
+        positions = (offsets, constants.offset_scale_xy, constants.reference_xy, constants.half_key_xy,
+                     constants.reference_path)
+        if constants.table_resize is None:
+            grid, disp, path = sample_positions(*positions)
             rpe = F.interpolate(self.rpe_table[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         else:
-            rpe = resize_channels_last(self.rpe_table, constants.table_weight_y,
-                                       constants.table_weight_x).permute(2, 0, 1)
+            grid, disp, path, rpe = sample_positions_and_table(*positions, self.rpe_table, constants.table_resize)
+            rpe = rpe.permute(2, 0, 1)
         # x sampled at grid plus the table sampled at disp, in path order (ops/deformable_sampling.py).
         sequence, order, inverse = sample_in_path_order(x, grid, rpe, disp, path)
         return DeformableOutput(sequence, order, inverse, grid, path)

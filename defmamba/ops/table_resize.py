@@ -9,12 +9,29 @@ The products run in float32 (float64 for a float64 table) with autocast off, and
 the table's dtype, as the interpolation's has. They follow PyTorch's float32 matmul precision
 setting (``torch.backends.cuda.matmul.allow_tf32``): with TF32 allowed they round the table to
 TF32 first, as every other float32 matmul of the model then does.
+
+:class:`TableResize` holds what a resize to one (h, w) needs, made once per size by
+:func:`table_resize`: the two matrices and, for the Triton route that resizes inside the sample
+positions' kernel (``ops/deformable_sampling/``), the first nonzero column of each of their rows
+(a row of a bilinear resize has at most two nonzero weights, in neighbouring columns).
+:func:`resize_backward` is the gradient of :func:`resize_channels_last` for a table.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-__all__ = ["bilinear_weights", "resize_channels_last"]
+__all__ = ["TableResize", "bilinear_weights", "resize_backward", "resize_channels_last", "table_resize"]
+
+
+class TableResize(NamedTuple):
+    """The resize of an (a, b) table to (h, w) (:func:`table_resize`)."""
+
+    weight_y: torch.Tensor  # (h, a) bilinear_weights(a, h)
+    weight_x: torch.Tensor  # (w, b) bilinear_weights(b, w)
+    first_y: torch.Tensor  # (h,) int32: the first column of each row of weight_y holding a nonzero weight
+    first_x: torch.Tensor  # (w,) int32: and of weight_x
 
 
 def bilinear_weights(in_size: int, out_size: int, device: torch.device | str | None = None,
@@ -60,3 +77,35 @@ def resize_channels_last(table: torch.Tensor, weight_y: torch.Tensor, weight_x: 
         # rows: out[i, j·C + c] = Σ_r weight_y[i, r] · by_column[j, c·a + r]
         out = torch.matmul(weight_y, by_column.view(w * channels, a).t())  # (h, w·C)
     return out.view(h, w, channels).to(out_dtype)
+
+
+def first_nonzero_columns(weights: torch.Tensor) -> torch.Tensor:
+    """(rows,) int32: the first column of each row of a :func:`bilinear_weights` matrix with a
+    nonzero weight; the row's other nonzero weight, if any, is in the next column."""
+    return (weights != 0).to(torch.int32).argmax(dim=1).to(torch.int32)
+
+
+def table_resize(table_size: tuple[int, int], h: int, w: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> TableResize:
+    """The matrices (in ``dtype``) and first nonzero columns that resize an ``table_size`` = (a, b)
+    table to (h, w) (module docstring)."""
+    weight_y = bilinear_weights(table_size[0], h, device, dtype)
+    weight_x = bilinear_weights(table_size[1], w, device, dtype)
+    return TableResize(weight_y, weight_x, first_nonzero_columns(weight_y), first_nonzero_columns(weight_x))
+
+
+def resize_backward(grad: torch.Tensor, weight_y: torch.Tensor, weight_x: torch.Tensor,
+                    table_dtype: torch.dtype) -> torch.Tensor:
+    """The gradient (C, a, b) of a table resized by :func:`resize_channels_last` from that of its
+    (h, w, C) result: the transposed products, in float32 or wider with autocast off, returned
+    contiguous in ``table_dtype``."""
+    h, w, channels = grad.shape
+    a, b = weight_y.shape[1], weight_x.shape[1]
+    with torch.autocast(grad.device.type, enabled=False):
+        dtype = torch.promote_types(table_dtype, torch.float32)
+        grad, weight_y, weight_x = grad.to(dtype), weight_y.to(dtype), weight_x.to(dtype)
+        # rows: d_by_column[j, c·a + r] = Σ_i grad[i, j, c] · weight_y[i, r]
+        by_column = torch.matmul(grad.reshape(h, w * channels).t(), weight_y)  # (w·C, a)
+        # columns: d_table[c·a + r, s] = Σ_j d_by_column[j, c·a + r] · weight_x[j, s]
+        table = torch.matmul(by_column.view(w, channels * a).t(), weight_x)  # (C·a, b)
+    return table.view(channels, a, b).to(table_dtype)
