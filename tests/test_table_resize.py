@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from defmamba.models.deformable import DeformableLayer
-from defmamba.ops.table_resize import (bilinear_weights, first_nonzero_columns, resize_backward, resize_channels_last,
-                                      table_resize)
+from defmamba.ops.table_resize import bilinear_weights, first_nonzero_columns, resize_channels_last, table_resize
 
 # (channels, table rows, table columns, h, w)
 SIZES = [(5, 7, 7, 56, 56), (4, 7, 7, 13, 5), (3, 7, 5, 3, 9), (2, 7, 7, 1, 1), (6, 7, 7, 7, 7), (3, 7, 7, 1, 29),
@@ -73,9 +72,10 @@ def test_weights_are_rows_of_a_partition_of_unity():
 
 @pytest.mark.parametrize("in_size,out_size", [(7, 56), (7, 13), (7, 3), (7, 1), (7, 7), (4, 2), (6, 3), (5, 9),
                                               (7, 200), (7, 336), (1, 4)])
-def test_first_nonzero_columns_bound_each_rows_weights(in_size, out_size):
+def test_first_nonzero_columns_and_column_spans_bound_the_weights(in_size, out_size):
     """Each row's nonzero weights lie in its first nonzero column and the next, which the Triton
-    resize reads (ops/deformable_sampling/positions_triton.py)."""
+    resize reads, and each column's in its span of rows, which its gradient's programs sum over
+    (ops/deformable_sampling/positions_triton.py)."""
     weights = bilinear_weights(in_size, out_size)
     first = first_nonzero_columns(weights)
     assert first.dtype == torch.int32 and first.shape == (out_size,)
@@ -86,25 +86,15 @@ def test_first_nonzero_columns_bound_each_rows_weights(in_size, out_size):
     resize = table_resize((in_size, 3), out_size, 5, dtype=torch.float64)
     assert torch.equal(resize.weight_y, bilinear_weights(in_size, out_size, dtype=torch.float64))
     assert torch.equal(resize.first_y.long(), first) and resize.first_x.shape == (5,)
-
-
-@pytest.mark.parametrize("channels,a,b,h,w", SIZES)
-@pytest.mark.parametrize("table_dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_resize_backward_is_the_gradient_of_the_resize(channels, a, b, h, w, table_dtype):
-    """Against autograd through resize_channels_last in float64; contiguous, in the table's dtype."""
-    g = torch.Generator().manual_seed(h * 31 + w)
-    grad = torch.randn(h, w, channels, generator=g, dtype=torch.float64)
-    resize = table_resize((a, b), h, w, dtype=torch.float64)
-    table = torch.randn(channels, a, b, dtype=torch.float64, requires_grad=True)
-    resize_channels_last(table, resize.weight_y, resize.weight_x).backward(grad)
-    weight_dtype = torch.promote_types(table_dtype, torch.float32)
-    ours = resize_backward(grad.to(table_dtype), resize.weight_y.to(weight_dtype), resize.weight_x.to(weight_dtype),
-                           table_dtype)
-    assert ours.shape == table.shape and ours.dtype == table_dtype and ours.is_contiguous()
-    # float32: a few roundings of sums of order max|grad|; bfloat16 rounds the grad and the result (2^-8)
-    tolerance = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 3e-2}[table_dtype]
-    scale = grad.abs().max().item() * max(1.0, h * w / (a * b))
-    torch.testing.assert_close(ours.double(), table.grad, rtol=0, atol=tolerance * scale)
+    # each column's span holds every row that weighs it, and is no wider than the rows with it as
+    # their first nonzero column or the next one
+    spans = resize.span_y.long()
+    assert resize.span_y.dtype == torch.int32 and spans.shape == (in_size, 2) and resize.span_x.shape == (3, 2)
+    rows = torch.arange(out_size)
+    for column in range(in_size):
+        inside = (rows >= spans[column, 0]) & (rows < spans[column, 1])
+        assert weights[~inside, column].eq(0).all()
+        assert torch.equal(inside, (first == column) | (first == column - 1))
 
 
 def test_bad_sizes_are_clear_errors():

@@ -13,8 +13,8 @@ TF32 first, as every other float32 matmul of the model then does.
 :class:`TableResize` holds what a resize to one (h, w) needs, made once per size by
 :func:`table_resize`: the two matrices and, for the Triton route that resizes inside the sample
 positions' kernel (``ops/deformable_sampling/``), the first nonzero column of each of their rows
-(a row of a bilinear resize has at most two nonzero weights, in neighbouring columns).
-:func:`resize_backward` is the gradient of :func:`resize_channels_last` for a table.
+(a row of a bilinear resize has at most two nonzero weights, in neighbouring columns), and the
+range of rows that can weigh each column, for the gradient's programs there.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["TableResize", "bilinear_weights", "resize_backward", "resize_channels_last", "table_resize"]
+__all__ = ["TableResize", "bilinear_weights", "column_spans", "first_nonzero_columns", "resize_channels_last",
+           "table_resize"]
 
 
 class TableResize(NamedTuple):
@@ -32,6 +33,8 @@ class TableResize(NamedTuple):
     weight_x: torch.Tensor  # (w, b) bilinear_weights(b, w)
     first_y: torch.Tensor  # (h,) int32: the first column of each row of weight_y holding a nonzero weight
     first_x: torch.Tensor  # (w,) int32: and of weight_x
+    span_y: torch.Tensor  # (a, 2) int32: for each column of weight_y, [begin, end) of the rows that may weigh it
+    span_x: torch.Tensor  # (b, 2) int32: and of weight_x
 
 
 def bilinear_weights(in_size: int, out_size: int, device: torch.device | str | None = None,
@@ -85,27 +88,23 @@ def first_nonzero_columns(weights: torch.Tensor) -> torch.Tensor:
     return (weights != 0).to(torch.int32).argmax(dim=1).to(torch.int32)
 
 
+def column_spans(first: torch.Tensor, columns: int) -> torch.Tensor:
+    """(columns, 2) int32: for each column c of a bilinear weight matrix whose rows' first nonzero
+    columns are ``first`` (nondecreasing), the range [begin, end) of the rows with c as their first
+    nonzero column or the next one, the only rows that can weigh c."""
+    column = torch.arange(columns, dtype=torch.int32, device=first.device)
+    begin = torch.searchsorted(first, column - 1, out_int32=True)
+    end = torch.searchsorted(first, column, right=True, out_int32=True)
+    return torch.stack([begin, end], dim=1)
+
+
 def table_resize(table_size: tuple[int, int], h: int, w: int, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> TableResize:
-    """The matrices (in ``dtype``) and first nonzero columns that resize an ``table_size`` = (a, b)
-    table to (h, w) (module docstring)."""
+    """The matrices (in ``dtype``), first nonzero columns and column spans that resize an
+    ``table_size`` = (a, b) table to (h, w) (module docstring)."""
     weight_y = bilinear_weights(table_size[0], h, device, dtype)
     weight_x = bilinear_weights(table_size[1], w, device, dtype)
-    return TableResize(weight_y, weight_x, first_nonzero_columns(weight_y), first_nonzero_columns(weight_x))
+    first_y, first_x = first_nonzero_columns(weight_y), first_nonzero_columns(weight_x)
+    return TableResize(weight_y, weight_x, first_y, first_x, column_spans(first_y, table_size[0]),
+                       column_spans(first_x, table_size[1]))
 
-
-def resize_backward(grad: torch.Tensor, weight_y: torch.Tensor, weight_x: torch.Tensor,
-                    table_dtype: torch.dtype) -> torch.Tensor:
-    """The gradient (C, a, b) of a table resized by :func:`resize_channels_last` from that of its
-    (h, w, C) result: the transposed products, in float32 or wider with autocast off, returned
-    contiguous in ``table_dtype``."""
-    h, w, channels = grad.shape
-    a, b = weight_y.shape[1], weight_x.shape[1]
-    with torch.autocast(grad.device.type, enabled=False):
-        dtype = torch.promote_types(table_dtype, torch.float32)
-        grad, weight_y, weight_x = grad.to(dtype), weight_y.to(dtype), weight_x.to(dtype)
-        # rows: d_by_column[j, c·a + r] = Σ_i grad[i, j, c] · weight_y[i, r]
-        by_column = torch.matmul(grad.reshape(h, w * channels).t(), weight_y)  # (w·C, a)
-        # columns: d_table[c·a + r, s] = Σ_j d_by_column[j, c·a + r] · weight_x[j, s]
-        table = torch.matmul(by_column.view(w, channels * a).t(), weight_x)  # (C·a, b)
-    return table.view(channels, a, b).to(table_dtype)

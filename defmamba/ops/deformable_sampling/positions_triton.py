@@ -11,8 +11,10 @@ function PyTorch's CUDA kernel calls.
 launch, as programs of their own after the positions' (the resize reads only the table and the
 size's constants): the two small matmuls of ``ops/table_resize.py`` become no launch at all. Each
 resized value is the matmuls' two-step sum over the (at most) two nonzero weights of its row and
-column, first along x, then along y, in float32 whatever the TF32 setting. The table's gradient
-stays the two transposed matmuls (:func:`~defmamba.ops.table_resize.resize_backward`).
+column, first along x, then along y, in float32 whatever the TF32 setting. Its backward launch
+likewise adds the table's gradient to the offsets': a program per table entry and block of
+channels sums the resized table's gradient over the pixels whose weights can reach that entry
+(:attr:`~defmamba.ops.table_resize.TableResize.span_y`), in place of two transposed matmuls.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from ..kernel_op import kernel_op
-from ..table_resize import TableResize, resize_backward
+from ..table_resize import TableResize
 from ..triton_launch import fast_launch
 from ..triton_support import cdiv, check_launch, interpreting, next_power_of_2, tl, triton
 
@@ -120,12 +122,40 @@ if triton is not None:
             _positions_block(pid, off_ptr, scale_ptr, ref_ptr, half_key_ptr, ref_path_ptr, grid_ptr, disp_ptr, path_ptr,
                        tokens, length, width, s_b, s_c, s_h, s_w, BLOCK, INTERPRETED)
 
-    @fast_launch
     @triton.jit
-    def _positions_bwd_kernel(off_ptr, scale_ptr, dgrid_ptr, ddisp_ptr, dpath_ptr, doff_ptr,
-                              tokens, length, width, s_b, s_c, s_h, s_w, d_b, d_c, d_h, d_w,
-                              BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    def _resize_grad_block(pid, grad_ptr, wy_ptr, wx_ptr, span_y_ptr, span_x_ptr, out_ptr, width, channels, rows,
+                           cols, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Program ``pid`` of the table's gradient: entry (r, s) of BLOCK_C channels of the (C, rows,
+        cols) gradient, Σ over the (h, w, C) gradient's pixels (i, j) of weight_y[i, r] · weight_x[j, s]
+        · grad[i, j, c], over the rows and columns of the spans that can weigh (r, s)."""
+        channel_blocks = tl.cdiv(channels, BLOCK_C)
+        cell = pid // channel_blocks  # r · cols + s
+        r = cell // cols
+        s = cell % cols
+        c = (pid % channel_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < channels
+        i_begin = tl.load(span_y_ptr + 2 * r)
+        i_end = tl.load(span_y_ptr + 2 * r + 1)
+        j_begin = tl.load(span_x_ptr + 2 * s)
+        j_end = tl.load(span_x_ptr + 2 * s + 1)
+        acc = tl.zeros((BLOCK_J, BLOCK_C), dtype=tl.float32)
+        for i in range(i_begin, i_end):
+            weight_i = tl.load(wy_ptr + i * rows + r)
+            for j_start in range(j_begin, j_end, BLOCK_J):
+                j = j_start + tl.arange(0, BLOCK_J)
+                j_ok = j < j_end
+                weight_j = tl.load(wx_ptr + j * cols + s, mask=j_ok, other=0.0)
+                g = tl.load(grad_ptr + (i * width + j)[:, None] * channels + c[None, :],
+                            mask=j_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                acc += (weight_i * weight_j)[:, None] * g
+        tl.store(out_ptr + c * (rows * cols) + cell, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=c_ok)
+
+    @triton.jit
+    def _offsets_grad_block(pid, off_ptr, scale_ptr, dgrid_ptr, ddisp_ptr, dpath_ptr, doff_ptr,
+                            tokens, length, width, s_b, s_c, s_h, s_w, d_b, d_c, d_h, d_w,
+                            BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+        """Program ``pid`` of the offsets' gradient: BLOCK (image, token) pairs."""
+        i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = i < tokens
         tok, t_row, t_col, t_path = _load_offsets(off_ptr, i, ok, length, width, s_b, s_c, s_h, s_w, INTERPRETED)
         # A sample point's gradient: its own plus that of the table point (key - point) / 2.
@@ -140,6 +170,27 @@ if triton is not None:
         tl.store(dst, g_row.to(out_type), mask=ok)
         tl.store(dst + d_c, g_col.to(out_type), mask=ok)
         tl.store(dst + 2 * d_c, g_path.to(out_type), mask=ok)
+
+    @fast_launch
+    @triton.jit
+    def _positions_bwd_kernel(off_ptr, scale_ptr, dgrid_ptr, ddisp_ptr, dpath_ptr, doff_ptr,
+                              tokens, length, width, s_b, s_c, s_h, s_w, d_b, d_c, d_h, d_w,
+                              dresized_ptr, wy_ptr, wx_ptr, span_y_ptr, span_x_ptr, dtable_ptr, position_programs,
+                              channels, rows, cols,
+                              BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, HAS_TABLE: tl.constexpr,
+                              BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The offsets' gradient's programs, then (HAS_TABLE) those of the table's gradient."""
+        pid = tl.program_id(0)
+        if HAS_TABLE:
+            if pid < position_programs:
+                _offsets_grad_block(pid, off_ptr, scale_ptr, dgrid_ptr, ddisp_ptr, dpath_ptr, doff_ptr, tokens, length,
+                                    width, s_b, s_c, s_h, s_w, d_b, d_c, d_h, d_w, BLOCK, INTERPRETED)
+            else:
+                _resize_grad_block(pid - position_programs, dresized_ptr, wy_ptr, wx_ptr, span_y_ptr, span_x_ptr,
+                                   dtable_ptr, width, channels, rows, cols, BLOCK_J, BLOCK_C)
+        else:
+            _offsets_grad_block(pid, off_ptr, scale_ptr, dgrid_ptr, ddisp_ptr, dpath_ptr, doff_ptr, tokens, length,
+                                width, s_b, s_c, s_h, s_w, d_b, d_c, d_h, d_w, BLOCK, INTERPRETED)
 
 
 def _launch_grid(offsets: torch.Tensor) -> tuple[int]:
@@ -166,7 +217,8 @@ def _forward(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, reference_xy:
 
 def _forward_with_table(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, reference_xy: torch.Tensor,
                         half_key_xy: torch.Tensor, reference_path: torch.Tensor, table: torch.Tensor,
-                        weight_y: torch.Tensor, weight_x: torch.Tensor, first_y: torch.Tensor, first_x: torch.Tensor
+                        weight_y: torch.Tensor, weight_x: torch.Tensor, first_y: torch.Tensor, first_x: torch.Tensor,
+                        span_y: torch.Tensor, span_x: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The positions and the (h, w, C) resized table (in the table's dtype) in one launch."""
     batch, _, h, w = offsets.shape
@@ -187,7 +239,7 @@ def _forward_with_table(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, re
 
 
 def _forward_with_table_fake(offsets, offset_scale_xy, reference_xy, half_key_xy, reference_path, table, weight_y,
-                             weight_x, first_y, first_x):
+                             weight_x, first_y, first_x, span_y, span_x):
     _, _, h, w = offsets.shape
     return (*_forward_fake(offsets, offset_scale_xy, reference_xy, half_key_xy, reference_path),
             table.new_empty((h, w, table.shape[0])))
@@ -207,9 +259,37 @@ def _gradient(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, grad_grid: t
     batch, _, h, w = offsets.shape
     _positions_bwd_kernel[_launch_grid(offsets)](
         offsets, offset_scale_xy, grad_grid.contiguous(), grad_disp.contiguous(), grad_path.contiguous(), grad,
-        batch * h * w, h * w, w, *offsets.stride(), *grad.stride(),
-        BLOCK=_BLOCK, INTERPRETED=interpreting(), enable_fp_fusion=False)
+        batch * h * w, h * w, w, *offsets.stride(), *grad.stride(), grad, grad, grad, grad, grad, grad, 0, 0, 0, 0,
+        BLOCK=_BLOCK, INTERPRETED=interpreting(), HAS_TABLE=False, BLOCK_J=1, BLOCK_C=1, enable_fp_fusion=False)
     return grad
+
+
+def _gradients_with_table(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, grad_grid: torch.Tensor,
+                          grad_disp: torch.Tensor, grad_path: torch.Tensor, grad_resized: torch.Tensor,
+                          weight_y: torch.Tensor, weight_x: torch.Tensor, span_y: torch.Tensor, span_x: torch.Tensor,
+                          table_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The offsets' gradient (as :func:`_gradient`) and the table's ((C, a, b), ``table_dtype``) from
+    the (h, w, C) gradient of the resized table, in one launch."""
+    grad = torch.empty_like(offsets)
+    batch, _, h, w = offsets.shape
+    channels, rows, cols = grad_resized.shape[2], weight_y.shape[1], weight_x.shape[1]
+    grad_table = torch.empty((channels, rows, cols), dtype=table_dtype, device=offsets.device)
+    block_c = min(64, next_power_of_2(channels))
+    position_programs = _launch_grid(offsets)[0]
+    programs = position_programs + rows * cols * cdiv(channels, block_c)
+    _positions_bwd_kernel[(programs,)](
+        offsets, offset_scale_xy, grad_grid.contiguous(), grad_disp.contiguous(), grad_path.contiguous(), grad,
+        batch * h * w, h * w, w, *offsets.stride(), *grad.stride(), grad_resized.contiguous(), weight_y, weight_x,
+        span_y, span_x, grad_table, position_programs, channels, rows, cols,
+        BLOCK=_BLOCK, INTERPRETED=interpreting(), HAS_TABLE=True, BLOCK_J=_RESIZE_ELEMENTS // block_c,
+        BLOCK_C=block_c, enable_fp_fusion=False)
+    return grad, grad_table
+
+
+def _gradients_with_table_fake(offsets, offset_scale_xy, grad_grid, grad_disp, grad_path, grad_resized, weight_y,
+                               weight_x, span_y, span_x, table_dtype):
+    return (torch.empty_like(offsets),
+            offsets.new_empty((grad_resized.shape[2], weight_y.shape[1], weight_x.shape[1]), dtype=table_dtype))
 
 
 def _gradient_fake(offsets, offset_scale_xy, grad_grid, grad_disp, grad_path):
@@ -221,47 +301,47 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(offsets, offset_scale_xy)
 
 
-def _offsets_gradient(gradient: Callable, offsets: torch.Tensor, offset_scale_xy: torch.Tensor,
-                      grad_grid: Optional[torch.Tensor], grad_disp: Optional[torch.Tensor],
-                      grad_path: Optional[torch.Tensor]) -> torch.Tensor:
+def _filled(offsets: torch.Tensor, grad_grid: Optional[torch.Tensor], grad_disp: Optional[torch.Tensor],
+            grad_path: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The positions' gradients, zeros for an output the loss did not reach (None): it contributes zero."""
     batch, _, h, w = offsets.shape
-    zeros = dict(dtype=torch.float32, device=offsets.device)
-    # An output the loss did not reach has no gradient (None): it contributes zero.
-    grad_grid = grad_grid if grad_grid is not None else torch.zeros((batch, h, w, 2), **zeros)
-    grad_disp = grad_disp if grad_disp is not None else torch.zeros((batch, h, w, 2), **zeros)
-    grad_path = grad_path if grad_path is not None else torch.zeros((batch, h * w), **zeros)
-    return gradient(offsets, offset_scale_xy, grad_grid, grad_disp, grad_path)
+    f32 = dict(dtype=torch.float32, device=offsets.device)
+    return (grad_grid if grad_grid is not None else torch.zeros((batch, h, w, 2), **f32),
+            grad_disp if grad_disp is not None else torch.zeros((batch, h, w, 2), **f32),
+            grad_path if grad_path is not None else torch.zeros((batch, h * w), **f32))
 
 
 def _backward(ctx, gradient: Callable, grad_grid: Optional[torch.Tensor], grad_disp: Optional[torch.Tensor],
               grad_path: Optional[torch.Tensor]):
     offsets, offset_scale_xy = ctx.saved_tensors
-    return _offsets_gradient(gradient, offsets, offset_scale_xy, grad_grid, grad_disp, grad_path), None, None, None, None
+    return gradient(offsets, offset_scale_xy, *_filled(offsets, grad_grid, grad_disp, grad_path)), None, None, None, None
 
 
 def _setup_context_with_table(ctx, inputs, output) -> None:
-    offsets, offset_scale_xy, _, _, _, table, weight_y, weight_x, _, _ = inputs
-    ctx.save_for_backward(offsets, offset_scale_xy, weight_y, weight_x)
+    offsets, offset_scale_xy, _, _, _, table, weight_y, weight_x, _, _, span_y, span_x = inputs
+    ctx.save_for_backward(offsets, offset_scale_xy, weight_y, weight_x, span_y, span_x)
     ctx.table_dtype = table.dtype
+    ctx.table_channels = table.shape[0]
 
 
-def _backward_with_table(ctx, gradient: Callable, grad_grid: Optional[torch.Tensor],
+def _backward_with_table(ctx, gradients: Callable, grad_grid: Optional[torch.Tensor],
                          grad_disp: Optional[torch.Tensor], grad_path: Optional[torch.Tensor],
                          grad_resized: Optional[torch.Tensor]):
-    offsets, offset_scale_xy, weight_y, weight_x = ctx.saved_tensors
-    grad_offsets = grad_table = None
-    if ctx.needs_input_grad[0] and any(g is not None for g in (grad_grid, grad_disp, grad_path)):
-        grad_offsets = _offsets_gradient(gradient, offsets, offset_scale_xy, grad_grid, grad_disp, grad_path)
-    if ctx.needs_input_grad[5] and grad_resized is not None:
-        grad_table = resize_backward(grad_resized, weight_y, weight_x, ctx.table_dtype)
-    return grad_offsets, None, None, None, None, grad_table, None, None, None, None
+    offsets, offset_scale_xy, weight_y, weight_x, span_y, span_x = ctx.saved_tensors
+    if grad_resized is None:  # the table did not reach the loss
+        grad_resized = torch.zeros((weight_y.shape[0], weight_x.shape[0], ctx.table_channels), dtype=torch.float32,
+                                   device=offsets.device)
+    grad_offsets, grad_table = gradients(offsets, offset_scale_xy, *_filled(offsets, grad_grid, grad_disp, grad_path),
+                                         grad_resized, weight_y, weight_x, span_y, span_x, ctx.table_dtype)
+    return (grad_offsets if ctx.needs_input_grad[0] else None, None, None, None, None,
+            grad_table if ctx.needs_input_grad[5] else None, None, None, None, None, None, None)
 
 
 _positions = kernel_op("sample_positions", _forward, _forward_fake, setup_context=_setup_context, backward=_backward,
                        backward_impl=_gradient, backward_fake=_gradient_fake)
 _positions_with_table = kernel_op("sample_positions_and_table", _forward_with_table, _forward_with_table_fake,
                                   setup_context=_setup_context_with_table, backward=_backward_with_table,
-                                  backward_impl=_gradient, backward_fake=_gradient_fake)
+                                  backward_impl=_gradients_with_table, backward_fake=_gradients_with_table_fake)
 
 
 def sample_positions_triton(offsets: torch.Tensor, offset_scale_xy: torch.Tensor, reference_xy: torch.Tensor,
@@ -285,4 +365,5 @@ def sample_positions_and_table_triton(offsets: torch.Tensor, offset_scale_xy: to
     return _positions_with_table(offsets, offset_scale_xy.contiguous(), reference_xy.contiguous(),
                                  half_key_xy.contiguous(), reference_path.contiguous(), table.contiguous(),
                                  resize.weight_y.contiguous(), resize.weight_x.contiguous(),
-                                 resize.first_y.contiguous(), resize.first_x.contiguous())
+                                 resize.first_y.contiguous(), resize.first_x.contiguous(), resize.span_y.contiguous(),
+                                 resize.span_x.contiguous())
