@@ -88,7 +88,7 @@ if triton is not None:
 
     @triton.jit
     def _positions_block(pid, off_ptr, scale_ptr, ref_ptr, half_key_ptr, ref_path_ptr, grid_ptr, disp_ptr, path_ptr,
-                   tokens, length, width, s_b, s_c, s_h, s_w, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+                         tokens, length, width, s_b, s_c, s_h, s_w, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
         """Program ``pid`` of the positions: BLOCK (image, token) pairs."""
         i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # image · length + token
         ok = i < tokens
@@ -114,13 +114,13 @@ if triton is not None:
         if HAS_TABLE:
             if pid < position_programs:
                 _positions_block(pid, off_ptr, scale_ptr, ref_ptr, half_key_ptr, ref_path_ptr, grid_ptr, disp_ptr,
-                           path_ptr, tokens, length, width, s_b, s_c, s_h, s_w, BLOCK, INTERPRETED)
+                                 path_ptr, tokens, length, width, s_b, s_c, s_h, s_w, BLOCK, INTERPRETED)
             else:
                 _resize_block(pid - position_programs, table_ptr, wy_ptr, wx_ptr, first_y_ptr, first_x_ptr,
                               resized_ptr, length, width, channels, rows, cols, BLOCK_P, BLOCK_C)
         else:
-            _positions_block(pid, off_ptr, scale_ptr, ref_ptr, half_key_ptr, ref_path_ptr, grid_ptr, disp_ptr, path_ptr,
-                       tokens, length, width, s_b, s_c, s_h, s_w, BLOCK, INTERPRETED)
+            _positions_block(pid, off_ptr, scale_ptr, ref_ptr, half_key_ptr, ref_path_ptr, grid_ptr, disp_ptr,
+                             path_ptr, tokens, length, width, s_b, s_c, s_h, s_w, BLOCK, INTERPRETED)
 
     @triton.jit
     def _resize_grad_block(pid, grad_ptr, wy_ptr, wx_ptr, span_y_ptr, span_x_ptr, out_ptr, width, channels, rows,
